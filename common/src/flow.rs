@@ -1,0 +1,112 @@
+//! Connection tracking and flow events.
+//!
+//! `TG_CONNTRACK` is an LRU hash keyed by the 5-tuple as seen on the wire. Admitting a flow
+//! writes two entries: the original direction and the reply direction (`FLOW_FLAG_REPLY`), so
+//! either direction costs one lookup. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`)
+//! so both families share one map. For ICMP echo the "ports" are the echo identifier and the
+//! ICMP type expected in that direction, so a reply matches only the reply entry and a fresh
+//! echo request in the other direction is a new flow.
+
+/// Key of `TG_CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network byte order as on the wire (ICMP echo: the identifier).
+    pub sport: u16,
+    /// Network byte order as on the wire (ICMP echo: the expected ICMP type, host order).
+    pub dport: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The key of the opposite direction.
+    #[inline(always)]
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// This entry is the reply direction of a flow admitted the other way.
+pub const FLOW_FLAG_REPLY: u32 = 1 << 0;
+/// The flow was admitted as a would-deny in audit mode.
+pub const FLOW_FLAG_AUDIT: u32 = 1 << 1;
+
+/// Value of `TG_CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Policy generation that admitted (or last re-checked) the flow. A packet seen under
+    /// another generation re-runs the policy decision.
+    pub generation: u64,
+    /// CLOCK_BOOTTIME expiry of the rule that admitted the flow (0 = never); checked on every
+    /// packet so an expired grant cuts established flows without the agent.
+    pub expires_ns: u64,
+    /// CLOCK_BOOTTIME of the last packet, refreshed at most once a second.
+    pub last_seen_ns: u64,
+    pub rule_id: u32,
+    /// `FLOW_FLAG_*`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+
+/// Kind of an event on `TG_EVENTS`. New kinds are appended; readers skip kinds they do not
+/// know (the header is stable).
+pub mod event_kind {
+    /// A packet was denied or would have been denied (audit).
+    pub const VERDICT: u16 = 1;
+}
+
+/// An event on the `TG_EVENTS` ring buffer: denies, would-denies and revoked flows. New fields
+/// go at the end and bump `size`, so old readers keep working.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `event_kind::*`.
+    pub kind: u16,
+    /// Size of the whole event in bytes, for forward compatibility.
+    pub size: u16,
+    /// `Verdict` as u32.
+    pub verdict: u32,
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub timestamp_ns: u64,
+    pub generation: u64,
+    pub ifindex: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Rule that decided (0 = default deny).
+    pub rule_id: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    /// Host byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    /// `direction::*`.
+    pub direction: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 80);
+
+/// Writes an IPv4 address as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub const fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
+}

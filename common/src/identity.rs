@@ -1,0 +1,49 @@
+//! Identity resolution: `TG_IDENTITY_V4` / `TG_IDENTITY_V6` are LPM tries from address to
+//! numeric identity.
+//!
+//! The key data starts with the policy slot (exactly 32 bits, always part of the prefix), then
+//! the address in network byte order, so a key's `prefix_len` is `32 + cidr_len`. Both slots live
+//! in one trie; a lookup never crosses into the other slot. An address no entry covers is
+//! [`IDENTITY_WORLD`].
+
+pub type IdentityId = u32;
+
+/// Never assigned; a zero id in a map value is a bug.
+pub const IDENTITY_UNKNOWN: IdentityId = 0;
+/// The node itself: addresses configured on the agent's network namespace that no declared
+/// identity claims.
+pub const IDENTITY_HOST: IdentityId = 1;
+/// Any address no identity claims.
+pub const IDENTITY_WORLD: IdentityId = 2;
+/// Declared identities are numbered from here, in policy order, per generation.
+pub const IDENTITY_FIRST_USER: IdentityId = 256;
+
+/// Bits of the slot prefix in front of the address.
+pub const SLOT_PREFIX_BITS: u32 = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityKeyV4 {
+    pub slot: u32,
+    /// Network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<IdentityKeyV4>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityKeyV6 {
+    pub slot: u32,
+    /// Network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IdentityKeyV6>() == 20);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityValue {
+    pub id: IdentityId,
+    /// Reserved for per-identity settings (audit mode, limit id); zero for now.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);

@@ -1,0 +1,143 @@
+//! The kernel/userspace contract of Tollgate.
+//!
+//! Everything the eBPF programs and the agent must agree on lives here: map and program names,
+//! the `#[repr(C)]` keys and values of every map (explicit padding, size asserted at compile
+//! time), and the pure decision logic both sides run, so that `tollgate check` answers with the
+//! same code the kernel executes. The crate is `no_std`; the `user` feature adds `aya::Pod`
+//! impls for the agent.
+
+#![no_std]
+
+pub mod decision;
+pub mod flow;
+pub mod identity;
+pub mod ports;
+pub mod rule;
+pub mod time;
+pub mod verdict;
+
+pub use decision::{decide, Decision};
+pub use flow::{FlowEvent, FlowKey, FlowValue};
+pub use identity::{IdentityKeyV4, IdentityKeyV6, IdentityValue};
+pub use rule::{RuleKey, RuleValue};
+pub use verdict::Verdict;
+
+/// Bumped whenever a map layout or a map's meaning changes. A restarting agent refuses to adopt
+/// pinned maps written by a different ABI version instead of misreading them.
+pub const ABI_VERSION: u32 = 1;
+
+/// Names of the maps as they appear in the object file and as pin file names under
+/// `<bpffs>/maps/`.
+pub mod map_names {
+    pub const ACTIVE: &str = "TG_ACTIVE";
+    pub const SLOT_CONFIG: &str = "TG_SLOT_CONFIG";
+    pub const IDENTITY_V4: &str = "TG_IDENTITY_V4";
+    pub const IDENTITY_V6: &str = "TG_IDENTITY_V6";
+    pub const RULES: &str = "TG_RULES";
+    pub const CONNTRACK: &str = "TG_CONNTRACK";
+    pub const VERDICTS: &str = "TG_VERDICTS";
+    pub const EVENTS: &str = "TG_EVENTS";
+
+    /// Every map the agent pins, adopts and removes on uninstall.
+    pub const ALL: [&str; 8] = [
+        ACTIVE,
+        SLOT_CONFIG,
+        IDENTITY_V4,
+        IDENTITY_V6,
+        RULES,
+        CONNTRACK,
+        VERDICTS,
+        EVENTS,
+    ];
+}
+
+/// Program (function) names in the object file.
+pub mod program_names {
+    pub const TC_INGRESS: &str = "tollgate_ingress";
+    pub const TC_EGRESS: &str = "tollgate_egress";
+    /// A classifier that only returns `TC_ACT_OK`: the baseline of `cargo xtask bench`. The
+    /// agent never loads it.
+    pub const TC_BASELINE: &str = "tollgate_baseline";
+}
+
+/// Map capacities. The agent checks a pinned map against these before adopting it.
+pub mod capacity {
+    /// Identity CIDR entries per address family, both slots together.
+    pub const IDENTITY_ENTRIES: u32 = 131_072;
+    /// Rule entries (port prefixes), both slots together: 100k rules with exact ports in each
+    /// slot, plus room for range expansion.
+    pub const RULE_ENTRIES: u32 = 524_288;
+    /// Tracked flows; an LRU map, the oldest flows are evicted first.
+    pub const CONNTRACK_ENTRIES: u32 = 262_144;
+    /// Ring buffer for flow events, in bytes (a power of two, multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// Key of the single entry in `TG_ACTIVE`, which holds the active policy generation as a `u64`.
+/// Generation 0 means "no policy loaded": every IP packet is denied.
+pub const ACTIVE_GENERATION_INDEX: u32 = 0;
+
+/// Two slots: the live policy and the one being built beside it. A generation's slot is its
+/// lowest bit, so flipping `TG_ACTIVE` to the next generation switches slot with one 8-byte
+/// write and no packet ever sees a mix of two policies.
+pub const SLOT_COUNT: u32 = 2;
+
+#[inline(always)]
+pub const fn slot_of(generation: u64) -> u32 {
+    (generation & 1) as u32
+}
+
+/// Per-slot settings, `TG_SLOT_CONFIG[slot]`, written before the slot becomes active.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    /// The generation this slot was built for (a consistency check for the datapath).
+    pub generation: u64,
+    /// `POLICY_FLAG_*`.
+    pub flags: u32,
+    /// `ABI_VERSION` of the agent that wrote the slot.
+    pub abi_version: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotConfig>() == 16);
+
+/// The policy's `mode: audit`: a default deny becomes a would-deny (counted, reported, passed).
+pub const POLICY_FLAG_AUDIT: u32 = 1 << 0;
+
+/// IP protocol numbers the datapath understands.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// Direction of the hook a packet was seen at, as recorded in events.
+pub mod direction {
+    pub const INGRESS: u8 = 1;
+    pub const EGRESS: u8 = 2;
+}
+
+/// Implements `aya::Pod` for the userspace side. Every type listed is `#[repr(C)]` with explicit
+/// padding and a size assertion, so any byte pattern is a valid value.
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => { $(
+            // SAFETY: repr(C), no implicit padding (asserted next to each type), only integers.
+            unsafe impl aya::Pod for $t {}
+        )* };
+    }
+    pod!(
+        SlotConfig,
+        IdentityKeyV4,
+        IdentityKeyV6,
+        IdentityValue,
+        RuleKey,
+        RuleValue,
+        FlowKey,
+        FlowValue,
+        FlowEvent,
+    );
+}

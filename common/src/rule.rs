@@ -1,0 +1,81 @@
+//! Rules: `TG_RULES` is an LPM trie keyed by (slot, source identity, destination identity,
+//! protocol, destination port).
+//!
+//! Lookup order falls out of longest-prefix match over the key bits:
+//!
+//! | prefix_len | matches                                                  |
+//! |------------|----------------------------------------------------------|
+//! | 96 + 8 + 16 | exact port                                              |
+//! | 96 + 8 + n  | a port range, expanded into aligned port prefixes        |
+//! | 96 + 8      | any port of one protocol (also ICMP, which has no ports) |
+//! | 96          | any protocol between the pair (`protocol: ANY`, and the audit fallback) |
+//!
+//! The compiler never emits two entries whose port intervals overlap for the same pair and
+//! protocol (it splits and merges intervals first), so the most specific entry is always the
+//! one rule that decides.
+
+use crate::identity::IdentityId;
+
+/// Bits of slot + source + destination identity: the part every rule key matches exactly.
+pub const RULE_PAIR_PREFIX_BITS: u32 = 96;
+/// `RULE_PAIR_PREFIX_BITS` + the protocol byte.
+pub const RULE_PROTO_PREFIX_BITS: u32 = RULE_PAIR_PREFIX_BITS + 8;
+/// A fully specified key (exact port).
+pub const RULE_FULL_PREFIX_BITS: u32 = RULE_PROTO_PREFIX_BITS + 16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleKey {
+    pub slot: u32,
+    /// Identities are stored big-endian so the LPM bit order is the numeric order (only exact
+    /// matches are made on them, but this keeps dumps readable).
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    /// Destination port, network byte order, so a port prefix is a bit prefix.
+    pub port: [u8; 2],
+    /// Never part of a prefix (the longest prefix ends before it); always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 16);
+
+impl RuleKey {
+    #[inline(always)]
+    pub const fn new(slot: u32, src: IdentityId, dst: IdentityId, proto: u8, port: u16) -> Self {
+        Self {
+            slot,
+            src: src.to_be_bytes(),
+            dst: dst.to_be_bytes(),
+            proto,
+            port: port.to_be_bytes(),
+            _pad: 0,
+        }
+    }
+}
+
+/// The entry grants the traffic it matches (subject to expiry). Without it the entry is an
+/// audit fallback: no rule allows the traffic, but a rule in audit mode covers the identity
+/// pair, so the deny is a would-deny naming that rule.
+pub const RULE_FLAG_ALLOW: u32 = 1 << 0;
+/// The rule is in `mode: audit`: its denies are would-denies.
+pub const RULE_FLAG_AUDIT: u32 = 1 << 1;
+/// Reserved: the rule requires mutual-TLS authentication of the pair (a later issue).
+pub const RULE_FLAG_AUTH_MTLS: u32 = 1 << 2;
+
+/// Rule ids index the agent's table of rule names; 0 means "no rule" (`default-deny`).
+pub type RuleId = u32;
+pub const RULE_ID_NONE: RuleId = 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleValue {
+    pub rule_id: RuleId,
+    /// `RULE_FLAG_*`.
+    pub flags: u32,
+    /// CLOCK_BOOTTIME nanoseconds after which the rule no longer allows; 0 = never expires.
+    pub expires_ns: u64,
+    /// Reserved for the per-rule rate-limit bucket (a later issue); 0 = none.
+    pub limit_id: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 24);

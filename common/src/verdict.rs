@@ -1,0 +1,81 @@
+//! Verdicts: the reason a packet passed or was dropped. They index the per-CPU counter array
+//! `TG_VERDICTS` and appear in events.
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// A new flow admitted by a rule.
+    AllowNew = 0,
+    /// A packet of a tracked flow (either direction) still allowed.
+    AllowEstablished = 1,
+    /// No rule allows the flow.
+    DenyDefault = 2,
+    /// The rule that would allow it has expired.
+    DenyExpired = 3,
+    /// A tracked flow whose authorisation lapsed after a policy change or expiry.
+    DenyRevoked = 4,
+    /// Would have been denied, passed because of audit mode.
+    AuditWouldDeny = 5,
+    /// An IP packet that could not be parsed (truncated, bad lengths, too many extension
+    /// headers).
+    DropMalformed = 6,
+    /// A non-first IP fragment: it carries no ports and cannot be matched.
+    DropFragment = 7,
+    /// Not IP (ARP, LLDP, ...), or IPv6 neighbour discovery: passed without policy.
+    PassNonIp = 8,
+    /// No policy is loaded yet (generation 0): everything IP is denied.
+    DenyNoPolicy = 9,
+}
+
+pub const VERDICT_COUNT: u32 = 10;
+
+impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
+        Verdict::AllowNew,
+        Verdict::AllowEstablished,
+        Verdict::DenyDefault,
+        Verdict::DenyExpired,
+        Verdict::DenyRevoked,
+        Verdict::AuditWouldDeny,
+        Verdict::DropMalformed,
+        Verdict::DropFragment,
+        Verdict::PassNonIp,
+        Verdict::DenyNoPolicy,
+    ];
+
+    /// Does the packet pass?
+    #[inline(always)]
+    pub const fn passes(self) -> bool {
+        matches!(
+            self,
+            Verdict::AllowNew
+                | Verdict::AllowEstablished
+                | Verdict::AuditWouldDeny
+                | Verdict::PassNonIp
+        )
+    }
+
+    /// Stable snake_case name used in the CLI, JSON and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::AllowNew => "allow_new",
+            Verdict::AllowEstablished => "allow_established",
+            Verdict::DenyDefault => "deny_default",
+            Verdict::DenyExpired => "deny_expired",
+            Verdict::DenyRevoked => "deny_revoked",
+            Verdict::AuditWouldDeny => "audit_would_deny",
+            Verdict::DropMalformed => "drop_malformed",
+            Verdict::DropFragment => "drop_fragment",
+            Verdict::PassNonIp => "pass_non_ip",
+            Verdict::DenyNoPolicy => "deny_no_policy",
+        }
+    }
+
+    pub const fn from_u32(v: u32) -> Option<Verdict> {
+        if v < VERDICT_COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+}
