@@ -3,7 +3,7 @@
 //! `cargo xtask test` additionally builds a debug object so the verifier sees both.
 
 use anyhow::{anyhow, Context as _};
-use aya_build::cargo_metadata;
+
 
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
@@ -23,5 +23,9 @@ fn main() -> anyhow::Result<()> {
             .as_str(),
         ..Default::default()
     };
-    aya_build::build_ebpf([ebpf_package], aya_build::Toolchain::default())
+    // The nightly must use the same LLVM major as bpf-linker (LLVM 22 here); a newer nightly
+    // fails at link time with "Invalid record". `cargo xtask setup` installs this one.
+    let toolchain = include_str!("../ebpf/bpf-toolchain").trim();
+    println!("cargo:rerun-if-changed=../ebpf/bpf-toolchain");
+    aya_build::build_ebpf([ebpf_package], aya_build::Toolchain::Custom(toolchain))
 }

@@ -1,1 +1,5 @@
-fn main() {}
+//! `tollgate`: the agent daemon and its CLI in one binary.
+
+fn main() -> std::process::ExitCode {
+    tollgate_agent::cli::main()
+}

@@ -35,7 +35,7 @@ pub mod map_names {
     pub const IDENTITY_V6: &str = "TG_IDENTITY_V6";
     pub const RULES: &str = "TG_RULES";
     pub const CONNTRACK: &str = "TG_CONNTRACK";
-    pub const VERDICTS: &str = "TG_VERDICTS";
+    pub const COUNTERS: &str = "TG_COUNTERS";
     pub const EVENTS: &str = "TG_EVENTS";
 
     /// Every map the agent pins, adopts and removes on uninstall.
@@ -46,7 +46,7 @@ pub mod map_names {
         IDENTITY_V6,
         RULES,
         CONNTRACK,
-        VERDICTS,
+        COUNTERS,
         EVENTS,
     ];
 }

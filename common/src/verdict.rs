@@ -1,5 +1,5 @@
 //! Verdicts: the reason a packet passed or was dropped. They index the per-CPU counter array
-//! `TG_VERDICTS` and appear in events.
+//! `TG_COUNTERS` and appear in events.
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,3 +79,8 @@ impl Verdict {
         }
     }
 }
+
+/// `TG_COUNTERS` is a per-CPU array: one packet counter per verdict, then the counters below.
+pub const COUNTER_EVENTS_LOST: u32 = VERDICT_COUNT;
+/// Number of entries in `TG_COUNTERS`.
+pub const COUNTER_SLOTS: u32 = VERDICT_COUNT + 1;

@@ -1,1 +1,319 @@
-//! placeholder
+//! Policy: reads the declarative YAML policy (`tollgate.dev/v1alpha1`, kind `Policy`), rejects
+//! anything it cannot enforce exactly as written (every error names the file, the line and the
+//! field), and compiles what it accepts into the entries of the identity and rule LPM tries for
+//! one policy slot. Parsing and validation ([`parse_policy`]) are pure and need no privileges,
+//! so `tollgate policy validate` and the agent run the same checks; compiling
+//! ([`compile_policy`]) is pure too, given a clock reading and the node's addresses, and is the
+//! only place that decides which rule wins where rules overlap. docs/policy.md is the user
+//! reference for the format and for these semantics.
+//!
+//! Field paths in errors are relative to `spec` for everything under it (`rules[2].to`,
+//! `identities[1].cidrs[0]`, `rateLimits`) and document paths otherwise (`apiVersion`, `kind`,
+//! `metadata.name`, `spec`).
+
+mod compile;
+mod locate;
+mod model;
+mod validate;
+
+#[cfg(test)]
+mod compile_tests;
+#[cfg(test)]
+mod parse_tests;
+
+use std::{path::Path, time::SystemTime};
+
+pub use compile::{compile_policy, ClockReading, CompiledPolicy};
+use tollgate_common::proto;
+
+/// The only `apiVersion` this version reads.
+pub const API_VERSION: &str = "tollgate.dev/v1alpha1";
+/// The only `kind` this version reads.
+pub const KIND: &str = "Policy";
+
+/// What a deny does: `Enforce` drops the packet, `Audit` logs and counts a would-deny and lets
+/// it pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    /// Exactly `enforce` or `audit`, as written in the policy.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "enforce" => Some(Mode::Enforce),
+            "audit" => Some(Mode::Audit),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    IcmpV6,
+    /// Every IP protocol, including ones the datapath has no other name for.
+    Any,
+}
+
+impl Protocol {
+    /// The IP protocol number; `Any` is 0, the protocol byte of the pair-wide rule entry.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+            Protocol::Icmp => proto::ICMP,
+            Protocol::IcmpV6 => proto::ICMPV6,
+            Protocol::Any => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Icmp => "ICMP",
+            Protocol::IcmpV6 => "ICMPv6",
+            Protocol::Any => "ANY",
+        }
+    }
+
+    /// A protocol name in any letter case (`tcp`, `TCP`, `icmpv6`, `ICMPv6`, `any`).
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Protocol::Tcp,
+            Protocol::Udp,
+            Protocol::Icmp,
+            Protocol::IcmpV6,
+            Protocol::Any,
+        ]
+        .into_iter()
+        .find(|p| p.name().eq_ignore_ascii_case(text))
+    }
+}
+
+/// One entry of a rule's `ports`. After validation: `port`/`end_port` only for TCP and UDP,
+/// `end_port` only with `port` and not below it; no `port` means every port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub port: Option<u16>,
+    pub end_port: Option<u16>,
+}
+
+impl PortSpec {
+    /// The inclusive destination-port range the entry allows (ICMP, ICMPv6 and ANY: all).
+    pub fn port_range(&self) -> (u16, u16) {
+        match (self.port, self.end_port) {
+            (Some(p), Some(e)) => (p, e),
+            (Some(p), None) => (p, p),
+            _ => (0, u16::MAX),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub spiffe_id: Option<String>,
+    /// Networks with host bits clear; a bare address was read as a /32 or /128.
+    pub cidrs: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    /// An identity name, `world` or `host`.
+    pub from: String,
+    pub to: String,
+    pub ports: Vec<PortSpec>,
+    /// `None` when the rule does not say; the policy's mode applies.
+    pub mode: Option<Mode>,
+    pub expires: Option<SystemTime>,
+}
+
+/// A validated policy. Built by [`parse_policy`]; [`compile_policy`] relies on its invariants
+/// (known identity names, no CIDR in two identities, well-formed ports).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub identities: Vec<Identity>,
+    pub rules: Vec<Rule>,
+    /// The YAML it was parsed from, so `tollgate policy get` returns what the user wrote.
+    pub source_text: String,
+}
+
+/// Why a policy was rejected. Displays as one line,
+/// `policy.yaml:14: rules[2].to: unknown identity "ordrs" (known: frontend, orders, host, world)`,
+/// followed by ` (and N more)` when there are further errors; those are in `more`, in file
+/// order.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", self.one_line())]
+pub struct PolicyError {
+    /// The file as given, e.g. `policy.yaml`.
+    pub source_name: String,
+    /// 1-based line of the offending node, when known.
+    pub line: Option<usize>,
+    /// Field path: relative to `spec` under it (`rules[2].to`), else from the top (`kind`).
+    pub field: Option<String>,
+    pub message: String,
+    /// Further errors in the same policy (their own `more` is empty).
+    pub more: Vec<PolicyError>,
+}
+
+impl PolicyError {
+    /// This error alone, without the "(and N more)" suffix.
+    pub fn without_more(&self) -> String {
+        let mut s = self.source_name.clone();
+        if let Some(line) = self.line {
+            s.push_str(&format!(":{line}"));
+        }
+        s.push_str(": ");
+        if let Some(field) = &self.field {
+            s.push_str(field);
+            s.push_str(": ");
+        }
+        s.push_str(&self.message);
+        s
+    }
+
+    /// Every error, the first one included, in file order.
+    pub fn all(&self) -> impl Iterator<Item = &PolicyError> {
+        std::iter::once(self).chain(&self.more)
+    }
+
+    fn one_line(&self) -> String {
+        let mut s = self.without_more();
+        if !self.more.is_empty() {
+            s.push_str(&format!(" (and {} more)", self.more.len()));
+        }
+        s
+    }
+
+    fn whole_file(source_name: &str, message: String) -> Self {
+        Self {
+            source_name: source_name.to_owned(),
+            line: None,
+            field: None,
+            message,
+            more: Vec::new(),
+        }
+    }
+}
+
+/// Parses and validates. `source_name` is what errors print as the file (e.g. "policy.yaml").
+pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError> {
+    let doc: model::Document =
+        serde_yaml::from_str(text).map_err(|e| from_yaml_error(&e, source_name))?;
+    validate::validate(doc, text).map_err(|issues| {
+        let lines = locate::LineIndex::build(text);
+        let mut errors: Vec<PolicyError> = issues
+            .into_iter()
+            .map(|issue| PolicyError {
+                source_name: source_name.to_owned(),
+                line: lines.line_of(&issue.path),
+                field: display_field(&issue.path),
+                message: issue.message,
+                more: Vec::new(),
+            })
+            .collect();
+        // Stable: errors on one line keep the order validation found them in.
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        let mut first = errors.remove(0);
+        first.more = errors;
+        first
+    })
+}
+
+/// Reads the file (error if unreadable, naming the path) and calls parse_policy with its path as
+/// source name.
+pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
+    let source_name = path.display().to_string();
+    let bytes = std::fs::read(path)
+        .map_err(|e| PolicyError::whole_file(&source_name, format!("cannot read the policy: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        PolicyError {
+            line: Some(valid.iter().filter(|&&b| b == b'\n').count() + 1),
+            ..PolicyError::whole_file(&source_name, "not UTF-8 text".to_owned())
+        }
+    })?;
+    parse_policy(&text, &source_name)
+}
+
+/// `spec.rules[2].to` → `rules[2].to`; `metadata.name` stays; the document itself has no field.
+fn display_field(path: &str) -> Option<String> {
+    match path.strip_prefix("spec.") {
+        _ if path.is_empty() => None,
+        Some(rest) => Some(rest.to_owned()),
+        None => Some(path.to_owned()),
+    }
+}
+
+/// serde_yaml's errors read `spec.rules[0]: unknown field `x`, expected ... at line 5 column 7`
+/// (syntax errors have no path, and may go on with `, while parsing ...`). This takes the line
+/// from its location, the field from the path, and keeps the rest as the message.
+fn from_yaml_error(error: &serde_yaml::Error, source_name: &str) -> PolicyError {
+    let mut text = error.to_string();
+    let line = error.location().map(|l| {
+        let at = format!(" at line {} column {}", l.line(), l.column());
+        if let Some(i) = text.find(&at) {
+            text.replace_range(i..i + at.len(), "");
+        }
+        l.line()
+    });
+    let (path, message) = match text.split_once(": ") {
+        Some((path, message)) if looks_like_path(path) => (Some(path), message),
+        _ => (None, text.as_str()),
+    };
+    let mut path = path.map(str::to_owned);
+    // Name the unknown field itself, not just the mapping it appeared in.
+    if let Some(unknown) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name)
+    {
+        path = Some(match path {
+            Some(p) => format!("{p}.{unknown}"),
+            None => unknown.to_owned(),
+        });
+    }
+    PolicyError {
+        source_name: source_name.to_owned(),
+        line,
+        field: path.as_deref().and_then(display_field),
+        message: plain_type_names(message),
+        more: Vec::new(),
+    }
+}
+
+fn looks_like_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-[]?".contains(&c))
+}
+
+/// serde names Rust types (`expected i64`, `expected struct Spec`); say what to write instead.
+fn plain_type_names(message: &str) -> String {
+    let mut message = message.replace("expected i64", "expected an integer");
+    if let Some(i) = message.find("expected struct ") {
+        let rest = &message[i + "expected struct ".len()..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(rest.len());
+        message.replace_range(i..i + "expected struct ".len() + end, "expected a mapping");
+    }
+    message
+}

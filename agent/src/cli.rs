@@ -1,0 +1,244 @@
+//! The `tollgate` command line. Exit status: 0 success, 1 error (one line on stderr), 2 usage
+//! error (clap), 3 `check` answered deny.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    api::{CheckRequest, CheckResponse, PolicyResponse, StatusResponse, PATH_CHECK, PATH_POLICY, PATH_STATUS},
+    app::{self, AgentConfig},
+    client::Client,
+    loader::{self, InterfaceSelector},
+    paths::{PinLayout, DEFAULT_BPFFS, DEFAULT_SOCKET},
+    policy::load_policy_file,
+};
+
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_DENY: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, about = "Zero-trust traffic enforcement for Linux nodes")]
+pub struct Cli {
+    /// Control socket of the agent.
+    #[arg(long, global = true, env = "TOLLGATE_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent (or remove its pinned datapath with --uninstall).
+    Agent(AgentArgs),
+    /// Show programs, interfaces, policy generation and verdict counters.
+    Status {
+        /// Print the agent's JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply, show or validate policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Ask what the datapath would decide for a new flow, without sending traffic.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// Interfaces to enforce on: comma-separated names or globs, e.g. 'tg-*,eth0'.
+    #[arg(long, required_unless_present = "uninstall")]
+    pub interfaces: Option<String>,
+    /// Policy file (v1alpha1 YAML) to enforce at start.
+    #[arg(long, required_unless_present = "uninstall")]
+    pub policy: Option<PathBuf>,
+    /// Directory on bpffs where programs, links and maps are pinned.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Detach every program and remove every pin under --bpffs, then exit.
+    #[arg(long, conflicts_with_all = ["interfaces", "policy"])]
+    pub uninstall: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Validate and apply a policy file to the running agent (atomic swap).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Print the policy the agent enforces.
+    Get,
+    /// Validate a policy file without an agent.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    #[arg(long)]
+    pub from: IpAddr,
+    #[arg(long)]
+    pub to: IpAddr,
+    /// Destination port (ignored for ICMP).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// tcp, udp, icmp or icmpv6.
+    #[arg(long)]
+    pub protocol: String,
+}
+
+/// Parses the command line and runs it; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Agent(args) => run_agent(args, cli.socket),
+        Command::Policy(PolicyCommand::Validate { file }) => {
+            let p = load_policy_file(&file)?;
+            println!(
+                "{}: valid (policy {:?}: {} identities, {} rules)",
+                file.display(),
+                p.name,
+                p.identities.len(),
+                p.rules.len()
+            );
+            Ok(0)
+        }
+        Command::Policy(PolicyCommand::Apply { file }) => {
+            // Validate locally first so the error names the file the user gave.
+            load_policy_file(&file)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let r: PolicyResponse = runtime()?
+                .block_on(Client::new(&cli.socket).put_text(PATH_POLICY, text))?;
+            println!(
+                "applied policy {:?} as generation {} ({} rules)",
+                r.name, r.generation, r.rules
+            );
+            Ok(0)
+        }
+        Command::Policy(PolicyCommand::Get) => {
+            let r: PolicyResponse = runtime()?.block_on(Client::new(&cli.socket).get(PATH_POLICY))?;
+            println!("# policy {:?}, generation {}", r.name, r.generation);
+            print!("{}", r.text);
+            if !r.text.ends_with('\n') {
+                println!();
+            }
+            Ok(0)
+        }
+        Command::Status { json } => {
+            let s: StatusResponse = runtime()?.block_on(Client::new(&cli.socket).get(PATH_STATUS))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(0)
+        }
+        Command::Check(args) => {
+            let req = CheckRequest {
+                from: args.from,
+                to: args.to,
+                port: args.port,
+                protocol: args.protocol.to_lowercase(),
+            };
+            let r: CheckResponse =
+                runtime()?.block_on(Client::new(&cli.socket).post_json(PATH_CHECK, &req))?;
+            let what = match r.verdict.as_str() {
+                "allow_new" => "allow",
+                "audit_would_deny" => "would-deny (audit mode: passes)",
+                "deny_expired" => "deny (rule expired)",
+                _ => "deny",
+            };
+            let port = if matches!(req.protocol.as_str(), "tcp" | "udp") {
+                format!("/{}", req.port)
+            } else {
+                String::new()
+            };
+            println!(
+                "{what}: {} ({}) -> {} ({}) {}{port}: {}",
+                req.from, r.from_identity, req.to, r.to_identity, req.protocol, r.rule
+            );
+            Ok(if r.allowed { 0 } else { EXIT_DENY })
+        }
+    }
+}
+
+fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
+    let layout = PinLayout::new(&args.bpffs);
+    if args.uninstall {
+        let removed = loader::uninstall(&layout)?;
+        println!(
+            "removed {} pins under {}; nothing of this agent is attached any more",
+            removed.len(),
+            layout.root.display()
+        );
+        return Ok(0);
+    }
+    let (Some(interfaces), Some(policy)) = (args.interfaces, args.policy) else {
+        unreachable!("clap requires --interfaces and --policy without --uninstall");
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = AgentConfig {
+        selector: InterfaceSelector::parse(&interfaces)?,
+        policy_path: policy,
+        socket,
+        bpffs: args.bpffs,
+    };
+    runtime()?.block_on(app::run(config))?;
+    Ok(0)
+}
+
+fn print_status(s: &StatusResponse) {
+    println!("agent        tollgate {}", s.version);
+    println!("bpffs        {}", s.bpffs);
+    println!("policy       {} (generation {})", s.policy_name, s.generation);
+    println!("rules        {} ({} map entries)", s.rules, s.map_usage.rules);
+    println!(
+        "identities   {} ({} IPv4 + {} IPv6 entries)",
+        s.identities, s.map_usage.identities_v4, s.map_usage.identities_v6
+    );
+    println!("interfaces   {}", s.interfaces_selector);
+    for a in &s.attachments {
+        println!(
+            "  {:<16} {:<8} ifindex {:<5} {}",
+            a.interface,
+            a.direction,
+            a.ifindex,
+            if a.adopted { "adopted" } else { "attached" }
+        );
+    }
+    println!("flows        {} conntrack entries", s.conntrack_entries);
+    println!("verdicts");
+    for (name, n) in &s.verdicts {
+        println!("  {name:<20} {n}");
+    }
+    println!("events       {} read, {} lost", s.events_read, s.events_lost);
+}

@@ -1,0 +1,362 @@
+//! The agent's handle on the kernel datapath's maps: installing a compiled policy as one atomic
+//! generation swap, reading counters, and answering lookups for `tollgate check` from the very
+//! maps the kernel reads.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, Map, MapData, PerCpuArray,
+};
+use tollgate_common::{
+    capacity, decide, flow::v4_mapped, identity::SLOT_PREFIX_BITS, map_names,
+    rule::RULE_FULL_PREFIX_BITS, slot_of, verdict::COUNTER_SLOTS, Decision, FlowKey, FlowValue,
+    IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, SlotConfig, ABI_VERSION,
+    ACTIVE_GENERATION_INDEX, SLOT_COUNT,
+};
+
+use crate::{paths::PinLayout, policy::CompiledPolicy};
+
+/// The eBPF object built by `build.rs` (release profile).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate"));
+
+/// After flipping generations, in-flight packets may still be reading the old slot. A TC
+/// program runs for microseconds inside an RCU read section; waiting this long before the old
+/// slot is cleared (at the next swap) is far beyond any such window.
+pub const SLOT_GRACE: Duration = Duration::from_millis(50);
+
+/// Expected shape of every map: (name, key size, value size, max entries). A pinned map that
+/// differs was made by an incompatible build and must not be adopted.
+pub fn expected_map_shapes() -> [(&'static str, u32, u32, u32); 8] {
+    use std::mem::size_of;
+    let lpm = |k: usize| (k + 4) as u32;
+    [
+        (map_names::ACTIVE, 4, 8, 1),
+        (map_names::SLOT_CONFIG, 4, size_of::<SlotConfig>() as u32, SLOT_COUNT),
+        (
+            map_names::IDENTITY_V4,
+            lpm(size_of::<IdentityKeyV4>()),
+            size_of::<IdentityValue>() as u32,
+            capacity::IDENTITY_ENTRIES,
+        ),
+        (
+            map_names::IDENTITY_V6,
+            lpm(size_of::<IdentityKeyV6>()),
+            size_of::<IdentityValue>() as u32,
+            capacity::IDENTITY_ENTRIES,
+        ),
+        (
+            map_names::RULES,
+            lpm(size_of::<RuleKey>()),
+            size_of::<RuleValue>() as u32,
+            capacity::RULE_ENTRIES,
+        ),
+        (
+            map_names::CONNTRACK,
+            size_of::<FlowKey>() as u32,
+            size_of::<FlowValue>() as u32,
+            capacity::CONNTRACK_ENTRIES,
+        ),
+        (map_names::COUNTERS, 4, 8, COUNTER_SLOTS),
+        (map_names::EVENTS, 0, 0, capacity::EVENTS_BYTES),
+    ]
+}
+
+/// Refuses pinned maps whose shape differs from what this build expects.
+pub fn check_pinned_maps(layout: &PinLayout) -> Result<()> {
+    for (name, key, value, max) in expected_map_shapes() {
+        let path = layout.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let info = data.info()?;
+        if (info.key_size(), info.value_size(), info.max_entries()) != (key, value, max) {
+            bail!(
+                "pinned map {} was created by an incompatible tollgate build (key {} value {} \
+                 entries {}, expected {key} {value} {max}); run `tollgate agent --uninstall \
+                 --bpffs {}` first",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+                layout.root.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn pinned(layout: &PinLayout, name: &str) -> Result<Map> {
+    let path = layout.map(name);
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("map {name}"))
+}
+
+/// Handles on the policy and state maps, opened from their pins.
+pub struct Datapath {
+    active: Array<MapData, u64>,
+    slot_config: Array<MapData, SlotConfig>,
+    identity_v4: LpmTrie<MapData, IdentityKeyV4, IdentityValue>,
+    identity_v6: LpmTrie<MapData, IdentityKeyV6, IdentityValue>,
+    rules: LpmTrie<MapData, RuleKey, RuleValue>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    counters: PerCpuArray<MapData, u64>,
+    /// When this process last flipped `TG_ACTIVE`; the slot it left must not be cleared before
+    /// `SLOT_GRACE` has passed.
+    last_flip: Option<std::time::Instant>,
+}
+
+/// Entries currently in each policy map, for status and metrics.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct MapUsage {
+    pub identities_v4: usize,
+    pub identities_v6: usize,
+    pub rules: usize,
+}
+
+impl Datapath {
+    /// Opens every map from `layout` (they must already be pinned, i.e. the object was loaded).
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        Ok(Self {
+            active: pinned(layout, map_names::ACTIVE)?.try_into()?,
+            slot_config: pinned(layout, map_names::SLOT_CONFIG)?.try_into()?,
+            identity_v4: pinned(layout, map_names::IDENTITY_V4)?.try_into()?,
+            identity_v6: pinned(layout, map_names::IDENTITY_V6)?.try_into()?,
+            rules: pinned(layout, map_names::RULES)?.try_into()?,
+            conntrack: pinned(layout, map_names::CONNTRACK)?.try_into()?,
+            counters: pinned(layout, map_names::COUNTERS)?.try_into()?,
+            // Another process (a previous agent) may have flipped just now.
+            last_flip: Some(std::time::Instant::now()),
+        })
+    }
+
+    /// Opens the maps of a pin directory that exists, for tests and tools.
+    pub fn open_dir(root: &Path) -> Result<Self> {
+        Self::open(&PinLayout::new(root))
+    }
+
+    pub fn active_generation(&self) -> Result<u64> {
+        Ok(self.active.get(&ACTIVE_GENERATION_INDEX, 0)?)
+    }
+
+    /// The generation the next `install` must be compiled for.
+    pub fn next_generation(&self) -> Result<u64> {
+        Ok(self.active_generation()? + 1)
+    }
+
+    /// Installs `policy` (compiled for `slot_of(generation)`) and makes it live with one write.
+    ///
+    /// The slot that is not live is cleared and refilled, its config written, and only then is
+    /// `TG_ACTIVE` flipped: a packet reads the generation once and every lookup it makes stays
+    /// in that generation's slot, so it sees either the old policy or the new one, whole.
+    pub fn install(&mut self, policy: &CompiledPolicy, generation: u64) -> Result<()> {
+        let live = self.active_generation()?;
+        if generation != live + 1 {
+            bail!("generation {generation} does not follow the live generation {live}");
+        }
+        let slot = slot_of(generation);
+        if policy.slot != slot {
+            bail!(
+                "policy compiled for slot {} but generation {generation} uses slot {slot}",
+                policy.slot
+            );
+        }
+        if let Some(flipped) = self.last_flip {
+            if let Some(rest) = SLOT_GRACE.checked_sub(flipped.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        self.clear_slot(slot)?;
+        for (prefix, key, value) in &policy.identities_v4 {
+            self.identity_v4
+                .insert(&Key::new(*prefix, *key), value, 0)
+                .context("writing an IPv4 identity entry")?;
+        }
+        for (prefix, key, value) in &policy.identities_v6 {
+            self.identity_v6
+                .insert(&Key::new(*prefix, *key), value, 0)
+                .context("writing an IPv6 identity entry")?;
+        }
+        for (prefix, key, value) in &policy.rules {
+            self.rules
+                .insert(&Key::new(*prefix, *key), value, 0)
+                .map_err(|e| {
+                    anyhow!(
+                        "writing a rule entry ({e}); the rule map holds {} entries for both slots",
+                        capacity::RULE_ENTRIES
+                    )
+                })?;
+        }
+        self.slot_config.set(
+            slot,
+            SlotConfig {
+                generation,
+                flags: policy.flags,
+                abi_version: ABI_VERSION,
+            },
+            0,
+        )?;
+        self.active.set(ACTIVE_GENERATION_INDEX, generation, 0)?;
+        self.last_flip = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// Deletes every entry of `slot` from the policy maps. Never called on the live slot.
+    fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        let v4: Vec<_> = self
+            .identity_v4
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in v4 {
+            let _ = self.identity_v4.remove(&k);
+        }
+        let v6: Vec<_> = self
+            .identity_v6
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in v6 {
+            let _ = self.identity_v6.remove(&k);
+        }
+        let rules: Vec<_> = self
+            .rules
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().slot == slot)
+            .collect();
+        for k in rules {
+            let _ = self.rules.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Packet counters summed over CPUs, indexed like `TG_COUNTERS`.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..COUNTER_SLOTS)
+            .map(|i| {
+                let per_cpu = self.counters.get(&i, 0)?;
+                Ok(per_cpu.iter().sum())
+            })
+            .collect()
+    }
+
+    /// Tracked flow entries (two per flow). Walks the map; for status, not for hot paths.
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    pub fn usage(&self, slot: u32) -> MapUsage {
+        MapUsage {
+            identities_v4: self
+                .identity_v4
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data().slot == slot)
+                .count(),
+            identities_v6: self
+                .identity_v6
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data().slot == slot)
+                .count(),
+            rules: self
+                .rules
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.data().slot == slot)
+                .count(),
+        }
+    }
+
+    /// The identity the kernel would give `addr` in `slot` (world when nothing matches).
+    pub fn identity_of(&self, slot: u32, addr: IpAddr) -> u32 {
+        let found = match addr {
+            IpAddr::V4(a) => self
+                .identity_v4
+                .get(
+                    &Key::new(SLOT_PREFIX_BITS + 32, IdentityKeyV4 { slot, addr: a.octets() }),
+                    0,
+                )
+                .ok(),
+            IpAddr::V6(a) => {
+                // An IPv4-mapped address is looked up as IPv4, as the kernel stores both so.
+                if let Some(v4) = a.to_ipv4_mapped() {
+                    return self.identity_of(slot, IpAddr::V4(v4));
+                }
+                self.identity_v6
+                    .get(
+                        &Key::new(SLOT_PREFIX_BITS + 128, IdentityKeyV6 { slot, addr: a.octets() }),
+                        0,
+                    )
+                    .ok()
+            }
+        };
+        found
+            .map(|v| v.id)
+            .unwrap_or(tollgate_common::identity::IDENTITY_WORLD)
+    }
+
+    /// Decides a hypothetical new flow exactly as the kernel would right now: same maps, same
+    /// decision function, CLOCK_BOOTTIME.
+    pub fn check(&self, from: IpAddr, to: IpAddr, proto: u8, port: u16) -> Result<CheckResult> {
+        let generation = self.active_generation()?;
+        if generation == 0 {
+            bail!("no policy is loaded");
+        }
+        let slot = slot_of(generation);
+        let src = self.identity_of(slot, from);
+        let dst = self.identity_of(slot, to);
+        let port = match proto {
+            tollgate_common::proto::TCP | tollgate_common::proto::UDP => port,
+            _ => 0,
+        };
+        let entry = self
+            .rules
+            .get(
+                &Key::new(RULE_FULL_PREFIX_BITS, RuleKey::new(slot, src, dst, proto, port)),
+                0,
+            )
+            .ok();
+        let flags = self.slot_config.get(&slot, 0)?.flags;
+        let decision = decide(entry.as_ref(), flags, boottime_ns());
+        Ok(CheckResult {
+            generation,
+            src_identity: src,
+            dst_identity: dst,
+            decision,
+        })
+    }
+}
+
+pub struct CheckResult {
+    pub generation: u64,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub decision: Decision,
+}
+
+/// CLOCK_BOOTTIME in nanoseconds, the clock the kernel programs compare expiries against.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME exists on every supported kernel.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Maps an address to the IPv4-mapped form the conntrack map uses.
+pub fn flow_addr(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}

@@ -1,0 +1,483 @@
+//! Compiling: the entries are checked by what a longest-prefix-match lookup over them answers,
+//! the way the kernel's LPM trie will, rather than by their exact layout.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use tollgate_common::{
+    decide,
+    identity::{IDENTITY_FIRST_USER, IDENTITY_HOST, IDENTITY_WORLD},
+    rule::{
+        RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FULL_PREFIX_BITS, RULE_PAIR_PREFIX_BITS,
+        RULE_PROTO_PREFIX_BITS,
+    },
+    IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, Verdict, POLICY_FLAG_AUDIT,
+};
+
+use super::*;
+
+const A: u32 = IDENTITY_FIRST_USER;
+const B: u32 = IDENTITY_FIRST_USER + 1;
+const C: u32 = IDENTITY_FIRST_USER + 2;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const GRE: u8 = 47;
+
+const SEC: u64 = 1_000_000_000;
+/// Booted 1.7e9 s after the epoch (late 2023), 1000 s ago.
+const CLOCK: ClockReading = ClockReading {
+    realtime_ns: 1_700_001_000 * SEC,
+    boottime_ns: 1_000 * SEC,
+};
+
+/// A policy with identities a, b, c and the given rules (YAML list items, one per line).
+fn policy_with(mode: &str, rules: &[&str]) -> Policy {
+    let mut text = format!(
+        "apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{ name: test }}
+spec:
+  mode: {mode}
+  identities:
+    - {{ name: a, cidrs: [10.0.1.0/24, \"fd00:1::/64\"] }}
+    - {{ name: b, cidrs: [10.0.2.0/24] }}
+    - {{ name: c, cidrs: [10.0.3.1] }}
+  rules:
+"
+    );
+    for (i, rule) in rules.iter().enumerate() {
+        text.push_str(&format!("    - {{ name: r{}, {rule} }}\n", i + 1));
+    }
+    parse_policy(&text, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn compile(rules: &[&str]) -> CompiledPolicy {
+    compile_policy(&policy_with("enforce", rules), 0, &CLOCK, &[])
+}
+
+/// The bytes of a rule key as the LPM trie sees them (its memory layout).
+fn rule_key_bytes(k: &RuleKey) -> Vec<u8> {
+    let mut b = k.slot.to_ne_bytes().to_vec();
+    b.extend(k.src);
+    b.extend(k.dst);
+    b.push(k.proto);
+    b.extend(k.port);
+    b.push(k._pad);
+    b
+}
+
+fn prefix_matches(entry: &[u8], key: &[u8], bits: u32) -> bool {
+    (0..bits as usize).all(|bit| {
+        let mask = 0x80 >> (bit % 8);
+        entry[bit / 8] & mask == key[bit / 8] & mask
+    })
+}
+
+/// The value the kernel's LPM lookup would find, with its prefix length.
+fn lookup_entry(c: &CompiledPolicy, src: u32, dst: u32, proto: u8, port: u16) -> Option<(u32, RuleValue)> {
+    let key = rule_key_bytes(&RuleKey::new(c.slot, src, dst, proto, port));
+    c.rules
+        .iter()
+        .filter(|(len, k, _)| prefix_matches(&rule_key_bytes(k), &key, *len))
+        .max_by_key(|(len, _, _)| *len)
+        .map(|(len, _, v)| (*len, *v))
+}
+
+fn lookup(c: &CompiledPolicy, src: u32, dst: u32, proto: u8, port: u16) -> Option<RuleValue> {
+    lookup_entry(c, src, dst, proto, port).map(|(_, v)| v)
+}
+
+/// The id of the rule that allows, or None.
+fn allowed_by(c: &CompiledPolicy, src: u32, dst: u32, proto: u8, port: u16) -> Option<u32> {
+    lookup(c, src, dst, proto, port)
+        .filter(|v| v.flags & RULE_FLAG_ALLOW != 0)
+        .map(|v| v.rule_id)
+}
+
+fn identity_v4(c: &CompiledPolicy, addr: Ipv4Addr) -> u32 {
+    let mut key = c.slot.to_ne_bytes().to_vec();
+    key.extend(addr.octets());
+    c.identities_v4
+        .iter()
+        .filter(|(len, k, _)| {
+            let mut entry = k.slot.to_ne_bytes().to_vec();
+            entry.extend(k.addr);
+            prefix_matches(&entry, &key, *len)
+        })
+        .max_by_key(|(len, _, _)| *len)
+        .map_or(IDENTITY_WORLD, |(_, _, v)| v.id)
+}
+
+#[test]
+fn exact_port_hits_and_its_neighbours_miss() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP, port: 8080 }]"]);
+    assert_eq!(allowed_by(&c, A, B, TCP, 8080), Some(1));
+    assert_eq!(lookup_entry(&c, A, B, TCP, 8080).unwrap().0, RULE_FULL_PREFIX_BITS);
+    assert_eq!(lookup(&c, A, B, TCP, 8079), None);
+    assert_eq!(lookup(&c, A, B, TCP, 8081), None);
+    assert_eq!(lookup(&c, A, B, UDP, 8080), None);
+}
+
+#[test]
+fn port_range_covers_exactly_its_edges() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: UDP, port: 9000, endPort: 9100 }]"]);
+    assert_eq!(lookup(&c, A, B, UDP, 8999), None);
+    assert_eq!(allowed_by(&c, A, B, UDP, 9000), Some(1));
+    assert_eq!(allowed_by(&c, A, B, UDP, 9050), Some(1));
+    assert_eq!(allowed_by(&c, A, B, UDP, 9100), Some(1));
+    assert_eq!(lookup(&c, A, B, UDP, 9101), None);
+}
+
+#[test]
+fn tcp_without_port_allows_every_port() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }]"]);
+    for port in [0, 1, 443, 65535] {
+        assert_eq!(allowed_by(&c, A, B, TCP, port), Some(1), "port {port}");
+    }
+    assert_eq!(c.rules.len(), 1);
+    assert_eq!(c.rules[0].0, RULE_PROTO_PREFIX_BITS);
+    assert_eq!(lookup(&c, A, B, UDP, 443), None);
+}
+
+#[test]
+fn icmp_entry_matches_whatever_the_port_field_holds() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: ICMP }]"]);
+    assert_eq!(c.rules.len(), 1);
+    assert_eq!(c.rules[0].0, RULE_PROTO_PREFIX_BITS);
+    for port in [0, 8, 65535] {
+        assert_eq!(allowed_by(&c, A, B, ICMP, port), Some(1));
+    }
+    assert_eq!(lookup(&c, A, B, TCP, 0), None);
+}
+
+#[test]
+fn any_protocol_covers_tcp_udp_and_others() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: ANY }]"]);
+    assert_eq!(c.rules.len(), 1);
+    assert_eq!(c.rules[0].0, RULE_PAIR_PREFIX_BITS);
+    assert_eq!(allowed_by(&c, A, B, TCP, 22), Some(1));
+    assert_eq!(allowed_by(&c, A, B, UDP, 53), Some(1));
+    assert_eq!(allowed_by(&c, A, B, GRE, 0), Some(1));
+}
+
+#[test]
+fn any_protocol_rule_is_not_shadowed_by_a_weaker_port_rule() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: TCP, port: 80 }], expires: \"2030-01-01T00:00:00Z\"",
+        "from: a, to: b, ports: [{ protocol: ANY }]",
+    ]);
+    assert_eq!(allowed_by(&c, A, B, TCP, 80), Some(2));
+    assert_eq!(allowed_by(&c, A, B, TCP, 81), Some(2));
+    assert_eq!(allowed_by(&c, A, B, UDP, 80), Some(2));
+}
+
+#[test]
+fn port_rule_that_outranks_any_protocol_decides_its_port() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: ANY }], expires: \"2030-01-01T00:00:00Z\"",
+        "from: a, to: b, ports: [{ protocol: TCP, port: 80 }]",
+    ]);
+    assert_eq!(allowed_by(&c, A, B, TCP, 80), Some(2));
+    assert_eq!(allowed_by(&c, A, B, TCP, 81), Some(1));
+    assert_eq!(allowed_by(&c, A, B, UDP, 80), Some(1));
+}
+
+#[test]
+fn non_expiring_rule_beats_expiring_one_where_they_overlap() {
+    for (grant, standing) in [(1, 2), (2, 1)] {
+        let mut rules = [
+            "from: a, to: b, ports: [{ protocol: TCP, port: 8000, endPort: 9000 }], expires: \"2030-01-01T00:00:00Z\"",
+            "from: a, to: b, ports: [{ protocol: TCP, port: 8080 }]",
+        ];
+        if grant == 2 {
+            rules.reverse();
+        }
+        let c = compile(&rules);
+        assert_eq!(allowed_by(&c, A, B, TCP, 8080), Some(standing));
+        assert_eq!(allowed_by(&c, A, B, TCP, 8079), Some(grant));
+        assert_eq!(allowed_by(&c, A, B, TCP, 8081), Some(grant));
+        assert_eq!(allowed_by(&c, A, B, TCP, 8000), Some(grant));
+        assert_eq!(allowed_by(&c, A, B, TCP, 9000), Some(grant));
+        assert_eq!(lookup(&c, A, B, TCP, 9001), None);
+    }
+}
+
+#[test]
+fn later_expiry_beats_earlier_expiry() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: TCP }], expires: \"2030-01-01T00:00:00Z\"",
+        "from: a, to: b, ports: [{ protocol: TCP }], expires: \"2031-01-01T00:00:00Z\"",
+    ]);
+    assert_eq!(allowed_by(&c, A, B, TCP, 443), Some(2));
+}
+
+#[test]
+fn enforce_rule_beats_audit_rule_where_they_overlap() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: TCP }], mode: audit",
+        "from: a, to: b, ports: [{ protocol: TCP, port: 443 }]",
+    ]);
+    let at_443 = lookup(&c, A, B, TCP, 443).unwrap();
+    assert_eq!((at_443.rule_id, at_443.flags), (2, RULE_FLAG_ALLOW));
+    let at_80 = lookup(&c, A, B, TCP, 80).unwrap();
+    assert_eq!((at_80.rule_id, at_80.flags), (1, RULE_FLAG_ALLOW | RULE_FLAG_AUDIT));
+}
+
+#[test]
+fn earlier_rule_wins_a_tie() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: UDP, port: 53 }]",
+        "from: a, to: b, ports: [{ protocol: UDP, port: 50, endPort: 60 }]",
+    ]);
+    assert_eq!(allowed_by(&c, A, B, UDP, 53), Some(1));
+    assert_eq!(allowed_by(&c, A, B, UDP, 54), Some(2));
+}
+
+#[test]
+fn protocol_entries_of_a_pair_never_overlap() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: TCP, port: 100, endPort: 2000 }], expires: \"2030-01-01T00:00:00Z\"",
+        "from: a, to: b, ports: [{ protocol: TCP, port: 1000, endPort: 3000 }], mode: audit",
+        "from: a, to: b, ports: [{ protocol: TCP, port: 1500 }, { protocol: TCP, port: 1501 }]",
+        "from: a, to: b, ports: [{ protocol: ANY }], expires: \"2029-01-01T00:00:00Z\"",
+    ]);
+    let tcp: Vec<_> = c.rules.iter().filter(|(_, k, _)| k.proto == TCP).collect();
+    for port in 0..=u16::MAX {
+        let key = rule_key_bytes(&RuleKey::new(0, A, B, TCP, port));
+        let matching = tcp
+            .iter()
+            .filter(|(len, k, _)| prefix_matches(&rule_key_bytes(k), &key, *len))
+            .count();
+        assert_eq!(matching, 1, "port {port}");
+    }
+    assert_eq!(allowed_by(&c, A, B, TCP, 50), Some(4));
+    assert_eq!(allowed_by(&c, A, B, TCP, 100), Some(1));
+    assert_eq!(allowed_by(&c, A, B, TCP, 1500), Some(3));
+    assert_eq!(allowed_by(&c, A, B, TCP, 999), Some(1));
+    // A standing audit rule outranks an expiring enforce rule.
+    assert_eq!(allowed_by(&c, A, B, TCP, 1502), Some(2));
+    assert_eq!(allowed_by(&c, A, B, TCP, 2001), Some(2));
+    assert_eq!(allowed_by(&c, A, B, TCP, 3001), Some(4));
+}
+
+#[test]
+fn adjacent_pieces_of_one_rule_are_merged() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP, port: 1024, endPort: 1535 }, { protocol: TCP, port: 1536, endPort: 2047 }]"]);
+    assert_eq!(c.rules.len(), 1);
+    assert_eq!(c.rules[0].0, RULE_PROTO_PREFIX_BITS + 6);
+}
+
+#[test]
+fn audit_rule_adds_a_fallback_that_names_it_for_unallowed_traffic() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP, port: 80 }], mode: audit"]);
+    let fallback = lookup_entry(&c, A, B, UDP, 53).unwrap();
+    assert_eq!(fallback.0, RULE_PAIR_PREFIX_BITS);
+    assert_eq!((fallback.1.rule_id, fallback.1.flags), (1, RULE_FLAG_AUDIT));
+    let decision = decide(Some(&fallback.1), c.flags, 1);
+    assert_eq!((decision.verdict, decision.rule_id), (Verdict::AuditWouldDeny, 1));
+    assert_eq!(allowed_by(&c, A, B, TCP, 80), Some(1));
+}
+
+#[test]
+fn audit_fallback_names_the_best_audit_rule() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: TCP, port: 80 }], mode: audit, expires: \"2030-01-01T00:00:00Z\"",
+        "from: a, to: b, ports: [{ protocol: TCP, port: 81 }]",
+        "from: a, to: b, ports: [{ protocol: TCP, port: 82 }], mode: audit",
+    ]);
+    assert_eq!(lookup(&c, A, B, TCP, 9).unwrap().rule_id, 3);
+}
+
+#[test]
+fn no_fallback_without_an_audit_rule() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP, port: 80 }]"]);
+    assert_eq!(lookup(&c, A, B, TCP, 81), None);
+    assert_eq!(lookup(&c, A, B, UDP, 53), None);
+}
+
+#[test]
+fn any_protocol_rule_replaces_the_audit_fallback() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: TCP, port: 80 }], mode: audit",
+        "from: a, to: b, ports: [{ protocol: ANY }]",
+    ]);
+    let pair_entries: Vec<_> = c.rules.iter().filter(|(len, _, _)| *len == RULE_PAIR_PREFIX_BITS).collect();
+    assert_eq!(pair_entries.len(), 1);
+    assert_eq!(pair_entries[0].2.rule_id, 2);
+    assert_eq!(pair_entries[0].2.flags, RULE_FLAG_ALLOW);
+}
+
+#[test]
+fn rules_of_one_pair_do_not_leak_to_others() {
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: ANY }]",
+        "from: b, to: c, ports: [{ protocol: TCP }], mode: audit",
+    ]);
+    assert_eq!(lookup(&c, B, A, TCP, 80), None);
+    assert_eq!(lookup(&c, A, C, TCP, 80), None);
+    assert_eq!(lookup(&c, C, B, TCP, 80), None);
+    assert_eq!(lookup(&c, A, B, TCP, 80).unwrap().rule_id, 1);
+    assert_eq!(lookup(&c, B, C, TCP, 80).unwrap().rule_id, 2);
+    assert_eq!(lookup(&c, B, C, UDP, 80).unwrap().flags, RULE_FLAG_AUDIT);
+}
+
+#[test]
+fn rule_keys_carry_the_slot() {
+    let p = policy_with("enforce", &["from: a, to: b, ports: [{ protocol: TCP, port: 80 }]"]);
+    let c = compile_policy(&p, 1, &CLOCK, &[]);
+    assert!(c.rules.iter().all(|(_, k, _)| k.slot == 1));
+    assert_eq!(allowed_by(&c, A, B, TCP, 80), Some(1));
+    let other_slot = CompiledPolicy { slot: 0, ..c };
+    assert_eq!(lookup(&other_slot, A, B, TCP, 80), None);
+}
+
+#[test]
+fn reserved_identities_get_their_fixed_ids() {
+    let c = compile(&[
+        "from: world, to: host, ports: [{ protocol: TCP, port: 22 }]",
+        "from: host, to: c, ports: [{ protocol: UDP }]",
+    ]);
+    assert_eq!(allowed_by(&c, IDENTITY_WORLD, IDENTITY_HOST, TCP, 22), Some(1));
+    assert_eq!(allowed_by(&c, IDENTITY_HOST, C, UDP, 5), Some(2));
+}
+
+#[test]
+fn identity_entries_carry_slot_and_prefix_length() {
+    let p = policy_with("enforce", &[]);
+    let c = compile_policy(&p, 1, &CLOCK, &[]);
+    let value = |id| IdentityValue { id, flags: 0 };
+    assert_eq!(
+        c.identities_v4,
+        [
+            (56, IdentityKeyV4 { slot: 1, addr: [10, 0, 1, 0] }, value(A)),
+            (56, IdentityKeyV4 { slot: 1, addr: [10, 0, 2, 0] }, value(B)),
+            (64, IdentityKeyV4 { slot: 1, addr: [10, 0, 3, 1] }, value(C)),
+        ]
+    );
+    let fd00_1: Ipv6Addr = "fd00:1::".parse().unwrap();
+    assert_eq!(
+        c.identities_v6,
+        [(96, IdentityKeyV6 { slot: 1, addr: fd00_1.octets() }, value(A))]
+    );
+}
+
+#[test]
+fn identity_lookup_resolves_addresses() {
+    let c = compile(&[]);
+    assert_eq!(identity_v4(&c, Ipv4Addr::new(10, 0, 1, 200)), A);
+    assert_eq!(identity_v4(&c, Ipv4Addr::new(10, 0, 3, 1)), C);
+    assert_eq!(identity_v4(&c, Ipv4Addr::new(10, 0, 3, 2)), IDENTITY_WORLD);
+}
+
+#[test]
+fn host_addresses_claimed_by_an_identity_are_left_out() {
+    let host_addrs: Vec<IpAddr> = ["10.0.1.5", "192.168.1.1", "fd00:1::9", "2001:db8::1", "192.168.1.1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let c = compile_policy(&policy_with("enforce", &[]), 0, &CLOCK, &host_addrs);
+    let host = IdentityValue { id: IDENTITY_HOST, flags: 0 };
+    let hosts_v4: Vec<_> = c.identities_v4.iter().filter(|e| e.2 == host).collect();
+    assert_eq!(hosts_v4, [&(64, IdentityKeyV4 { slot: 0, addr: [192, 168, 1, 1] }, host)]);
+    let db8: Ipv6Addr = "2001:db8::1".parse().unwrap();
+    let hosts_v6: Vec<_> = c.identities_v6.iter().filter(|e| e.2 == host).collect();
+    assert_eq!(hosts_v6, [&(160, IdentityKeyV6 { slot: 0, addr: db8.octets() }, host)]);
+    assert_eq!(identity_v4(&c, Ipv4Addr::new(10, 0, 1, 5)), A);
+    assert_eq!(identity_v4(&c, Ipv4Addr::new(192, 168, 1, 1)), IDENTITY_HOST);
+}
+
+#[test]
+fn expiry_is_converted_to_boot_time() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }], expires: \"2023-11-14T22:30:00Z\""]);
+    // 2023-11-14T22:30:00Z is 1_700_001_000 s after the epoch, exactly "now" in CLOCK.
+    let expected = 1_700_001_000 * SEC - (CLOCK.realtime_ns - CLOCK.boottime_ns);
+    assert_eq!(expected, CLOCK.boottime_ns);
+    assert_eq!(lookup(&c, A, B, TCP, 1).unwrap().expires_ns, expected);
+}
+
+#[test]
+fn expiry_before_boot_is_already_expired_not_never() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }], expires: \"2001-01-01T00:00:00Z\""]);
+    assert_eq!(lookup(&c, A, B, TCP, 1).unwrap().expires_ns, 1);
+}
+
+#[test]
+fn rule_without_expiry_never_expires() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }]"]);
+    assert_eq!(lookup(&c, A, B, TCP, 1).unwrap().expires_ns, 0);
+}
+
+#[test]
+fn policy_audit_mode_sets_the_slot_flag_only() {
+    let audit = compile_policy(
+        &policy_with("audit", &["from: a, to: b, ports: [{ protocol: TCP }]"]),
+        0,
+        &CLOCK,
+        &[],
+    );
+    assert_eq!(audit.flags, POLICY_FLAG_AUDIT);
+    assert_eq!(lookup(&audit, A, B, TCP, 1).unwrap().flags, RULE_FLAG_ALLOW);
+    assert_eq!(compile(&[]).flags, 0);
+}
+
+#[test]
+fn names_are_found_by_id() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }]"]);
+    assert_eq!(c.rule_name(0), "default-deny");
+    assert_eq!(c.rule_name(1), "r1");
+    assert_eq!(c.rule_name(2), "unknown");
+    assert_eq!(c.identity_name(IDENTITY_HOST), "host");
+    assert_eq!(c.identity_name(IDENTITY_WORLD), "world");
+    assert_eq!(c.identity_name(B), "b");
+    assert_eq!(c.identity_name(C + 1), "unknown");
+    assert_eq!(c.identity_name(0), "unknown");
+}
+
+#[test]
+fn clock_reading_reads_both_clocks() {
+    let now = ClockReading::now();
+    assert!(now.boottime_ns > 0);
+    // Wall-clock time is far past the time since boot on any real machine.
+    assert!(now.realtime_ns > now.boottime_ns);
+    let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+    assert!(now.boot_ns(in_an_hour) > now.boottime_ns);
+}
+
+#[test]
+fn hundred_thousand_rules_compile() {
+    let identities: Vec<Identity> = (0..1000u32)
+        .map(|i| Identity {
+            name: format!("id-{i}"),
+            spiffe_id: None,
+            cidrs: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)).into()],
+        })
+        .collect();
+    let rules: Vec<Rule> = (0..100_000u32)
+        .map(|i| Rule {
+            name: format!("rule-{i}"),
+            from: format!("id-{}", i % 1000),
+            to: format!("id-{}", (i / 1000) % 1000),
+            ports: vec![PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(1 + (i / 1_000_000) as u16),
+                end_port: None,
+            }],
+            mode: None,
+            expires: None,
+        })
+        .collect();
+    let policy = Policy {
+        name: "big".to_owned(),
+        mode: Mode::Enforce,
+        identities,
+        rules,
+        source_text: String::new(),
+    };
+    let c = compile_policy(&policy, 0, &CLOCK, &[]);
+    assert_eq!(c.rules.len(), 100_000);
+    assert_eq!(c.identities_v4.len(), 1000);
+    assert_eq!(c.rule_names.len(), 100_000);
+}

@@ -1,0 +1,643 @@
+//! Turns the policy as written ([`model::Document`]) into a [`Policy`] that compiles without
+//! surprises, or into the list of everything wrong with it. Each problem is an [`Issue`] naming
+//! the document path of the offending field (`spec.rules[2].to`); the caller adds the file name
+//! and the line. Problems are collected rather than stopping at the first, so that
+//! `tollgate policy validate` can show them all.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    str::FromStr,
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
+
+use super::{
+    model::{self, Present},
+    Identity, Mode, Policy, PortSpec, Protocol, Rule, API_VERSION, KIND,
+};
+
+/// One problem, at a document path (`spec.identities[1].cidrs[0]`).
+#[derive(Debug)]
+pub(super) struct Issue {
+    pub path: String,
+    pub message: String,
+}
+
+const RESERVED_IDENTITIES: [&str; 2] = ["host", "world"];
+
+/// How many identity names an "unknown identity" message lists before abbreviating; a policy
+/// can declare thousands.
+const KNOWN_NAMES_SHOWN: usize = 20;
+
+pub(super) fn validate(doc: model::Document, source_text: &str) -> Result<Policy, Vec<Issue>> {
+    let mut v = Validator::default();
+    let policy = v.document(doc, source_text);
+    if v.issues.is_empty() {
+        Ok(policy)
+    } else {
+        Err(v.issues)
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    issues: Vec<Issue>,
+}
+
+impl Validator {
+    fn issue(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(Issue {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn not_supported_yet(&mut self, path: String) {
+        self.issue(
+            path,
+            "not supported by this version of tollgate yet (planned); remove it",
+        );
+    }
+
+    fn document(&mut self, doc: model::Document, source_text: &str) -> Policy {
+        let mut policy = Policy {
+            name: String::new(),
+            mode: Mode::Enforce,
+            identities: Vec::new(),
+            rules: Vec::new(),
+            source_text: source_text.to_owned(),
+        };
+        if doc.api_version.is_none()
+            && doc.kind.is_none()
+            && doc.metadata.is_none()
+            && doc.spec.is_none()
+        {
+            self.issue(
+                "",
+                format!(
+                    "the policy is empty; expected a document with apiVersion: {API_VERSION}, \
+                     kind: {KIND}, metadata and spec"
+                ),
+            );
+            return policy;
+        }
+        self.constant("apiVersion", doc.api_version.as_deref(), API_VERSION);
+        self.constant("kind", doc.kind.as_deref(), KIND);
+        match doc.metadata {
+            Some(metadata) => policy.name = self.dns_label("metadata.name", metadata.name),
+            None => self.issue("metadata", "required (metadata.name names the policy)"),
+        }
+        let Some(spec) = doc.spec else {
+            self.issue("spec", "required");
+            return policy;
+        };
+        if let Some(mode) = self.mode("spec.mode", spec.mode.as_deref()) {
+            policy.mode = mode;
+        }
+        policy.identities = self.identities(spec.identities.unwrap_or_default());
+        policy.rules = self.rules(spec.rules.unwrap_or_default(), &policy.identities);
+        if let Some(Present) = spec.rate_limits {
+            self.not_supported_yet("spec.rateLimits".to_owned());
+        }
+        policy
+    }
+
+    fn constant(&mut self, path: &str, value: Option<&str>, expected: &str) {
+        match value {
+            Some(v) if v == expected => {}
+            Some(v) => self.issue(path, format!("unsupported value {v:?}; expected {expected:?}")),
+            None => self.issue(path, format!("required; set it to {expected:?}")),
+        }
+    }
+
+    fn required<T>(&mut self, path: &str, value: Option<T>) -> Option<T> {
+        if value.is_none() {
+            self.issue(path, "required");
+        }
+        value
+    }
+
+    fn dns_label(&mut self, path: &str, value: Option<String>) -> String {
+        let Some(name) = self.required(path, value) else {
+            return String::new();
+        };
+        if !is_dns_label(&name) {
+            self.issue(
+                path,
+                format!(
+                    "{name:?} is not a valid name: use 1 to 63 lowercase letters, digits and '-', \
+                     starting and ending with a letter or digit"
+                ),
+            );
+        }
+        name
+    }
+
+    fn mode(&mut self, path: &str, value: Option<&str>) -> Option<Mode> {
+        let value = value?;
+        let mode = Mode::parse(value);
+        if mode.is_none() {
+            self.issue(path, format!("unknown mode {value:?}; expected enforce or audit"));
+        }
+        mode
+    }
+
+    fn identities(&mut self, entries: Vec<model::IdentityEntry>) -> Vec<Identity> {
+        let mut first_declared: HashMap<String, usize> = HashMap::new();
+        let mut spiffe_first_declared: HashMap<String, usize> = HashMap::new();
+        let mut identities = Vec::with_capacity(entries.len());
+        // Where each parsed CIDR was written (a CIDR that does not parse is left out of
+        // `Identity::cidrs`), so overlap errors point at the right list item.
+        let mut written_at: Vec<Vec<usize>> = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            let at = format!("spec.identities[{i}]");
+            let name_path = format!("{at}.name");
+            let name = self.dns_label(&name_path, entry.name);
+            if RESERVED_IDENTITIES.contains(&name.as_str()) {
+                self.issue(
+                    &name_path,
+                    format!("{name:?} is a reserved identity and cannot be declared"),
+                );
+            } else if !name.is_empty() {
+                if let Some(&first) = first_declared.get(&name) {
+                    self.issue(
+                        &name_path,
+                        format!(
+                            "duplicate identity name {name:?} (first declared at identities[{first}])"
+                        ),
+                    );
+                } else {
+                    first_declared.insert(name.clone(), i);
+                }
+            }
+
+            if let Some(id) = &entry.spiffe_id {
+                let path = format!("{at}.spiffeId");
+                if let Err(why) = check_spiffe_id(id) {
+                    self.issue(&path, format!("{id:?} is not a SPIFFE ID: {why}"));
+                } else if let Some(&first) = spiffe_first_declared.get(id) {
+                    // Authentication maps a verified SVID to exactly one identity.
+                    self.issue(
+                        &path,
+                        format!("{id:?} is already the SPIFFE ID of identities[{first}]"),
+                    );
+                } else {
+                    spiffe_first_declared.insert(id.clone(), i);
+                }
+            }
+
+            let cidrs_path = format!("{at}.cidrs");
+            let mut cidrs = Vec::new();
+            let mut positions = Vec::new();
+            match entry.cidrs {
+                None => self.issue(&cidrs_path, "required (the addresses of this identity)"),
+                Some(list) if list.is_empty() => self.issue(
+                    &cidrs_path,
+                    "must list at least one CIDR or address (an identity without addresses \
+                     matches no traffic)",
+                ),
+                Some(list) => {
+                    for (j, text) in list.iter().enumerate() {
+                        match parse_cidr(text) {
+                            Ok(net) => {
+                                cidrs.push(net);
+                                positions.push(j);
+                            }
+                            Err(why) => self.issue(format!("{cidrs_path}[{j}]"), why),
+                        }
+                    }
+                }
+            }
+            identities.push(Identity {
+                name,
+                spiffe_id: entry.spiffe_id,
+                cidrs,
+            });
+            written_at.push(positions);
+        }
+        self.overlaps(&identities, &written_at);
+        identities
+    }
+
+    /// An address must resolve to at most one identity, so CIDRs of different identities may
+    /// not be equal or nested. CIDRs are either nested or disjoint, so sorting by (start,
+    /// prefix length) and sweeping with a stack of the CIDRs containing the current one finds
+    /// every conflict in O(n log n).
+    fn overlaps(&mut self, identities: &[Identity], written_at: &[Vec<usize>]) {
+        struct Block {
+            start: u128,
+            end: u128,
+            prefix_len: u8,
+            identity: usize,
+            cidr: usize,
+        }
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for (identity, ident) in identities.iter().enumerate() {
+            for (cidr, net) in ident.cidrs.iter().enumerate() {
+                let (start, end) = net_range(net);
+                let block = Block {
+                    start,
+                    end,
+                    prefix_len: net.prefix_len(),
+                    identity,
+                    cidr,
+                };
+                match net {
+                    IpNet::V4(_) => v4.push(block),
+                    IpNet::V6(_) => v6.push(block),
+                }
+            }
+        }
+        for mut blocks in [v4, v6] {
+            blocks.sort_unstable_by_key(|b| (b.start, b.prefix_len, b.identity, b.cidr));
+            // Invariant: every block on the stack contains the next one and, since a conflict
+            // is never pushed, all of them belong to one identity.
+            let mut stack: Vec<&Block> = Vec::new();
+            for block in &blocks {
+                while stack.last().is_some_and(|top| top.end < block.start) {
+                    stack.pop();
+                }
+                match stack.last() {
+                    Some(outer) if outer.identity != block.identity => {
+                        // Report at the one declared later: the earlier one was there first.
+                        let (later, earlier) =
+                            if (block.identity, block.cidr) > (outer.identity, outer.cidr) {
+                                (block, *outer)
+                            } else {
+                                (*outer, block)
+                            };
+                        let later_net = identities[later.identity].cidrs[later.cidr];
+                        let earlier_net = identities[earlier.identity].cidrs[earlier.cidr];
+                        self.issue(
+                            format!(
+                                "spec.identities[{}].cidrs[{}]",
+                                later.identity, written_at[later.identity][later.cidr]
+                            ),
+                            format!(
+                                "{later_net} of identity {:?} overlaps {earlier_net} of identity \
+                                 {:?} (identities[{}].cidrs[{}]); an address may belong to at \
+                                 most one identity",
+                                identities[later.identity].name,
+                                identities[earlier.identity].name,
+                                earlier.identity,
+                                written_at[earlier.identity][earlier.cidr],
+                            ),
+                        );
+                    }
+                    _ => stack.push(block),
+                }
+            }
+        }
+    }
+
+    fn rules(&mut self, entries: Vec<model::RuleEntry>, identities: &[Identity]) -> Vec<Rule> {
+        let known: HashSet<&str> = identities
+            .iter()
+            .map(|i| i.name.as_str())
+            .filter(|n| !n.is_empty())
+            .chain(RESERVED_IDENTITIES)
+            .collect();
+        let mut known_list: Option<String> = None;
+        let mut first_declared: HashMap<String, usize> = HashMap::new();
+        let mut rules = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            let at = format!("spec.rules[{i}]");
+            let name_path = format!("{at}.name");
+            let name = self.dns_label(&name_path, entry.name);
+            if !name.is_empty() {
+                if let Some(&first) = first_declared.get(&name) {
+                    self.issue(
+                        &name_path,
+                        format!("duplicate rule name {name:?} (first declared at rules[{first}])"),
+                    );
+                } else {
+                    first_declared.insert(name.clone(), i);
+                }
+            }
+
+            let mut endpoint = |v: &mut Self, field: &str, value: Option<String>| -> String {
+                let path = format!("{at}.{field}");
+                let Some(value) = v.required(&path, value) else {
+                    return String::new();
+                };
+                if !known.contains(value.as_str()) {
+                    let list = known_list.get_or_insert_with(|| known_names(identities));
+                    v.issue(path, format!("unknown identity {value:?} (known: {list})"));
+                }
+                value
+            };
+            let from = endpoint(self, "from", entry.from);
+            let to = endpoint(self, "to", entry.to);
+
+            let ports_path = format!("{at}.ports");
+            let mut ports = Vec::new();
+            match entry.ports {
+                None => self.issue(
+                    &ports_path,
+                    "required (list the allowed traffic, e.g. [{ protocol: TCP, port: 443 }])",
+                ),
+                Some(list) if list.is_empty() => self.issue(
+                    &ports_path,
+                    "must list at least one entry (a rule without ports allows nothing)",
+                ),
+                Some(list) => {
+                    for (j, port) in list.into_iter().enumerate() {
+                        if let Some(spec) = self.port(&format!("{ports_path}[{j}]"), port) {
+                            ports.push(spec);
+                        }
+                    }
+                }
+            }
+
+            let mode = self.mode(&format!("{at}.mode"), entry.mode.as_deref());
+            let expires = entry.expires.and_then(|text| match parse_expiry(&text) {
+                Some(t) => Some(t),
+                None => {
+                    self.issue(
+                        format!("{at}.expires"),
+                        format!(
+                            "{text:?} is not an RFC 3339 timestamp; write e.g. \
+                             \"2026-12-01T10:00:00Z\" or \"2026-12-01T11:00:00+01:00\""
+                        ),
+                    );
+                    None
+                }
+            });
+            if let Some(Present) = entry.authentication {
+                self.not_supported_yet(format!("{at}.authentication"));
+            }
+            if let Some(Present) = entry.rate_limit {
+                self.not_supported_yet(format!("{at}.rateLimit"));
+            }
+            rules.push(Rule {
+                name,
+                from,
+                to,
+                ports,
+                mode,
+                expires,
+            });
+        }
+        rules
+    }
+
+    fn port(&mut self, at: &str, entry: model::PortEntry) -> Option<PortSpec> {
+        let protocol_path = format!("{at}.protocol");
+        let text = self.required(&protocol_path, entry.protocol)?;
+        let Some(protocol) = Protocol::parse(&text) else {
+            self.issue(
+                protocol_path,
+                format!("unknown protocol {text:?}; expected one of TCP, UDP, ICMP, ICMPv6, ANY"),
+            );
+            return None;
+        };
+        let has_ports = matches!(protocol, Protocol::Tcp | Protocol::Udp);
+        let mut ok = true;
+        let mut port_number = |v: &mut Self, field: &str, value: Option<i64>| -> Option<u16> {
+            let value = value?;
+            let path = format!("{at}.{field}");
+            if !has_ports {
+                v.issue(
+                    path,
+                    format!(
+                        "not allowed with protocol {} (it has no ports; the entry matches all \
+                         of its traffic)",
+                        protocol.name()
+                    ),
+                );
+                ok = false;
+                return None;
+            }
+            match u16::try_from(value) {
+                Ok(p) if p >= 1 => Some(p),
+                _ => {
+                    v.issue(
+                        path,
+                        format!(
+                            "{value} is out of range; ports are 1 to 65535 (leave port out to \
+                             allow every port)"
+                        ),
+                    );
+                    ok = false;
+                    None
+                }
+            }
+        };
+        let port = port_number(self, "port", entry.port);
+        let end_port = port_number(self, "endPort", entry.end_port);
+        if ok {
+            match (port, end_port) {
+                (None, Some(_)) => {
+                    self.issue(format!("{at}.endPort"), "endPort requires port (the range start)");
+                    ok = false;
+                }
+                (Some(p), Some(e)) if e < p => {
+                    self.issue(
+                        format!("{at}.endPort"),
+                        format!("endPort {e} is below port {p}; a range runs from port to endPort"),
+                    );
+                    ok = false;
+                }
+                _ => {}
+            }
+        }
+        ok.then_some(PortSpec {
+            protocol,
+            port,
+            end_port,
+        })
+    }
+}
+
+fn known_names(identities: &[Identity]) -> String {
+    let mut seen = HashSet::new();
+    let mut names: Vec<&str> = identities
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| !n.is_empty() && !RESERVED_IDENTITIES.contains(n) && seen.insert(*n))
+        .collect();
+    let more = names.len().saturating_sub(KNOWN_NAMES_SHOWN);
+    names.truncate(KNOWN_NAMES_SHOWN);
+    names.extend(RESERVED_IDENTITIES);
+    let mut list = names.join(", ");
+    if more > 0 {
+        list.push_str(&format!(" and {more} more"));
+    }
+    list
+}
+
+/// A DNS label (RFC 1123), as Kubernetes names: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63.
+pub(super) fn is_dns_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+        && b.iter().all(|c| alnum(c) || *c == b'-')
+}
+
+/// `spiffe://<trust domain>[/<path>]` as the SPIFFE ID specification defines it.
+fn check_spiffe_id(id: &str) -> Result<(), &'static str> {
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or("it must start with \"spiffe://\"")?;
+    let (trust_domain, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if trust_domain.is_empty() {
+        return Err("the trust domain after \"spiffe://\" is empty");
+    }
+    if !trust_domain
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b".-_".contains(&c))
+    {
+        return Err("the trust domain may only use lowercase letters, digits, '.', '-' and '_'");
+    }
+    if !path.is_empty() {
+        for segment in path[1..].split('/') {
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return Err("the path has an empty, \".\" or \"..\" segment");
+            }
+            if !segment
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b".-_".contains(&c))
+            {
+                return Err("the path may only use letters, digits, '.', '-', '_' and '/'");
+            }
+        }
+    }
+    if id.len() > 2048 {
+        return Err("it is longer than 2048 bytes");
+    }
+    Ok(())
+}
+
+/// A CIDR, or a bare address meaning just that address. Host bits must be clear: `10.10.1.5/24`
+/// is more likely a typo for one address or for the network than either of them, so the user
+/// has to say which.
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if text.contains('/') {
+        let net = IpNet::from_str(text)
+            .map_err(|_| format!("{text:?} is not a CIDR (e.g. 10.0.0.0/24 or fd00::/64)"))?;
+        if net.addr() != net.network() {
+            return Err(format!(
+                "{net} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        Ok(net)
+    } else {
+        IpAddr::from_str(text).map(IpNet::from).map_err(|_| {
+            format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.5 or 10.0.0.0/24)")
+        })
+    }
+}
+
+/// First and last address of a network, as integers (IPv4 in the low 32 bits).
+pub(super) fn net_range(net: &IpNet) -> (u128, u128) {
+    match net {
+        IpNet::V4(n) => (
+            u32::from(n.network()) as u128,
+            u32::from(n.broadcast()) as u128,
+        ),
+        IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+    }
+}
+
+/// An RFC 3339 timestamp with a zone: `Z` or a numeric offset such as `+01:00`. humantime only
+/// reads UTC, so an offset is applied here. A timestamp without a zone is refused: guessing
+/// the zone of a grant's expiry could keep it open for hours longer than meant.
+pub(super) fn parse_expiry(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    // Shortest form: 2026-12-01T10:00:00Z
+    if b.len() < 20 || !text.is_ascii() || !matches!(b[10], b'T' | b't') {
+        return None;
+    }
+    let mut utc = String::with_capacity(text.len());
+    utc.push_str(&text[..10]);
+    utc.push('T');
+    let (local, offset_secs) = match b[b.len() - 1] {
+        b'Z' | b'z' => (&text[11..text.len() - 1], 0i64),
+        _ => {
+            let (local, zone) = text.split_at(text.len() - 6);
+            let z = zone.as_bytes();
+            let sign = match z[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            if z[3] != b':' || !z[1..3].iter().chain(&z[4..6]).all(u8::is_ascii_digit) {
+                return None;
+            }
+            let hours: i64 = zone[1..3].parse().ok()?;
+            let minutes: i64 = zone[4..6].parse().ok()?;
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            (&local[11..], sign * (hours * 3600 + minutes * 60))
+        }
+    };
+    utc.push_str(local);
+    utc.push('Z');
+    let at_offset = humantime::parse_rfc3339(&utc).ok()?;
+    // Local time = UTC + offset, so UTC = local time - offset.
+    let shift = Duration::from_secs(offset_secs.unsigned_abs());
+    if offset_secs >= 0 {
+        at_offset.checked_sub(shift)
+    } else {
+        at_offset.checked_add(shift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_in_utc_parses() {
+        let t = parse_expiry("2026-12-01T10:00:00Z").unwrap();
+        assert_eq!(t, humantime::parse_rfc3339("2026-12-01T10:00:00Z").unwrap());
+    }
+
+    #[test]
+    fn expiry_with_offset_is_converted_to_utc() {
+        let t = parse_expiry("2026-12-01T11:30:00+01:30").unwrap();
+        assert_eq!(t, humantime::parse_rfc3339("2026-12-01T10:00:00Z").unwrap());
+        let t = parse_expiry("2026-12-01T05:00:00.5-05:00").unwrap();
+        assert_eq!(t, humantime::parse_rfc3339("2026-12-01T10:00:00.5Z").unwrap());
+    }
+
+    #[test]
+    fn expiry_without_zone_is_refused() {
+        assert_eq!(parse_expiry("2026-12-01T10:00:00"), None);
+        assert_eq!(parse_expiry("2026-12-01 10:00:00Z"), None);
+        assert_eq!(parse_expiry("tomorrow"), None);
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(is_dns_label("a"));
+        assert!(is_dns_label("frontend-2"));
+        assert!(!is_dns_label("-a"));
+        assert!(!is_dns_label("a-"));
+        assert!(!is_dns_label("Orders"));
+        assert!(!is_dns_label("a_b"));
+        assert!(!is_dns_label(""));
+        assert!(!is_dns_label(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn spiffe_ids() {
+        assert!(check_spiffe_id("spiffe://shop.test/ns/shop/sa/frontend").is_ok());
+        assert!(check_spiffe_id("spiffe://shop.test").is_ok());
+        assert!(check_spiffe_id("spiffe:///ns").is_err());
+        assert!(check_spiffe_id("https://shop.test/x").is_err());
+        assert!(check_spiffe_id("spiffe://Shop.test/x").is_err());
+        assert!(check_spiffe_id("spiffe://shop.test/a//b").is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! A real `tollgate agent` process inside a namespace, with its own socket and pin directory.
+//! Drop stops it (SIGTERM by pid, then SIGKILL) and removes its pinned datapath.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::netns::NetNs;
+
+pub struct AgentProcess {
+    binary: PathBuf,
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub bpffs: PathBuf,
+    pub log: PathBuf,
+}
+
+/// How long an agent may take to answer on its socket after start.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl AgentProcess {
+    /// Starts `binary agent` inside `ns`. `workdir` holds the socket and log; `bpffs` must be
+    /// a fresh directory name under /sys/fs/bpf for this agent alone.
+    pub fn start(
+        binary: &Path,
+        ns: &NetNs,
+        interfaces: &str,
+        policy: &Path,
+        workdir: &Path,
+        bpffs: &Path,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(workdir)?;
+        let socket = workdir.join("tollgate.sock");
+        let log = workdir.join("agent.log");
+        let mut agent = AgentProcess {
+            binary: binary.to_path_buf(),
+            child: None,
+            socket,
+            bpffs: bpffs.to_path_buf(),
+            log,
+        };
+        agent.spawn(ns, interfaces, policy)?;
+        Ok(agent)
+    }
+
+    /// (Re)starts the process with the same socket and pin directory: a restart adopts the
+    /// pinned datapath.
+    pub fn spawn(&mut self, ns: &NetNs, interfaces: &str, policy: &Path) -> Result<()> {
+        if self.child.is_some() {
+            bail!("agent already running");
+        }
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let child = ns
+            .command_inside(&self.binary)?
+            .args(["agent", "--interfaces", interfaces, "--policy"])
+            .arg(policy)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                bail!("agent exited during start ({status}); log:\n{}", self.log_text());
+            }
+            if self.cli(&["status"]).map(|o| o.status.success()).unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after {START_TIMEOUT:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `tollgate --socket <this agent's socket> <args>` (the CLI needs no namespace: the
+    /// socket is a file).
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.binary)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", self.binary.display()))
+    }
+
+    /// Sends SIGTERM to this agent's pid and waits (bounded) for it to exit. The pinned
+    /// datapath stays.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: signalling the pid of our own child, which we have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("agent {} ignored SIGTERM for 10 s; killed", child.id())
+    }
+
+    /// `tollgate agent --uninstall --bpffs <dir>`.
+    pub fn uninstall(&self) -> Result<()> {
+        let out = Command::new(&self.binary)
+            .args(["agent", "--uninstall", "--bpffs"])
+            .arg(&self.bpffs)
+            .output()?;
+        if !out.status.success() {
+            bail!("uninstall failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("warning: {e:#}");
+        }
+        if let Err(e) = self.uninstall() {
+            eprintln!("warning: {e:#}");
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Shared support for the root-only kernel tests. Everything a test creates (pin directories,
+//! namespaces, processes) is removed in Drop, by the exact name or pid it was given.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+pub mod packet;
+
+use std::path::PathBuf;
+
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use tollgate_agent::{
+    datapath::Datapath,
+    loader::{self, Loaded},
+    paths::PinLayout,
+    policy::{compile_policy, parse_policy, ClockReading, CompiledPolicy},
+};
+use tollgate_common::{program_names, slot_of, Verdict};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// Kernel tests must never skip: without root they fail and say why.
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "kernel tests need root (BPF, namespaces); run `cargo xtask test` as root"
+    );
+}
+
+/// A pin directory of its own for one test: /sys/fs/bpf/tollgate-tests/<name>-<pid>.
+pub fn test_pin_dir(name: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/fs/bpf/tollgate-tests/{name}-{}",
+        std::process::id()
+    ))
+}
+
+/// The classifier loaded with maps of its own, driven through BPF_PROG_TEST_RUN.
+pub struct DatapathFixture {
+    pub loaded: Loaded,
+    pub datapath: Datapath,
+    pub layout: PinLayout,
+    pub compiled: Option<CompiledPolicy>,
+}
+
+impl DatapathFixture {
+    pub fn new(name: &str) -> Self {
+        Self::with_object(name, tollgate_agent::datapath::OBJECT)
+    }
+
+    pub fn with_object(name: &str, object: &[u8]) -> Self {
+        require_root();
+        let layout = PinLayout::new(test_pin_dir(name));
+        // A previous run killed half-way may have left this exact directory behind.
+        let _ = loader::uninstall(&layout);
+        let loaded = loader::load_object(&layout, object).expect("load datapath");
+        let datapath = Datapath::open(&layout).expect("open maps");
+        Self {
+            loaded,
+            datapath,
+            layout,
+            compiled: None,
+        }
+    }
+
+    /// Compiles and installs `yaml` as the next generation (no host addresses).
+    pub fn apply(&mut self, yaml: &str) {
+        let policy = parse_policy(yaml, "test.yaml").expect("test policy is valid");
+        let generation = self.datapath.next_generation().unwrap();
+        let compiled = compile_policy(&policy, slot_of(generation), &ClockReading::now(), &[]);
+        self.datapath.install(&compiled, generation).expect("install");
+        self.compiled = Some(compiled);
+    }
+
+    fn program(&self, name: &str) -> &SchedClassifier {
+        self.loaded
+            .ebpf
+            .program(name)
+            .expect("program in object")
+            .try_into()
+            .expect("a classifier")
+    }
+
+    /// Runs the ingress classifier once on `packet`; returns the TC action.
+    pub fn run(&self, packet: &[u8]) -> u32 {
+        self.run_program(program_names::TC_INGRESS, packet)
+    }
+
+    pub fn run_program(&self, name: &str, packet: &[u8]) -> u32 {
+        self.try_run_program(name, packet)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {} bytes: {e:?}", packet.len()))
+    }
+
+    /// Like `run_program`, but returns the error when the kernel's test runner itself refuses
+    /// the frame (it rejects IPv4/IPv6 frames whose IP header is incomplete).
+    pub fn try_run_program(
+        &self,
+        name: &str,
+        packet: &[u8],
+    ) -> Result<u32, aya::programs::ProgramError> {
+        let r = self.program(name).test_run(TestRunOptions {
+            data_in: Some(packet),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        Ok(r.return_value)
+    }
+
+    pub fn counter(&self, v: Verdict) -> u64 {
+        self.datapath.counters().unwrap()[v as usize]
+    }
+
+    /// Asserts `packet` passes and that the verdict counter `v` moved by one.
+    pub fn assert_passes_as(&self, packet: &[u8], v: Verdict) {
+        let before = self.counter(v);
+        assert_eq!(self.run(packet), TC_ACT_OK, "expected {} to pass", v.name());
+        assert_eq!(self.counter(v), before + 1, "counter {} did not move", v.name());
+    }
+
+    /// Asserts `packet` is dropped and that the verdict counter `v` moved by one.
+    pub fn assert_dropped_as(&self, packet: &[u8], v: Verdict) {
+        let before = self.counter(v);
+        assert_eq!(self.run(packet), TC_ACT_SHOT, "expected drop ({})", v.name());
+        assert_eq!(self.counter(v), before + 1, "counter {} did not move", v.name());
+    }
+}
+
+impl Drop for DatapathFixture {
+    fn drop(&mut self) {
+        let _ = loader::uninstall(&self.layout);
+    }
+}
