@@ -190,7 +190,7 @@ fn removing_a_rule_stops_an_established_tcp_connection() {
     serve_tcp(&env, "orders", false, &[8080]);
     let mut conn = tcp_connect(env.ns("frontend"), env.addr("orders", false), 8080).unwrap();
     assert!(echo_roundtrip(&mut conn, b"before"), "connection works before the change");
-    let without = env.write_policy("without.yaml", &SHOP.replace("- { port: 8080, protocol: TCP }\n", ""));
+    let without = env.write_policy("without.yaml", &SHOP.replace("        - { port: 8080, protocol: TCP }\n", ""));
     let (code, err) = env.apply(&without);
     assert_eq!(code, 0, "apply failed: {err}");
     assert!(!echo_roundtrip(&mut conn, b"after"), "established connection still passes data");
@@ -299,14 +299,13 @@ fn the_datapath_keeps_enforcing_while_the_agent_is_down_and_a_restart_adopts_it(
 
 #[test]
 fn uninstall_detaches_everything() {
-    let env = Env::new("uninstall", SHOP);
+    let mut env = Env::new("uninstall", SHOP);
     serve_tcp(&env, "orders", false, &[8081]);
     let orders = env.addr("orders", false);
     assert!(!tcp_reachable(env.ns("frontend"), orders, 8081));
-    let mut agent = env.agent;
-    agent.stop().unwrap();
-    agent.uninstall().unwrap();
-    assert!(!agent.bpffs.exists(), "pin directory removed");
+    env.agent.stop().unwrap();
+    env.agent.uninstall().unwrap();
+    assert!(!env.agent.bpffs.exists(), "pin directory removed");
     assert!(tcp_reachable(env.ns("frontend"), orders, 8081), "nothing enforces any more");
 }
 

@@ -25,13 +25,11 @@ pub struct Topology {
 
 impl Topology {
     /// `prefix` makes namespace names unique per test (`<prefix>-node`, `<prefix>-<workload>`).
-    /// `first_subnet` is the third octet of the first workload's /24 (1 for the demo).
+    /// Workload `i` (from 0) gets subnet `i + 1`.
     pub fn new(prefix: &str, workloads: &[&str]) -> Result<Self> {
         let node = NetNs::new(&format!("{prefix}-node"))?;
-        for sysctl in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-        ] {
+        quiet_ipv6(&node)?;
+        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
             node.exec_checked(&["sysctl", "-q", "-w", sysctl])?;
         }
         let mut topo = Topology {
@@ -45,6 +43,7 @@ impl Topology {
                 bail!("interface name {host_if} longer than 15 characters");
             }
             let ns = NetNs::new(&format!("{prefix}-{name}"))?;
+            quiet_ipv6(&ns)?;
             let node = topo.node.name().to_string();
             crate::netns::ip(&[
                 "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
@@ -83,4 +82,17 @@ impl Topology {
             .find(|w| w.name == name)
             .unwrap_or_else(|| panic!("no workload {name}"))
     }
+}
+
+/// No duplicate address detection in a fresh namespace: link-local addresses would otherwise
+/// stay tentative for about a second after link up, delaying neighbour resolution past a
+/// probe's timeout.
+fn quiet_ipv6(ns: &NetNs) -> Result<()> {
+    for sysctl in [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        ns.exec_checked(&["sysctl", "-q", "-w", sysctl])?;
+    }
+    Ok(())
 }

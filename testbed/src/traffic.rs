@@ -84,12 +84,20 @@ pub fn udp_reachable(ns: &NetNs, to: IpAddr, port: u16) -> Result<bool> {
         "::".parse()?
     };
     let socket = ns.run(move || UdpSocket::bind(SocketAddr::new(any, 0)))??;
-    socket.set_read_timeout(Some(PROBE_TIMEOUT))?;
-    socket
-        .send_to(b"tollgate", SocketAddr::new(to, port))
-        .context("udp send")?;
+    // UDP has no retransmission: resend a few times within the probe's time budget, so one
+    // datagram lost to neighbour resolution does not read as "blocked".
+    const TRIES: u32 = 3;
+    socket.set_read_timeout(Some(PROBE_TIMEOUT / TRIES))?;
     let mut buf = [0u8; 64];
-    Ok(matches!(socket.recv_from(&mut buf), Ok((8, _))))
+    for _ in 0..TRIES {
+        socket
+            .send_to(b"tollgate", SocketAddr::new(to, port))
+            .context("udp send")?;
+        if matches!(socket.recv_from(&mut buf), Ok((8, _))) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// One ICMP echo from `ns` to `to` (the `ping` tool, 1 s deadline).

@@ -218,7 +218,7 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     let doc: model::Document =
         serde_yaml::from_str(text).map_err(|e| from_yaml_error(&e, source_name))?;
     validate::validate(doc, text).map_err(|issues| {
-        let lines = locate::LineIndex::build(text);
+        let lines = locate::LineIndex::build(text, issues.iter().map(|i| i.path.as_str()));
         let mut errors: Vec<PolicyError> = issues
             .into_iter()
             .map(|issue| PolicyError {

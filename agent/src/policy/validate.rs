@@ -454,19 +454,21 @@ impl Validator {
 
 fn known_names(identities: &[Identity]) -> String {
     let mut seen = HashSet::new();
-    let mut names: Vec<&str> = identities
+    let declared: Vec<&str> = identities
         .iter()
         .map(|i| i.name.as_str())
         .filter(|n| !n.is_empty() && !RESERVED_IDENTITIES.contains(n) && seen.insert(*n))
         .collect();
-    let more = names.len().saturating_sub(KNOWN_NAMES_SHOWN);
-    names.truncate(KNOWN_NAMES_SHOWN);
-    names.extend(RESERVED_IDENTITIES);
-    let mut list = names.join(", ");
-    if more > 0 {
-        list.push_str(&format!(" and {more} more"));
+    let mut list: Vec<String> = declared
+        .iter()
+        .take(KNOWN_NAMES_SHOWN)
+        .map(|n| n.to_string())
+        .collect();
+    if declared.len() > KNOWN_NAMES_SHOWN {
+        list.push(format!("{} more", declared.len() - KNOWN_NAMES_SHOWN));
     }
-    list
+    list.extend(RESERVED_IDENTITIES.map(str::to_owned));
+    list.join(", ")
 }
 
 /// A DNS label (RFC 1123), as Kubernetes names: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63.
