@@ -12,7 +12,10 @@ use std::{
 };
 
 use tollgate_testbed::{
-    traffic::{echo_roundtrip, ping, tcp_connect, tcp_echo_server, tcp_reachable, udp_echo_server, udp_reachable},
+    traffic::{
+        echo_roundtrip, ping, tcp_connect, tcp_echo_server, tcp_reachable, udp_echo_server,
+        udp_reachable,
+    },
     AgentProcess, Topology,
 };
 
@@ -102,7 +105,11 @@ impl Env {
 
     fn status_json(&self) -> serde_json::Value {
         let out = self.agent.cli(&["status", "--json"]).unwrap();
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
@@ -136,9 +143,18 @@ fn tcp_allowed_only_on_its_port(v6: bool) {
     serve_tcp(&env, "frontend", v6, &[8080]);
     let orders = env.addr("orders", v6);
     let frontend = env.addr("frontend", v6);
-    assert!(tcp_reachable(env.ns("frontend"), orders, 8080), "allowed port");
-    assert!(!tcp_reachable(env.ns("frontend"), orders, 8081), "other port");
-    assert!(!tcp_reachable(env.ns("orders"), frontend, 8080), "reverse direction");
+    assert!(
+        tcp_reachable(env.ns("frontend"), orders, 8080),
+        "allowed port"
+    );
+    assert!(
+        !tcp_reachable(env.ns("frontend"), orders, 8081),
+        "other port"
+    );
+    assert!(
+        !tcp_reachable(env.ns("orders"), frontend, 8080),
+        "reverse direction"
+    );
 }
 
 fn udp_allowed_only_on_its_ports(v6: bool) {
@@ -147,10 +163,22 @@ fn udp_allowed_only_on_its_ports(v6: bool) {
     serve_udp(&env, "frontend", v6, &[9000]);
     let orders = env.addr("orders", v6);
     let frontend = env.addr("frontend", v6);
-    assert!(udp_reachable(env.ns("frontend"), orders, 9000).unwrap(), "range start");
-    assert!(udp_reachable(env.ns("frontend"), orders, 9010).unwrap(), "range end");
-    assert!(!udp_reachable(env.ns("frontend"), orders, 9011).unwrap(), "past the range");
-    assert!(!udp_reachable(env.ns("orders"), frontend, 9000).unwrap(), "reverse direction");
+    assert!(
+        udp_reachable(env.ns("frontend"), orders, 9000).unwrap(),
+        "range start"
+    );
+    assert!(
+        udp_reachable(env.ns("frontend"), orders, 9010).unwrap(),
+        "range end"
+    );
+    assert!(
+        !udp_reachable(env.ns("frontend"), orders, 9011).unwrap(),
+        "past the range"
+    );
+    assert!(
+        !udp_reachable(env.ns("orders"), frontend, 9000).unwrap(),
+        "reverse direction"
+    );
 }
 
 #[test]
@@ -179,8 +207,14 @@ fn ping_passes_by_rule_only() {
     for v6 in [false, true] {
         let orders = env.addr("orders", v6);
         let frontend = env.addr("frontend", v6);
-        assert!(ping(env.ns("frontend"), orders).unwrap(), "ping allowed (v6={v6})");
-        assert!(!ping(env.ns("orders"), frontend).unwrap(), "ping denied (v6={v6})");
+        assert!(
+            ping(env.ns("frontend"), orders).unwrap(),
+            "ping allowed (v6={v6})"
+        );
+        assert!(
+            !ping(env.ns("orders"), frontend).unwrap(),
+            "ping denied (v6={v6})"
+        );
     }
 }
 
@@ -189,11 +223,20 @@ fn removing_a_rule_stops_an_established_tcp_connection() {
     let env = Env::new("revoke", SHOP);
     serve_tcp(&env, "orders", false, &[8080]);
     let mut conn = tcp_connect(env.ns("frontend"), env.addr("orders", false), 8080).unwrap();
-    assert!(echo_roundtrip(&mut conn, b"before"), "connection works before the change");
-    let without = env.write_policy("without.yaml", &SHOP.replace("        - { port: 8080, protocol: TCP }\n", ""));
+    assert!(
+        echo_roundtrip(&mut conn, b"before"),
+        "connection works before the change"
+    );
+    let without = env.write_policy(
+        "without.yaml",
+        &SHOP.replace("        - { port: 8080, protocol: TCP }\n", ""),
+    );
     let (code, err) = env.apply(&without);
     assert_eq!(code, 0, "apply failed: {err}");
-    assert!(!echo_roundtrip(&mut conn, b"after"), "established connection still passes data");
+    assert!(
+        !echo_roundtrip(&mut conn, b"after"),
+        "established connection still passes data"
+    );
     assert!(env.verdict_count("deny_revoked") >= 1);
 }
 
@@ -218,8 +261,14 @@ fn an_expired_rule_stops_traffic() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!echo_roundtrip(&mut conn, b"after"), "established flow outlived its grant");
-    assert!(!tcp_reachable(env.ns("frontend"), orders, 8080), "new flow after expiry");
+    assert!(
+        !echo_roundtrip(&mut conn, b"after"),
+        "established flow outlived its grant"
+    );
+    assert!(
+        !tcp_reachable(env.ns("frontend"), orders, 8080),
+        "new flow after expiry"
+    );
 }
 
 #[test]
@@ -229,11 +278,20 @@ fn an_invalid_policy_is_rejected_and_the_previous_one_keeps_enforcing() {
     let bad = env.write_policy("bad.yaml", &SHOP.replace("to: orders", "to: ordrs"));
     let (code, err) = env.apply(&bad);
     assert_eq!(code, 1, "invalid policy must fail");
-    assert!(err.contains("bad.yaml:") && err.contains("unknown identity \"ordrs\""), "message: {err}");
+    assert!(
+        err.contains("bad.yaml:") && err.contains("unknown identity \"ordrs\""),
+        "message: {err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
     let orders = env.addr("orders", false);
-    assert!(tcp_reachable(env.ns("frontend"), orders, 8080), "old rule still allows");
-    assert!(!tcp_reachable(env.ns("frontend"), orders, 8081), "old policy still denies");
+    assert!(
+        tcp_reachable(env.ns("frontend"), orders, 8080),
+        "old rule still allows"
+    );
+    assert!(
+        !tcp_reachable(env.ns("frontend"), orders, 8081),
+        "old policy still denies"
+    );
     let got = env.agent.cli(&["policy", "get"]).unwrap();
     assert!(String::from_utf8_lossy(&got.stdout).contains("generation 1"));
 }
@@ -243,7 +301,11 @@ fn audit_mode_passes_traffic_and_counts_would_deny() {
     let env = Env::new("audit", &SHOP.replace("spec:\n", "spec:\n  mode: audit\n"));
     serve_tcp(&env, "orders", false, &[8081]);
     let before = env.verdict_count("audit_would_deny");
-    assert!(tcp_reachable(env.ns("frontend"), env.addr("orders", false), 8081));
+    assert!(tcp_reachable(
+        env.ns("frontend"),
+        env.addr("orders", false),
+        8081
+    ));
     assert!(env.verdict_count("audit_would_deny") > before);
 }
 
@@ -253,10 +315,26 @@ fn two_agents_enforce_their_own_policies_side_by_side() {
     let b = Env::new("twob", &SHOP.replace("port: 8080", "port: 8081"));
     serve_tcp(&a, "orders", false, &[8080, 8081]);
     serve_tcp(&b, "orders", false, &[8080, 8081]);
-    assert!(tcp_reachable(a.ns("frontend"), a.addr("orders", false), 8080));
-    assert!(!tcp_reachable(a.ns("frontend"), a.addr("orders", false), 8081));
-    assert!(tcp_reachable(b.ns("frontend"), b.addr("orders", false), 8081));
-    assert!(!tcp_reachable(b.ns("frontend"), b.addr("orders", false), 8080));
+    assert!(tcp_reachable(
+        a.ns("frontend"),
+        a.addr("orders", false),
+        8080
+    ));
+    assert!(!tcp_reachable(
+        a.ns("frontend"),
+        a.addr("orders", false),
+        8081
+    ));
+    assert!(tcp_reachable(
+        b.ns("frontend"),
+        b.addr("orders", false),
+        8081
+    ));
+    assert!(!tcp_reachable(
+        b.ns("frontend"),
+        b.addr("orders", false),
+        8080
+    ));
 }
 
 #[test]
@@ -264,17 +342,40 @@ fn check_names_the_deciding_rule_and_exits_3_on_deny() {
     let env = Env::new("check", SHOP);
     let allow = env
         .agent
-        .cli(&["check", "--from", "10.200.1.2", "--to", "10.200.2.2", "--port", "8080", "--protocol", "tcp"])
+        .cli(&[
+            "check",
+            "--from",
+            "10.200.1.2",
+            "--to",
+            "10.200.2.2",
+            "--port",
+            "8080",
+            "--protocol",
+            "tcp",
+        ])
         .unwrap();
     assert_eq!(allow.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&allow.stdout).contains("frontend-to-orders"));
     let deny = env
         .agent
-        .cli(&["check", "--from", "10.200.2.2", "--to", "10.200.1.2", "--port", "8080", "--protocol", "tcp"])
+        .cli(&[
+            "check",
+            "--from",
+            "10.200.2.2",
+            "--to",
+            "10.200.1.2",
+            "--port",
+            "8080",
+            "--protocol",
+            "tcp",
+        ])
         .unwrap();
     assert_eq!(deny.status.code(), Some(3));
     let out = String::from_utf8_lossy(&deny.stdout);
-    assert!(out.contains("default-deny") && out.contains("orders") && out.contains("frontend"), "{out}");
+    assert!(
+        out.contains("default-deny") && out.contains("orders") && out.contains("frontend"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -284,16 +385,28 @@ fn the_datapath_keeps_enforcing_while_the_agent_is_down_and_a_restart_adopts_it(
     let orders = env.addr("orders", false);
     let mut conn = tcp_connect(env.ns("frontend"), orders, 8080).unwrap();
     env.agent.stop().unwrap();
-    assert!(echo_roundtrip(&mut conn, b"agent down"), "established flow survives the stop");
-    assert!(tcp_reachable(env.ns("frontend"), orders, 8080), "allowed while down");
-    assert!(!tcp_reachable(env.ns("frontend"), orders, 8081), "denied while down");
+    assert!(
+        echo_roundtrip(&mut conn, b"agent down"),
+        "established flow survives the stop"
+    );
+    assert!(
+        tcp_reachable(env.ns("frontend"), orders, 8080),
+        "allowed while down"
+    );
+    assert!(
+        !tcp_reachable(env.ns("frontend"), orders, 8081),
+        "denied while down"
+    );
     let policy = env.dir.path().join("policy.yaml");
     env.agent.spawn(&env.topo.node, "tg-*", &policy).unwrap();
     let status = env.status_json();
     let attachments = status["attachments"].as_array().unwrap();
     assert_eq!(attachments.len(), 4, "two interfaces, two directions");
     assert!(attachments.iter().all(|a| a["adopted"] == true), "{status}");
-    assert!(echo_roundtrip(&mut conn, b"after restart"), "established flow survives restart");
+    assert!(
+        echo_roundtrip(&mut conn, b"after restart"),
+        "established flow survives restart"
+    );
     assert!(!tcp_reachable(env.ns("frontend"), orders, 8081));
 }
 
@@ -306,13 +419,19 @@ fn uninstall_detaches_everything() {
     env.agent.stop().unwrap();
     env.agent.uninstall().unwrap();
     assert!(!env.agent.bpffs.exists(), "pin directory removed");
-    assert!(tcp_reachable(env.ns("frontend"), orders, 8081), "nothing enforces any more");
+    assert!(
+        tcp_reachable(env.ns("frontend"), orders, 8081),
+        "nothing enforces any more"
+    );
 }
 
 #[test]
 fn the_control_socket_is_private() {
     use std::os::unix::fs::PermissionsExt as _;
     let env = Env::new("socket", SHOP);
-    let mode = std::fs::metadata(&env.agent.socket).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&env.agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }

@@ -117,7 +117,13 @@ fn reply_without_flow_is_denied() {
 #[test]
 fn port_range_edges() {
     let f = shop("port_range");
-    for (port, passes) in [(8999, false), (9000, true), (9050, true), (9100, true), (9101, false)] {
+    for (port, passes) in [
+        (8999, false),
+        (9000, true),
+        (9050, true),
+        (9100, true),
+        (9101, false),
+    ] {
         let pkt = PacketSpec::udp(FRONTEND, 41000 + port, ORDERS, port).build();
         let want = if passes { TC_ACT_OK } else { TC_ACT_SHOT };
         assert_eq!(f.run(&pkt), want, "UDP port {port}");
@@ -318,7 +324,9 @@ spec:
 #[test]
 fn expired_rule_denies_new_flows() {
     let mut f = DatapathFixture::new("expired_rule");
-    f.apply(&policy_with_expiry(SystemTime::now() - Duration::from_secs(60)));
+    f.apply(&policy_with_expiry(
+        SystemTime::now() - Duration::from_secs(60),
+    ));
     f.assert_dropped_as(
         &PacketSpec::tcp(FRONTEND, 40000, ORDERS, 8080).build(),
         Verdict::DenyExpired,
@@ -336,7 +344,10 @@ fn established_flow_is_cut_when_its_rule_expires() {
     f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while SystemTime::now() < expires + Duration::from_millis(50) {
-        assert!(std::time::Instant::now() < deadline, "clock did not advance");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clock did not advance"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // No agent action: the kernel clock alone cuts both directions.
@@ -350,7 +361,10 @@ fn established_flow_is_cut_when_its_rule_is_removed() {
     let syn = PacketSpec::tcp(FRONTEND, 40000, ORDERS, 8080);
     f.assert_passes_as(&syn.build(), Verdict::AllowNew);
     f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
-    let without_rule = SHOP.replace("- { port: 8080, protocol: TCP }", "- { port: 8081, protocol: TCP }");
+    let without_rule = SHOP.replace(
+        "- { port: 8080, protocol: TCP }",
+        "- { port: 8081, protocol: TCP }",
+    );
     f.apply(&without_rule);
     f.assert_dropped_as(&syn.reply().build(), Verdict::DenyRevoked);
     f.assert_dropped_as(&syn.build(), Verdict::DenyDefault);
@@ -392,22 +406,39 @@ fn assert_every_truncation_dropped(f: &DatapathFixture, spec: &PacketSpec) {
     let mut tagged = spec.clone();
     tagged.vlan = Some(200);
     for (label, full) in [("untagged", spec.build()), ("vlan", tagged.build())] {
-        assert_eq!(f.run(&full), TC_ACT_OK, "the untruncated {label} packet must pass");
+        assert_eq!(
+            f.run(&full),
+            TC_ACT_OK,
+            "the untruncated {label} packet must pass"
+        );
         let mut tried = 0;
         // Nothing after the Ethernet header at all is refused by the runner as well.
         for len in 15..full.len() {
             let before = f.counter(Verdict::DropMalformed);
             match f.try_run_program(ingress, &full[..len]) {
                 Ok(action) => {
-                    assert_eq!(action, TC_ACT_SHOT, "{label}: {len} of {} bytes passed", full.len());
-                    assert_eq!(f.counter(Verdict::DropMalformed), before + 1, "{label}: cut at {len}");
+                    assert_eq!(
+                        action,
+                        TC_ACT_SHOT,
+                        "{label}: {len} of {} bytes passed",
+                        full.len()
+                    );
+                    assert_eq!(
+                        f.counter(Verdict::DropMalformed),
+                        before + 1,
+                        "{label}: cut at {len}"
+                    );
                     tried += 1;
                 }
                 Err(e) => assert_eq!(label, "untagged", "runner refused a tagged frame: {e:?}"),
             }
         }
         if label == "vlan" {
-            assert_eq!(tried, full.len() - 15, "every tagged cut must reach the program");
+            assert_eq!(
+                tried,
+                full.len() - 15,
+                "every tagged cut must reach the program"
+            );
         }
     }
 }

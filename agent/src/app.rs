@@ -161,8 +161,15 @@ impl Agent {
     fn rescan(&self) -> Result<()> {
         let mut st = self.lock();
         let attachments = st.loaded.reconcile(&self.config.selector)?;
-        let before: Vec<_> = st.attachments.iter().map(|a| (&a.interface, a.ifindex)).collect();
-        let after: Vec<_> = attachments.iter().map(|a| (&a.interface, a.ifindex)).collect();
+        let before: Vec<_> = st
+            .attachments
+            .iter()
+            .map(|a| (&a.interface, a.ifindex))
+            .collect();
+        let after: Vec<_> = attachments
+            .iter()
+            .map(|a| (&a.interface, a.ifindex))
+            .collect();
         if before != after {
             tracing::info!(
                 interfaces = ?after.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
@@ -183,12 +190,17 @@ impl Agent {
                 _ => IpAddr::V6(v6),
             }
         };
+        let what = match ev.proto {
+            tollgate_common::proto::ICMP | tollgate_common::proto::ICMPV6 => {
+                format!("type {}", ev.sport)
+            }
+            _ => format!("port {}", ev.dport),
+        };
         format!(
-            "{verdict} {} {} -> {} port {} ({} -> {}) by {} [if {} {}]",
+            "{verdict} {} {} -> {} {what} ({} -> {}) by {} [if {} {}]",
             proto_name(ev.proto),
             addr(ev.saddr),
             addr(ev.daddr),
-            ev.dport,
             st.compiled.identity_name(ev.src_identity),
             st.compiled.identity_name(ev.dst_identity),
             st.compiled.rule_name(ev.rule_id),

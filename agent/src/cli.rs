@@ -7,7 +7,10 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    api::{CheckRequest, CheckResponse, PolicyResponse, StatusResponse, PATH_CHECK, PATH_POLICY, PATH_STATUS},
+    api::{
+        CheckRequest, CheckResponse, PolicyResponse, StatusResponse, PATH_CHECK, PATH_POLICY,
+        PATH_STATUS,
+    },
     app::{self, AgentConfig},
     client::Client,
     loader::{self, InterfaceSelector},
@@ -19,7 +22,11 @@ pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_DENY: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "tollgate", version, about = "Zero-trust traffic enforcement for Linux nodes")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Zero-trust traffic enforcement for Linux nodes"
+)]
 pub struct Cli {
     /// Control socket of the agent.
     #[arg(long, global = true, env = "TOLLGATE_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -130,8 +137,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             load_policy_file(&file)?;
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let r: PolicyResponse = runtime()?
-                .block_on(Client::new(&cli.socket).put_text(PATH_POLICY, text))?;
+            let r: PolicyResponse =
+                runtime()?.block_on(Client::new(&cli.socket).put_text(PATH_POLICY, text))?;
             println!(
                 "applied policy {:?} as generation {} ({} rules)",
                 r.name, r.generation, r.rules
@@ -139,7 +146,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Policy(PolicyCommand::Get) => {
-            let r: PolicyResponse = runtime()?.block_on(Client::new(&cli.socket).get(PATH_POLICY))?;
+            let r: PolicyResponse =
+                runtime()?.block_on(Client::new(&cli.socket).get(PATH_POLICY))?;
             println!("# policy {:?}, generation {}", r.name, r.generation);
             print!("{}", r.text);
             if !r.text.ends_with('\n') {
@@ -148,7 +156,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Status { json } => {
-            let s: StatusResponse = runtime()?.block_on(Client::new(&cli.socket).get(PATH_STATUS))?;
+            let s: StatusResponse =
+                runtime()?.block_on(Client::new(&cli.socket).get(PATH_STATUS))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -201,10 +210,10 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = AgentConfig {
         selector: InterfaceSelector::parse(&interfaces)?,
@@ -219,8 +228,14 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
 fn print_status(s: &StatusResponse) {
     println!("agent        tollgate {}", s.version);
     println!("bpffs        {}", s.bpffs);
-    println!("policy       {} (generation {})", s.policy_name, s.generation);
-    println!("rules        {} ({} map entries)", s.rules, s.map_usage.rules);
+    println!(
+        "policy       {} (generation {})",
+        s.policy_name, s.generation
+    );
+    println!(
+        "rules        {} ({} map entries)",
+        s.rules, s.map_usage.rules
+    );
     println!(
         "identities   {} ({} IPv4 + {} IPv6 entries)",
         s.identities, s.map_usage.identities_v4, s.map_usage.identities_v6
@@ -240,5 +255,8 @@ fn print_status(s: &StatusResponse) {
     for (name, n) in &s.verdicts {
         println!("  {name:<20} {n}");
     }
-    println!("events       {} read, {} lost", s.events_read, s.events_lost);
+    println!(
+        "events       {} read, {} lost",
+        s.events_read, s.events_lost
+    );
 }

@@ -21,7 +21,8 @@ impl<'a> Client<'a> {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.call(Method::GET, path, Bytes::new(), "text/plain").await
+        self.call(Method::GET, path, Bytes::new(), "text/plain")
+            .await
     }
 
     pub async fn put_text<T: DeserializeOwned>(&self, path: &str, body: String) -> Result<T> {

@@ -33,7 +33,12 @@ pub fn expected_map_shapes() -> [(&'static str, u32, u32, u32); 8] {
     let lpm = |k: usize| (k + 4) as u32;
     [
         (map_names::ACTIVE, 4, 8, 1),
-        (map_names::SLOT_CONFIG, 4, size_of::<SlotConfig>() as u32, SLOT_COUNT),
+        (
+            map_names::SLOT_CONFIG,
+            4,
+            size_of::<SlotConfig>() as u32,
+            SLOT_COUNT,
+        ),
         (
             map_names::IDENTITY_V4,
             lpm(size_of::<IdentityKeyV4>()),
@@ -91,8 +96,8 @@ pub fn check_pinned_maps(layout: &PinLayout) -> Result<()> {
 
 fn pinned(layout: &PinLayout, name: &str) -> Result<Map> {
     let path = layout.map(name);
-    let data =
-        MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
     Map::from_map_data(data).with_context(|| format!("map {name}"))
 }
 
@@ -207,31 +212,13 @@ impl Datapath {
 
     /// Deletes every entry of `slot` from the policy maps. Never called on the live slot.
     fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        let v4: Vec<_> = self
-            .identity_v4
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().slot == slot)
-            .collect();
-        for k in v4 {
+        for k in keys_in_slot(&self.identity_v4, slot) {
             let _ = self.identity_v4.remove(&k);
         }
-        let v6: Vec<_> = self
-            .identity_v6
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().slot == slot)
-            .collect();
-        for k in v6 {
+        for k in keys_in_slot(&self.identity_v6, slot) {
             let _ = self.identity_v6.remove(&k);
         }
-        let rules: Vec<_> = self
-            .rules
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().slot == slot)
-            .collect();
-        for k in rules {
+        for k in keys_in_slot(&self.rules, slot) {
             let _ = self.rules.remove(&k);
         }
         Ok(())
@@ -247,6 +234,16 @@ impl Datapath {
             .collect()
     }
 
+    /// Forgets every tracked flow: their next packets are decided as new flows. (Benchmarks use
+    /// it to measure the new-flow path repeatedly.)
+    pub fn clear_conntrack(&mut self) -> Result<()> {
+        let keys: Vec<FlowKey> = self.conntrack.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = self.conntrack.remove(&k);
+        }
+        Ok(())
+    }
+
     /// Tracked flow entries (two per flow). Walks the map; for status, not for hot paths.
     pub fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
@@ -254,24 +251,9 @@ impl Datapath {
 
     pub fn usage(&self, slot: u32) -> MapUsage {
         MapUsage {
-            identities_v4: self
-                .identity_v4
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| k.data().slot == slot)
-                .count(),
-            identities_v6: self
-                .identity_v6
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| k.data().slot == slot)
-                .count(),
-            rules: self
-                .rules
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| k.data().slot == slot)
-                .count(),
+            identities_v4: keys_in_slot(&self.identity_v4, slot).len(),
+            identities_v6: keys_in_slot(&self.identity_v6, slot).len(),
+            rules: keys_in_slot(&self.rules, slot).len(),
         }
     }
 
@@ -281,7 +263,13 @@ impl Datapath {
             IpAddr::V4(a) => self
                 .identity_v4
                 .get(
-                    &Key::new(SLOT_PREFIX_BITS + 32, IdentityKeyV4 { slot, addr: a.octets() }),
+                    &Key::new(
+                        SLOT_PREFIX_BITS + 32,
+                        IdentityKeyV4 {
+                            slot,
+                            addr: a.octets(),
+                        },
+                    ),
                     0,
                 )
                 .ok(),
@@ -292,7 +280,13 @@ impl Datapath {
                 }
                 self.identity_v6
                     .get(
-                        &Key::new(SLOT_PREFIX_BITS + 128, IdentityKeyV6 { slot, addr: a.octets() }),
+                        &Key::new(
+                            SLOT_PREFIX_BITS + 128,
+                            IdentityKeyV6 {
+                                slot,
+                                addr: a.octets(),
+                            },
+                        ),
                         0,
                     )
                     .ok()
@@ -320,7 +314,10 @@ impl Datapath {
         let entry = self
             .rules
             .get(
-                &Key::new(RULE_FULL_PREFIX_BITS, RuleKey::new(slot, src, dst, proto, port)),
+                &Key::new(
+                    RULE_FULL_PREFIX_BITS,
+                    RuleKey::new(slot, src, dst, proto, port),
+                ),
                 0,
             )
             .ok();
@@ -333,6 +330,40 @@ impl Datapath {
             decision,
         })
     }
+}
+
+/// Keys of the policy maps start with the slot they belong to.
+trait SlotKey {
+    fn slot(&self) -> u32;
+}
+
+impl SlotKey for IdentityKeyV4 {
+    fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
+impl SlotKey for IdentityKeyV6 {
+    fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
+impl SlotKey for RuleKey {
+    fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
+/// Every key of `trie` in `slot`. Collected first: deleting while walking would skip keys.
+fn keys_in_slot<K: aya::Pod + SlotKey, V: aya::Pod>(
+    trie: &LpmTrie<MapData, K, V>,
+    slot: u32,
+) -> Vec<Key<K>> {
+    trie.keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| k.data().slot() == slot)
+        .collect()
 }
 
 pub struct CheckResult {

@@ -10,8 +10,7 @@
 use std::{
     collections::BTreeSet,
     ffi::CStr,
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -140,7 +139,8 @@ pub fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
     // SAFETY: zeroed statfs is a valid out-parameter.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", probe.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", probe.display()));
     }
     if st.f_type as i64 != BPF_FS_MAGIC {
         bail!(
@@ -159,6 +159,9 @@ pub fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub layout: PinLayout,
+    /// Links this process attached or adopted, by pin path, with whether it adopted them. A
+    /// link in here already runs this process's program and is left alone by `reconcile`.
+    handled: std::collections::BTreeMap<PathBuf, bool>,
 }
 
 /// Loads the embedded object against the maps pinned under `layout` (creating and pinning any
@@ -191,6 +194,7 @@ pub fn load_object(layout: &PinLayout, object: &[u8]) -> Result<Loaded> {
     Ok(Loaded {
         ebpf,
         layout: layout.clone(),
+        handled: Default::default(),
     })
 }
 
@@ -208,9 +212,16 @@ impl Loaded {
         for (name, ifindex) in &wanted {
             for dir in Direction::BOTH {
                 let pin = self.layout.link(name, *ifindex, dir.name());
-                let adopted = self
-                    .attach_one(name, dir, &pin)
-                    .with_context(|| format!("attaching to {name} {}", dir.name()))?;
+                let adopted = match self.handled.get(&pin) {
+                    Some(adopted) if pin.exists() => *adopted,
+                    _ => {
+                        let adopted = self
+                            .attach_one(name, dir, &pin)
+                            .with_context(|| format!("attaching to {name} {}", dir.name()))?;
+                        self.handled.insert(pin.clone(), adopted);
+                        adopted
+                    }
+                };
                 keep.insert(pin);
                 out.push(Attachment {
                     interface: name.clone(),
@@ -223,6 +234,7 @@ impl Loaded {
         for entry in fs::read_dir(self.layout.links())? {
             let path = entry?.path();
             if !keep.contains(&path) {
+                self.handled.remove(&path);
                 // Unpinning drops the last reference: the kernel detaches the link.
                 fs::remove_file(&path)
                     .with_context(|| format!("removing stale link {}", path.display()))?;

@@ -40,7 +40,11 @@ pub fn decide(entry: Option<&RuleValue>, policy_flags: u32, now_ns: u64) -> Deci
                     expires_ns: v.expires_ns,
                 };
             }
-            (Verdict::DenyExpired, v.rule_id, v.flags & RULE_FLAG_AUDIT != 0)
+            (
+                Verdict::DenyExpired,
+                v.rule_id,
+                v.flags & RULE_FLAG_AUDIT != 0,
+            )
         }
         Some(v) if !is_expired(v.expires_ns, now_ns) => (Verdict::DenyDefault, v.rule_id, true),
         _ => (Verdict::DenyDefault, RULE_ID_NONE, false),
@@ -79,13 +83,23 @@ mod tests {
 
     #[test]
     fn no_entry_in_audit_policy_is_would_deny() {
-        assert_eq!(decide(None, POLICY_FLAG_AUDIT, 100).verdict, Verdict::AuditWouldDeny);
+        assert_eq!(
+            decide(None, POLICY_FLAG_AUDIT, 100).verdict,
+            Verdict::AuditWouldDeny
+        );
     }
 
     #[test]
     fn allowing_entry_allows_and_carries_expiry() {
         let d = decide(Some(&allow(7, 500, 0)), 0, 100);
-        assert_eq!(d, Decision { verdict: Verdict::AllowNew, rule_id: 7, expires_ns: 500 });
+        assert_eq!(
+            d,
+            Decision {
+                verdict: Verdict::AllowNew,
+                rule_id: 7,
+                expires_ns: 500
+            }
+        );
     }
 
     #[test]
@@ -102,20 +116,32 @@ mod tests {
 
     #[test]
     fn audit_fallback_turns_default_deny_into_would_deny() {
-        let fallback = RuleValue { rule_id: 9, flags: RULE_FLAG_AUDIT, ..Default::default() };
+        let fallback = RuleValue {
+            rule_id: 9,
+            flags: RULE_FLAG_AUDIT,
+            ..Default::default()
+        };
         let d = decide(Some(&fallback), 0, 100);
         assert_eq!((d.verdict, d.rule_id), (Verdict::AuditWouldDeny, 9));
     }
 
     #[test]
     fn expired_audit_fallback_is_plain_default_deny() {
-        let fallback = RuleValue { rule_id: 9, flags: RULE_FLAG_AUDIT, expires_ns: 50, ..Default::default() };
+        let fallback = RuleValue {
+            rule_id: 9,
+            flags: RULE_FLAG_AUDIT,
+            expires_ns: 50,
+            ..Default::default()
+        };
         let d = decide(Some(&fallback), 0, 100);
         assert_eq!((d.verdict, d.rule_id), (Verdict::DenyDefault, RULE_ID_NONE));
     }
 
     #[test]
     fn never_expiring_rule_allows_forever() {
-        assert_eq!(decide(Some(&allow(1, 0, 0)), 0, u64::MAX).verdict, Verdict::AllowNew);
+        assert_eq!(
+            decide(Some(&allow(1, 0, 0)), 0, u64::MAX).verdict,
+            Verdict::AllowNew
+        );
     }
 }

@@ -30,7 +30,11 @@ pub fn for_each_prefix(start: u16, end: u16, mut emit: impl FnMut(PortPrefix)) {
     let hi = end as u32;
     while lo <= hi {
         // Largest block aligned at `lo` that does not run past `hi`.
-        let mut size_bits = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        let mut size_bits = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
         while size_bits > 0 && lo + (1u32 << size_bits) - 1 > hi {
             size_bits -= 1;
         }
@@ -61,22 +65,47 @@ mod tests {
 
     #[test]
     fn single_port_is_one_full_prefix() {
-        assert_eq!(prefixes(8080, 8080), [PortPrefix { port: 8080, prefix_len: 16 }]);
+        assert_eq!(
+            prefixes(8080, 8080),
+            [PortPrefix {
+                port: 8080,
+                prefix_len: 16
+            }]
+        );
     }
 
     #[test]
     fn whole_range_is_one_empty_prefix() {
-        assert_eq!(prefixes(0, 65535), [PortPrefix { port: 0, prefix_len: 0 }]);
+        assert_eq!(
+            prefixes(0, 65535),
+            [PortPrefix {
+                port: 0,
+                prefix_len: 0
+            }]
+        );
     }
 
     #[test]
     fn aligned_block_is_one_prefix() {
-        assert_eq!(prefixes(1024, 2047), [PortPrefix { port: 1024, prefix_len: 6 }]);
+        assert_eq!(
+            prefixes(1024, 2047),
+            [PortPrefix {
+                port: 1024,
+                prefix_len: 6
+            }]
+        );
     }
 
     #[test]
     fn range_covers_exactly_its_ports() {
-        for (s, e) in [(9000, 9100), (1, 65534), (0, 0), (65535, 65535), (1023, 1025), (7, 9)] {
+        for (s, e) in [
+            (9000, 9100),
+            (1, 65534),
+            (0, 0),
+            (65535, 65535),
+            (1023, 1025),
+            (7, 9),
+        ] {
             let ps = prefixes(s, e);
             let ports = covered(&ps);
             assert_eq!(ports, (s..=e).collect::<Vec<_>>(), "range {s}-{e}");

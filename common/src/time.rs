@@ -10,7 +10,11 @@ pub const NEVER: u64 = 0;
 ///
 /// An instant at or before boot maps to 1, the earliest non-zero boot time: the rule is already
 /// expired, and 0 must never be produced because it means "never".
-pub const fn wall_to_boot_ns(expires_unix_ns: u64, realtime_now_ns: u64, boottime_now_ns: u64) -> u64 {
+pub const fn wall_to_boot_ns(
+    expires_unix_ns: u64,
+    realtime_now_ns: u64,
+    boottime_now_ns: u64,
+) -> u64 {
     // boot = expires - (realtime_now - boottime_now), computed without overflow either way.
     if realtime_now_ns >= boottime_now_ns {
         let offset = realtime_now_ns - boottime_now_ns;

@@ -129,7 +129,17 @@ fn recheck(
             entry.last_seen_ns = now;
             if d.verdict == Verdict::AuditWouldDeny {
                 entry.flags |= FLOW_FLAG_AUDIT;
-                emit(ctx, dir, pkt, Verdict::AuditWouldDeny, &d, src_id, dst_id, generation, now);
+                emit(
+                    ctx,
+                    dir,
+                    pkt,
+                    Verdict::AuditWouldDeny,
+                    &d,
+                    src_id,
+                    dst_id,
+                    generation,
+                    now,
+                );
                 finish(Verdict::AuditWouldDeny)
             } else {
                 entry.flags &= !FLOW_FLAG_AUDIT;
@@ -139,7 +149,17 @@ fn recheck(
         _ => {
             let _ = CONNTRACK.remove(key);
             let _ = CONNTRACK.remove(&twin_key(pkt, key, is_reply));
-            emit(ctx, dir, pkt, Verdict::DenyRevoked, &d, src_id, dst_id, generation, now);
+            emit(
+                ctx,
+                dir,
+                pkt,
+                Verdict::DenyRevoked,
+                &d,
+                src_id,
+                dst_id,
+                generation,
+                now,
+            );
             finish(Verdict::DenyRevoked)
         }
     }
@@ -155,13 +175,7 @@ fn new_flow(
     now: u64,
 ) -> i32 {
     let (d, src_id, dst_id) = evaluate(
-        pkt.family,
-        pkt.proto,
-        &pkt.saddr,
-        &pkt.daddr,
-        pkt.dport,
-        generation,
-        now,
+        pkt.family, pkt.proto, &pkt.saddr, &pkt.daddr, pkt.dport, generation, now,
     );
     match d.verdict {
         Verdict::AllowNew | Verdict::AuditWouldDeny => {
@@ -185,7 +199,9 @@ fn new_flow(
                 let _ = CONNTRACK.insert(&twin_key(pkt, key, false), &value, 0);
             }
             if d.verdict == Verdict::AuditWouldDeny {
-                emit(ctx, dir, pkt, d.verdict, &d, src_id, dst_id, generation, now);
+                emit(
+                    ctx, dir, pkt, d.verdict, &d, src_id, dst_id, generation, now,
+                );
             }
             finish(d.verdict)
         }
@@ -238,10 +254,7 @@ fn identity_of(family: u8, slot: u32, addr: &[u8; 16]) -> u32 {
         );
         IDENTITY_V4.get(&key).map(|v| v.id)
     } else {
-        let key = Key::new(
-            SLOT_PREFIX_BITS + 128,
-            IdentityKeyV6 { slot, addr: *addr },
-        );
+        let key = Key::new(SLOT_PREFIX_BITS + 128, IdentityKeyV6 { slot, addr: *addr });
         IDENTITY_V6.get(&key).map(|v| v.id)
     };
     found.unwrap_or(IDENTITY_WORLD)
@@ -319,7 +332,10 @@ fn finish(v: Verdict) -> i32 {
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "flat arguments keep the verifier's view simple")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "flat arguments keep the verifier's view simple"
+)]
 #[inline(always)]
 fn emit(
     ctx: &TcContext,

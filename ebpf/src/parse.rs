@@ -61,7 +61,11 @@ pub struct Packet {
 /// merge the checks and rebase the loads, which the verifier rejects with "invalid access to
 /// packet, off=12 size=1, R1(id=199,off=12,r=0)".)
 #[inline(always)]
-fn header<const N: usize>(start: usize, end: usize, offset: usize) -> Result<&'static [u8; N], ParseError> {
+fn header<const N: usize>(
+    start: usize,
+    end: usize,
+    offset: usize,
+) -> Result<&'static [u8; N], ParseError> {
     let p = start + offset;
     if p + N > end {
         return Err(ParseError::Malformed);

@@ -76,15 +76,29 @@ impl AgentProcess {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
-                bail!("agent exited during start ({status}); log:\n{}", self.log_text());
+                bail!(
+                    "agent exited during start ({status}); log:\n{}",
+                    self.log_text()
+                );
             }
-            if self.cli(&["status"]).map(|o| o.status.success()).unwrap_or(false) {
+            if self
+                .cli(&["status"])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("agent not ready after {START_TIMEOUT:?}; log:\n{}", self.log_text());
+                bail!(
+                    "agent not ready after {START_TIMEOUT:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -153,7 +167,11 @@ impl Drop for AgentProcess {
         }
         let _ = std::fs::remove_file(&self.socket);
         if std::thread::panicking() {
-            eprintln!("--- agent log ({}) ---\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "--- agent log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }

@@ -46,8 +46,18 @@ impl Topology {
             quiet_ipv6(&ns)?;
             let node = topo.node.name().to_string();
             crate::netns::ip(&[
-                "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                "netns", ns.name(),
+                "-n",
+                &node,
+                "link",
+                "add",
+                &host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
             ])?;
             let v4 = Ipv4Addr::new(10, 200, subnet, 2);
             let v6: Ipv6Addr = format!("fd00:200:{subnet:x}::2").parse()?;
@@ -58,7 +68,14 @@ impl Topology {
             let ipn = |args: &[&str]| crate::netns::ip(&[n.as_slice(), args].concat());
             let ipw = |args: &[&str]| crate::netns::ip(&[w.as_slice(), args].concat());
             ipn(&["addr", "add", &format!("{gw4}/24"), "dev", &host_if])?;
-            ipn(&["addr", "add", &format!("{gw6}/64"), "dev", &host_if, "nodad"])?;
+            ipn(&[
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                &host_if,
+                "nodad",
+            ])?;
             ipn(&["link", "set", &host_if, "up"])?;
             ipw(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
             ipw(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;

@@ -53,7 +53,8 @@ pub fn udp_echo_server(ns: &NetNs, addr: IpAddr, port: u16, max_datagrams: usize
 
 /// Opens a TCP connection from inside `ns`, bounded by `PROBE_TIMEOUT`.
 pub fn tcp_connect(ns: &NetNs, to: IpAddr, port: u16) -> Result<TcpStream> {
-    let stream = ns.run(move || TcpStream::connect_timeout(&SocketAddr::new(to, port), PROBE_TIMEOUT))??;
+    let stream =
+        ns.run(move || TcpStream::connect_timeout(&SocketAddr::new(to, port), PROBE_TIMEOUT))??;
     stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
     stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
     Ok(stream)

@@ -37,12 +37,28 @@ pub fn test_pin_dir(name: &str) -> PathBuf {
     ))
 }
 
+/// Removes a test's pin directory when dropped, also when setup panics half-way (the verifier
+/// can reject a program after the maps were already pinned).
+pub struct PinDirGuard(pub PinLayout);
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        let _ = loader::uninstall(&self.0);
+        if let Some(parent) = self.0.root.parent() {
+            // Only succeeds once every test's directory is gone.
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
 /// The classifier loaded with maps of its own, driven through BPF_PROG_TEST_RUN.
 pub struct DatapathFixture {
     pub loaded: Loaded,
     pub datapath: Datapath,
     pub layout: PinLayout,
     pub compiled: Option<CompiledPolicy>,
+    /// Last field: dropped after the program and map handles.
+    _pins: PinDirGuard,
 }
 
 impl DatapathFixture {
@@ -55,6 +71,7 @@ impl DatapathFixture {
         let layout = PinLayout::new(test_pin_dir(name));
         // A previous run killed half-way may have left this exact directory behind.
         let _ = loader::uninstall(&layout);
+        let pins = PinDirGuard(layout.clone());
         let loaded = loader::load_object(&layout, object).expect("load datapath");
         let datapath = Datapath::open(&layout).expect("open maps");
         Self {
@@ -62,6 +79,7 @@ impl DatapathFixture {
             datapath,
             layout,
             compiled: None,
+            _pins: pins,
         }
     }
 
@@ -70,7 +88,9 @@ impl DatapathFixture {
         let policy = parse_policy(yaml, "test.yaml").expect("test policy is valid");
         let generation = self.datapath.next_generation().unwrap();
         let compiled = compile_policy(&policy, slot_of(generation), &ClockReading::now(), &[]);
-        self.datapath.install(&compiled, generation).expect("install");
+        self.datapath
+            .install(&compiled, generation)
+            .expect("install");
         self.compiled = Some(compiled);
     }
 
@@ -116,19 +136,28 @@ impl DatapathFixture {
     pub fn assert_passes_as(&self, packet: &[u8], v: Verdict) {
         let before = self.counter(v);
         assert_eq!(self.run(packet), TC_ACT_OK, "expected {} to pass", v.name());
-        assert_eq!(self.counter(v), before + 1, "counter {} did not move", v.name());
+        assert_eq!(
+            self.counter(v),
+            before + 1,
+            "counter {} did not move",
+            v.name()
+        );
     }
 
     /// Asserts `packet` is dropped and that the verdict counter `v` moved by one.
     pub fn assert_dropped_as(&self, packet: &[u8], v: Verdict) {
         let before = self.counter(v);
-        assert_eq!(self.run(packet), TC_ACT_SHOT, "expected drop ({})", v.name());
-        assert_eq!(self.counter(v), before + 1, "counter {} did not move", v.name());
-    }
-}
-
-impl Drop for DatapathFixture {
-    fn drop(&mut self) {
-        let _ = loader::uninstall(&self.layout);
+        assert_eq!(
+            self.run(packet),
+            TC_ACT_SHOT,
+            "expected drop ({})",
+            v.name()
+        );
+        assert_eq!(
+            self.counter(v),
+            before + 1,
+            "counter {} did not move",
+            v.name()
+        );
     }
 }

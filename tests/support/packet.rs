@@ -102,7 +102,11 @@ impl PacketSpec {
     }
 
     fn ipv4_header(&self, s: Ipv4Addr, d: Ipv4Addr, l4_len: usize) -> Vec<u8> {
-        assert_eq!(self.ipv4_options.len() % 4, 0, "IPv4 options must be whole words");
+        assert_eq!(
+            self.ipv4_options.len() % 4,
+            0,
+            "IPv4 options must be whole words"
+        );
         let ihl = 20 + self.ipv4_options.len();
         let total = ihl + l4_len;
         let mut h = vec![0x40 | (ihl / 4) as u8, 0];

@@ -69,15 +69,21 @@ fn rule_key_bytes(k: &RuleKey) -> Vec<u8> {
     b
 }
 
+/// Do the first `bits` bits (most significant first in each byte) agree?
 fn prefix_matches(entry: &[u8], key: &[u8], bits: u32) -> bool {
-    (0..bits as usize).all(|bit| {
-        let mask = 0x80 >> (bit % 8);
-        entry[bit / 8] & mask == key[bit / 8] & mask
-    })
+    let (whole, rest) = (bits as usize / 8, bits % 8);
+    let mask = !(0xffu8 >> rest);
+    entry[..whole] == key[..whole] && (rest == 0 || entry[whole] & mask == key[whole] & mask)
 }
 
 /// The value the kernel's LPM lookup would find, with its prefix length.
-fn lookup_entry(c: &CompiledPolicy, src: u32, dst: u32, proto: u8, port: u16) -> Option<(u32, RuleValue)> {
+fn lookup_entry(
+    c: &CompiledPolicy,
+    src: u32,
+    dst: u32,
+    proto: u8,
+    port: u16,
+) -> Option<(u32, RuleValue)> {
     let key = rule_key_bytes(&RuleKey::new(c.slot, src, dst, proto, port));
     c.rules
         .iter()
@@ -115,7 +121,10 @@ fn identity_v4(c: &CompiledPolicy, addr: Ipv4Addr) -> u32 {
 fn exact_port_hits_and_its_neighbours_miss() {
     let c = compile(&["from: a, to: b, ports: [{ protocol: TCP, port: 8080 }]"]);
     assert_eq!(allowed_by(&c, A, B, TCP, 8080), Some(1));
-    assert_eq!(lookup_entry(&c, A, B, TCP, 8080).unwrap().0, RULE_FULL_PREFIX_BITS);
+    assert_eq!(
+        lookup_entry(&c, A, B, TCP, 8080).unwrap().0,
+        RULE_FULL_PREFIX_BITS
+    );
     assert_eq!(lookup(&c, A, B, TCP, 8079), None);
     assert_eq!(lookup(&c, A, B, TCP, 8081), None);
     assert_eq!(lookup(&c, A, B, UDP, 8080), None);
@@ -223,7 +232,10 @@ fn enforce_rule_beats_audit_rule_where_they_overlap() {
     let at_443 = lookup(&c, A, B, TCP, 443).unwrap();
     assert_eq!((at_443.rule_id, at_443.flags), (2, RULE_FLAG_ALLOW));
     let at_80 = lookup(&c, A, B, TCP, 80).unwrap();
-    assert_eq!((at_80.rule_id, at_80.flags), (1, RULE_FLAG_ALLOW | RULE_FLAG_AUDIT));
+    assert_eq!(
+        (at_80.rule_id, at_80.flags),
+        (1, RULE_FLAG_ALLOW | RULE_FLAG_AUDIT)
+    );
 }
 
 #[test]
@@ -244,12 +256,17 @@ fn protocol_entries_of_a_pair_never_overlap() {
         "from: a, to: b, ports: [{ protocol: TCP, port: 1500 }, { protocol: TCP, port: 1501 }]",
         "from: a, to: b, ports: [{ protocol: ANY }], expires: \"2029-01-01T00:00:00Z\"",
     ]);
-    let tcp: Vec<_> = c.rules.iter().filter(|(_, k, _)| k.proto == TCP).collect();
+    let tcp: Vec<(u32, Vec<u8>)> = c
+        .rules
+        .iter()
+        .filter(|(_, k, _)| k.proto == TCP)
+        .map(|(len, k, _)| (*len, rule_key_bytes(k)))
+        .collect();
     for port in 0..=u16::MAX {
         let key = rule_key_bytes(&RuleKey::new(0, A, B, TCP, port));
         let matching = tcp
             .iter()
-            .filter(|(len, k, _)| prefix_matches(&rule_key_bytes(k), &key, *len))
+            .filter(|(len, entry)| prefix_matches(entry, &key, *len))
             .count();
         assert_eq!(matching, 1, "port {port}");
     }
@@ -277,7 +294,10 @@ fn audit_rule_adds_a_fallback_that_names_it_for_unallowed_traffic() {
     assert_eq!(fallback.0, RULE_PAIR_PREFIX_BITS);
     assert_eq!((fallback.1.rule_id, fallback.1.flags), (1, RULE_FLAG_AUDIT));
     let decision = decide(Some(&fallback.1), c.flags, 1);
-    assert_eq!((decision.verdict, decision.rule_id), (Verdict::AuditWouldDeny, 1));
+    assert_eq!(
+        (decision.verdict, decision.rule_id),
+        (Verdict::AuditWouldDeny, 1)
+    );
     assert_eq!(allowed_by(&c, A, B, TCP, 80), Some(1));
 }
 
@@ -304,7 +324,11 @@ fn any_protocol_rule_replaces_the_audit_fallback() {
         "from: a, to: b, ports: [{ protocol: TCP, port: 80 }], mode: audit",
         "from: a, to: b, ports: [{ protocol: ANY }]",
     ]);
-    let pair_entries: Vec<_> = c.rules.iter().filter(|(len, _, _)| *len == RULE_PAIR_PREFIX_BITS).collect();
+    let pair_entries: Vec<_> = c
+        .rules
+        .iter()
+        .filter(|(len, _, _)| *len == RULE_PAIR_PREFIX_BITS)
+        .collect();
     assert_eq!(pair_entries.len(), 1);
     assert_eq!(pair_entries[0].2.rule_id, 2);
     assert_eq!(pair_entries[0].2.flags, RULE_FLAG_ALLOW);
@@ -326,7 +350,10 @@ fn rules_of_one_pair_do_not_leak_to_others() {
 
 #[test]
 fn rule_keys_carry_the_slot() {
-    let p = policy_with("enforce", &["from: a, to: b, ports: [{ protocol: TCP, port: 80 }]"]);
+    let p = policy_with(
+        "enforce",
+        &["from: a, to: b, ports: [{ protocol: TCP, port: 80 }]"],
+    );
     let c = compile_policy(&p, 1, &CLOCK, &[]);
     assert!(c.rules.iter().all(|(_, k, _)| k.slot == 1));
     assert_eq!(allowed_by(&c, A, B, TCP, 80), Some(1));
@@ -340,7 +367,10 @@ fn reserved_identities_get_their_fixed_ids() {
         "from: world, to: host, ports: [{ protocol: TCP, port: 22 }]",
         "from: host, to: c, ports: [{ protocol: UDP }]",
     ]);
-    assert_eq!(allowed_by(&c, IDENTITY_WORLD, IDENTITY_HOST, TCP, 22), Some(1));
+    assert_eq!(
+        allowed_by(&c, IDENTITY_WORLD, IDENTITY_HOST, TCP, 22),
+        Some(1)
+    );
     assert_eq!(allowed_by(&c, IDENTITY_HOST, C, UDP, 5), Some(2));
 }
 
@@ -352,15 +382,43 @@ fn identity_entries_carry_slot_and_prefix_length() {
     assert_eq!(
         c.identities_v4,
         [
-            (56, IdentityKeyV4 { slot: 1, addr: [10, 0, 1, 0] }, value(A)),
-            (56, IdentityKeyV4 { slot: 1, addr: [10, 0, 2, 0] }, value(B)),
-            (64, IdentityKeyV4 { slot: 1, addr: [10, 0, 3, 1] }, value(C)),
+            (
+                56,
+                IdentityKeyV4 {
+                    slot: 1,
+                    addr: [10, 0, 1, 0]
+                },
+                value(A)
+            ),
+            (
+                56,
+                IdentityKeyV4 {
+                    slot: 1,
+                    addr: [10, 0, 2, 0]
+                },
+                value(B)
+            ),
+            (
+                64,
+                IdentityKeyV4 {
+                    slot: 1,
+                    addr: [10, 0, 3, 1]
+                },
+                value(C)
+            ),
         ]
     );
     let fd00_1: Ipv6Addr = "fd00:1::".parse().unwrap();
     assert_eq!(
         c.identities_v6,
-        [(96, IdentityKeyV6 { slot: 1, addr: fd00_1.octets() }, value(A))]
+        [(
+            96,
+            IdentityKeyV6 {
+                slot: 1,
+                addr: fd00_1.octets()
+            },
+            value(A)
+        )]
     );
 }
 
@@ -374,24 +432,57 @@ fn identity_lookup_resolves_addresses() {
 
 #[test]
 fn host_addresses_claimed_by_an_identity_are_left_out() {
-    let host_addrs: Vec<IpAddr> = ["10.0.1.5", "192.168.1.1", "fd00:1::9", "2001:db8::1", "192.168.1.1"]
-        .iter()
-        .map(|a| a.parse().unwrap())
-        .collect();
+    let host_addrs: Vec<IpAddr> = [
+        "10.0.1.5",
+        "192.168.1.1",
+        "fd00:1::9",
+        "2001:db8::1",
+        "192.168.1.1",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
     let c = compile_policy(&policy_with("enforce", &[]), 0, &CLOCK, &host_addrs);
-    let host = IdentityValue { id: IDENTITY_HOST, flags: 0 };
+    let host = IdentityValue {
+        id: IDENTITY_HOST,
+        flags: 0,
+    };
     let hosts_v4: Vec<_> = c.identities_v4.iter().filter(|e| e.2 == host).collect();
-    assert_eq!(hosts_v4, [&(64, IdentityKeyV4 { slot: 0, addr: [192, 168, 1, 1] }, host)]);
+    assert_eq!(
+        hosts_v4,
+        [&(
+            64,
+            IdentityKeyV4 {
+                slot: 0,
+                addr: [192, 168, 1, 1]
+            },
+            host
+        )]
+    );
     let db8: Ipv6Addr = "2001:db8::1".parse().unwrap();
     let hosts_v6: Vec<_> = c.identities_v6.iter().filter(|e| e.2 == host).collect();
-    assert_eq!(hosts_v6, [&(160, IdentityKeyV6 { slot: 0, addr: db8.octets() }, host)]);
+    assert_eq!(
+        hosts_v6,
+        [&(
+            160,
+            IdentityKeyV6 {
+                slot: 0,
+                addr: db8.octets()
+            },
+            host
+        )]
+    );
     assert_eq!(identity_v4(&c, Ipv4Addr::new(10, 0, 1, 5)), A);
-    assert_eq!(identity_v4(&c, Ipv4Addr::new(192, 168, 1, 1)), IDENTITY_HOST);
+    assert_eq!(
+        identity_v4(&c, Ipv4Addr::new(192, 168, 1, 1)),
+        IDENTITY_HOST
+    );
 }
 
 #[test]
 fn expiry_is_converted_to_boot_time() {
-    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }], expires: \"2023-11-14T22:30:00Z\""]);
+    let c =
+        compile(&["from: a, to: b, ports: [{ protocol: TCP }], expires: \"2023-11-14T22:30:00Z\""]);
     // 2023-11-14T22:30:00Z is 1_700_001_000 s after the epoch, exactly "now" in CLOCK.
     let expected = 1_700_001_000 * SEC - (CLOCK.realtime_ns - CLOCK.boottime_ns);
     assert_eq!(expected, CLOCK.boottime_ns);
@@ -400,7 +491,8 @@ fn expiry_is_converted_to_boot_time() {
 
 #[test]
 fn expiry_before_boot_is_already_expired_not_never() {
-    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }], expires: \"2001-01-01T00:00:00Z\""]);
+    let c =
+        compile(&["from: a, to: b, ports: [{ protocol: TCP }], expires: \"2001-01-01T00:00:00Z\""]);
     assert_eq!(lookup(&c, A, B, TCP, 1).unwrap().expires_ns, 1);
 }
 

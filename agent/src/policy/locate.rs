@@ -25,8 +25,12 @@ struct Frame {
 
 enum FrameKind {
     /// `value_next`: a key was read, the next node is its value.
-    Mapping { value_next: bool },
-    Sequence { next_index: usize },
+    Mapping {
+        value_next: bool,
+    },
+    Sequence {
+        next_index: usize,
+    },
 }
 
 impl LineIndex {
@@ -51,10 +55,17 @@ impl LineIndex {
             };
             let is_container = matches!(event, Event::MappingStart(..) | Event::SequenceStart(..));
             match event {
-                Event::Scalar(..) | Event::Alias(_) | Event::MappingStart(..) | Event::SequenceStart(..) => {}
+                Event::Scalar(..)
+                | Event::Alias(_)
+                | Event::MappingStart(..)
+                | Event::SequenceStart(..) => {}
                 Event::MappingEnd | Event::SequenceEnd => {
                     stack.pop();
-                    if let Some(Frame { kind: FrameKind::Mapping { value_next }, .. }) = stack.last_mut() {
+                    if let Some(Frame {
+                        kind: FrameKind::Mapping { value_next },
+                        ..
+                    }) = stack.last_mut()
+                    {
                         *value_next = false;
                     }
                     continue;
@@ -65,18 +76,27 @@ impl LineIndex {
             match stack.last_mut() {
                 None if seen_root => break, // a second document; serde rejects it anyway
                 None => seen_root = true,
-                Some(Frame { path_len, kind: FrameKind::Sequence { next_index } }) => {
+                Some(Frame {
+                    path_len,
+                    kind: FrameKind::Sequence { next_index },
+                }) => {
                     path.truncate(*path_len);
                     path.push_str(&format!("[{next_index}]"));
                     *next_index += 1;
                 }
-                Some(Frame { kind: FrameKind::Mapping { value_next }, .. }) if *value_next => {
+                Some(Frame {
+                    kind: FrameKind::Mapping { value_next },
+                    ..
+                }) if *value_next => {
                     // The path buffer still holds the key's path.
                     if !is_container {
                         *value_next = false;
                     }
                 }
-                Some(Frame { path_len, kind: FrameKind::Mapping { value_next } }) => {
+                Some(Frame {
+                    path_len,
+                    kind: FrameKind::Mapping { value_next },
+                }) => {
                     // A key. Complex keys (a mapping or list as key) are never valid in a
                     // policy; their contents get a path no field has.
                     path.truncate(*path_len);

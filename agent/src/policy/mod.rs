@@ -241,8 +241,9 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
 /// source name.
 pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
     let source_name = path.display().to_string();
-    let bytes = std::fs::read(path)
-        .map_err(|e| PolicyError::whole_file(&source_name, format!("cannot read the policy: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| {
+        PolicyError::whole_file(&source_name, format!("cannot read the policy: {e}"))
+    })?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         PolicyError {

@@ -32,7 +32,11 @@ spec:
 
 /// SHOP with `from` replaced by `to`, which must occur exactly once.
 fn edit(from: &str, to: &str) -> String {
-    assert_eq!(SHOP.matches(from).count(), 1, "{from:?} must occur once in SHOP");
+    assert_eq!(
+        SHOP.matches(from).count(),
+        1,
+        "{from:?} must occur once in SHOP"
+    );
     SHOP.replacen(from, to, 1)
 }
 
@@ -70,7 +74,10 @@ fn assert_error(text: &str, field: &str, line: usize, message: &str) {
     let e = error(text);
     assert_eq!(e.field.as_deref(), Some(field), "field of: {e}");
     assert_eq!(e.line, Some(line), "line of: {e}");
-    assert!(e.message.contains(message), "{e:?} should mention {message:?}");
+    assert!(
+        e.message.contains(message),
+        "{e:?} should mention {message:?}"
+    );
 }
 
 #[test]
@@ -85,30 +92,53 @@ fn design_example_parses() {
         p.identities[0].spiffe_id.as_deref(),
         Some("spiffe://shop.test/ns/shop/sa/frontend")
     );
-    let cidrs: Vec<String> = p.identities[0].cidrs.iter().map(|c| c.to_string()).collect();
+    let cidrs: Vec<String> = p.identities[0]
+        .cidrs
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
     assert_eq!(cidrs, ["10.10.1.0/24", "fd00:10:1::/64"]);
     let rule = &p.rules[0];
-    assert_eq!((rule.name.as_str(), rule.from.as_str(), rule.to.as_str()), ("frontend-to-orders", "frontend", "orders"));
+    assert_eq!(
+        (rule.name.as_str(), rule.from.as_str(), rule.to.as_str()),
+        ("frontend-to-orders", "frontend", "orders")
+    );
     assert_eq!((rule.mode, rule.expires), (None, None));
     assert_eq!(
         rule.ports,
         [
-            PortSpec { protocol: Protocol::Tcp, port: Some(8080), end_port: None },
-            PortSpec { protocol: Protocol::Udp, port: Some(9000), end_port: Some(9100) },
-            PortSpec { protocol: Protocol::Icmp, port: None, end_port: None },
+            PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(8080),
+                end_port: None
+            },
+            PortSpec {
+                protocol: Protocol::Udp,
+                port: Some(9000),
+                end_port: Some(9100)
+            },
+            PortSpec {
+                protocol: Protocol::Icmp,
+                port: None,
+                end_port: None
+            },
         ]
     );
 }
 
 #[test]
 fn mode_defaults_to_enforce() {
-    let p = parse(&edit("  mode: enforce                      # or audit\n", ""));
+    let p = parse(&edit(
+        "  mode: enforce                      # or audit\n",
+        "",
+    ));
     assert_eq!(p.mode, Mode::Enforce);
 }
 
 #[test]
 fn audit_modes_are_read() {
-    let p = parse(&edit("  mode: enforce ", "  mode: audit ").replace("# mode: audit", "mode: audit"));
+    let p =
+        parse(&edit("  mode: enforce ", "  mode: audit ").replace("# mode: audit", "mode: audit"));
     assert_eq!(p.mode, Mode::Audit);
     assert_eq!(p.rules[0].mode, Some(Mode::Audit));
 }
@@ -141,19 +171,26 @@ fn reserved_identities_are_valid_rule_endpoints() {
     let p = parse(&with_rules(
         "    - { name: in, from: world, to: host, ports: [{ protocol: TCP, port: 22 }] }\n",
     ));
-    assert_eq!((p.rules[1].from.as_str(), p.rules[1].to.as_str()), ("world", "host"));
+    assert_eq!(
+        (p.rules[1].from.as_str(), p.rules[1].to.as_str()),
+        ("world", "host")
+    );
 }
 
 #[test]
 fn unknown_field_is_named_with_its_line() {
-    let text = edit("      to: orders\n", "      to: orders\n      too: orders\n");
+    let text = edit(
+        "      to: orders\n",
+        "      to: orders\n      too: orders\n",
+    );
     let line = line_of(&text, "too: orders");
     let e = error(&text);
     assert_eq!(e.field.as_deref(), Some("rules[0].too"));
     assert_eq!(e.line, Some(line));
     assert!(
-        e.to_string()
-            .starts_with(&format!("policy.yaml:{line}: rules[0].too: unknown field `too`, expected one of")),
+        e.to_string().starts_with(&format!(
+            "policy.yaml:{line}: rules[0].too: unknown field `too`, expected one of"
+        )),
         "{e}"
     );
 }
@@ -161,13 +198,23 @@ fn unknown_field_is_named_with_its_line() {
 #[test]
 fn unknown_top_level_field_is_named() {
     let text = format!("{SHOP}status: {{}}\n");
-    assert_error(&text, "status", line_of(&text, "status:"), "unknown field `status`");
+    assert_error(
+        &text,
+        "status",
+        line_of(&text, "status:"),
+        "unknown field `status`",
+    );
 }
 
 #[test]
 fn wrong_value_type_is_reported_at_the_value() {
     let text = edit("port: 8080,", "port: [8080],");
-    assert_error(&text, "rules[0].ports[0].port", line_of(&text, "[8080]"), "expected an integer");
+    assert_error(
+        &text,
+        "rules[0].ports[0].port",
+        line_of(&text, "[8080]"),
+        "expected an integer",
+    );
 }
 
 #[test]
@@ -190,12 +237,20 @@ fn duplicate_rule_name_is_rejected() {
         "    - { name: frontend-to-orders, from: frontend, to: orders, ports: [{ protocol: UDP }] }\n",
     );
     let line = line_of(&text, "ports: [{ protocol: UDP }]");
-    assert_error(&text, "rules[1].name", line, "duplicate rule name \"frontend-to-orders\"");
+    assert_error(
+        &text,
+        "rules[1].name",
+        line,
+        "duplicate rule name \"frontend-to-orders\"",
+    );
 }
 
 #[test]
 fn overlapping_cidrs_across_identities_name_both() {
-    let text = edit("[\"10.10.2.10/32\"]", "[\"10.10.2.10/32\", \"10.10.1.128/25\"]");
+    let text = edit(
+        "[\"10.10.2.10/32\"]",
+        "[\"10.10.2.10/32\", \"10.10.1.128/25\"]",
+    );
     let line = line_of(&text, "10.10.1.128/25");
     assert_eq!(
         error(&text).to_string(),
@@ -209,7 +264,10 @@ fn overlapping_cidrs_across_identities_name_both() {
 
 #[test]
 fn equal_ipv6_cidrs_across_identities_overlap() {
-    let text = edit("[\"10.10.2.10/32\"]", "[\"10.10.2.10/32\", \"fd00:10:1::/64\"]");
+    let text = edit(
+        "[\"10.10.2.10/32\"]",
+        "[\"10.10.2.10/32\", \"fd00:10:1::/64\"]",
+    );
     assert_error(
         &text,
         "identities[1].cidrs[1]",
@@ -231,13 +289,19 @@ fn wider_cidr_declared_later_is_reported_as_the_overlap() {
 
 #[test]
 fn overlap_within_one_identity_is_allowed() {
-    let p = parse(&edit("[\"10.10.2.10/32\"]", "[\"10.10.2.0/24\", \"10.10.2.10/32\", \"10.10.2.0/24\"]"));
+    let p = parse(&edit(
+        "[\"10.10.2.10/32\"]",
+        "[\"10.10.2.0/24\", \"10.10.2.10/32\", \"10.10.2.0/24\"]",
+    ));
     assert_eq!(p.identities[1].cidrs.len(), 3);
 }
 
 #[test]
 fn adjacent_cidrs_of_different_identities_do_not_overlap() {
-    parse(&edit("[\"10.10.2.10/32\"]", "[\"10.10.0.0/24\", \"10.10.2.0/23\"]"));
+    parse(&edit(
+        "[\"10.10.2.10/32\"]",
+        "[\"10.10.0.0/24\", \"10.10.2.0/23\"]",
+    ));
 }
 
 #[test]
@@ -255,45 +319,88 @@ fn cidr_with_host_bits_suggests_the_network() {
 
 #[test]
 fn bare_address_is_one_host() {
-    let p = parse(&edit("[\"10.10.2.10/32\"]", "[\"10.10.2.10\", \"fd00:20::1\"]"));
-    let cidrs: Vec<String> = p.identities[1].cidrs.iter().map(|c| c.to_string()).collect();
+    let p = parse(&edit(
+        "[\"10.10.2.10/32\"]",
+        "[\"10.10.2.10\", \"fd00:20::1\"]",
+    ));
+    let cidrs: Vec<String> = p.identities[1]
+        .cidrs
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
     assert_eq!(cidrs, ["10.10.2.10/32", "fd00:20::1/128"]);
 }
 
 #[test]
 fn malformed_cidr_is_rejected() {
     let text = edit("\"10.10.2.10/32\"", "\"10.10.2.10/33\"");
-    assert_error(&text, "identities[1].cidrs[0]", line_of(&text, "/33"), "is not a CIDR");
+    assert_error(
+        &text,
+        "identities[1].cidrs[0]",
+        line_of(&text, "/33"),
+        "is not a CIDR",
+    );
 }
 
 #[test]
 fn empty_cidrs_are_rejected() {
     let text = edit("[\"10.10.2.10/32\"]", "[]");
-    assert_error(&text, "identities[1].cidrs", line_of(&text, "cidrs: []"), "at least one");
+    assert_error(
+        &text,
+        "identities[1].cidrs",
+        line_of(&text, "cidrs: []"),
+        "at least one",
+    );
 }
 
 #[test]
 fn missing_cidrs_are_reported_at_the_identity() {
-    let text = edit("    - name: orders\n      cidrs: [\"10.10.2.10/32\"]\n", "    - name: orders\n");
-    assert_error(&text, "identities[1].cidrs", line_of(&text, "name: orders"), "required");
+    let text = edit(
+        "    - name: orders\n      cidrs: [\"10.10.2.10/32\"]\n",
+        "    - name: orders\n",
+    );
+    assert_error(
+        &text,
+        "identities[1].cidrs",
+        line_of(&text, "name: orders"),
+        "required",
+    );
 }
 
 #[test]
 fn reserved_identity_name_cannot_be_declared() {
     let text = edit("    - name: orders\n", "    - name: world\n");
-    assert_error(&text, "identities[1].name", line_of(&text, "name: world"), "reserved");
+    assert_error(
+        &text,
+        "identities[1].name",
+        line_of(&text, "name: world"),
+        "reserved",
+    );
 }
 
 #[test]
 fn identity_name_must_be_a_dns_label() {
     let text = edit("    - name: orders\n", "    - name: Orders\n");
-    assert_error(&text, "identities[1].name", line_of(&text, "name: Orders"), "not a valid name");
+    assert_error(
+        &text,
+        "identities[1].name",
+        line_of(&text, "name: Orders"),
+        "not a valid name",
+    );
 }
 
 #[test]
 fn spiffe_id_needs_a_trust_domain() {
-    let text = edit("spiffe://shop.test/ns/shop/sa/frontend", "spiffe:///ns/shop");
-    assert_error(&text, "identities[0].spiffeId", line_of(&text, "spiffeId"), "trust domain");
+    let text = edit(
+        "spiffe://shop.test/ns/shop/sa/frontend",
+        "spiffe:///ns/shop",
+    );
+    assert_error(
+        &text,
+        "identities[0].spiffeId",
+        line_of(&text, "spiffeId"),
+        "trust domain",
+    );
 }
 
 #[test]
@@ -312,7 +419,12 @@ fn end_port_below_port_is_rejected() {
 #[test]
 fn end_port_without_port_is_rejected() {
     let text = edit("port: 9000, endPort: 9100", "endPort: 9100");
-    assert_error(&text, "rules[0].ports[1].endPort", line_of(&text, "endPort"), "requires port");
+    assert_error(
+        &text,
+        "rules[0].ports[1].endPort",
+        line_of(&text, "endPort"),
+        "requires port",
+    );
 }
 
 #[test]
@@ -324,13 +436,23 @@ fn end_port_equal_to_port_is_one_port() {
 #[test]
 fn port_on_icmp_is_rejected() {
     let text = edit("{ protocol: ICMP }", "{ protocol: ICMP, port: 8 }");
-    assert_error(&text, "rules[0].ports[2].port", line_of(&text, "port: 8 "), "not allowed with protocol ICMP");
+    assert_error(
+        &text,
+        "rules[0].ports[2].port",
+        line_of(&text, "port: 8 "),
+        "not allowed with protocol ICMP",
+    );
 }
 
 #[test]
 fn port_on_any_is_rejected() {
     let text = edit("{ protocol: ICMP }", "{ protocol: any, port: 80 }");
-    assert_error(&text, "rules[0].ports[2].port", line_of(&text, "any"), "not allowed with protocol ANY");
+    assert_error(
+        &text,
+        "rules[0].ports[2].port",
+        line_of(&text, "any"),
+        "not allowed with protocol ANY",
+    );
 }
 
 #[test]
@@ -349,13 +471,23 @@ fn port_zero_is_rejected() {
 #[test]
 fn port_above_65535_is_rejected() {
     let text = edit("endPort: 9100", "endPort: 65536");
-    assert_error(&text, "rules[0].ports[1].endPort", line_of(&text, "65536"), "out of range");
+    assert_error(
+        &text,
+        "rules[0].ports[1].endPort",
+        line_of(&text, "65536"),
+        "out of range",
+    );
 }
 
 #[test]
 fn unknown_protocol_is_rejected() {
     let text = edit("protocol: TCP", "protocol: SCTP");
-    assert_error(&text, "rules[0].ports[0].protocol", line_of(&text, "SCTP"), "unknown protocol \"SCTP\"");
+    assert_error(
+        &text,
+        "rules[0].ports[0].protocol",
+        line_of(&text, "SCTP"),
+        "unknown protocol \"SCTP\"",
+    );
 }
 
 #[test]
@@ -369,13 +501,23 @@ fn protocol_names_ignore_case() {
 #[test]
 fn missing_protocol_is_rejected() {
     let text = edit("{ port: 8080, protocol: TCP }", "{ port: 8080 }");
-    assert_error(&text, "rules[0].ports[0].protocol", line_of(&text, "{ port: 8080 }"), "required");
+    assert_error(
+        &text,
+        "rules[0].ports[0].protocol",
+        line_of(&text, "{ port: 8080 }"),
+        "required",
+    );
 }
 
 #[test]
 fn empty_ports_are_rejected() {
     let text = with_rules("    - { name: nothing, from: world, to: orders, ports: [] }\n");
-    assert_error(&text, "rules[1].ports", line_of(&text, "nothing"), "at least one");
+    assert_error(
+        &text,
+        "rules[1].ports",
+        line_of(&text, "nothing"),
+        "at least one",
+    );
 }
 
 #[test]
@@ -388,14 +530,27 @@ fn expiry_is_read_as_utc() {
 
 #[test]
 fn malformed_expiry_is_rejected() {
-    let text = edit("# expires: \"2026-12-01T10:00:00Z\"", "expires: \"next tuesday\"");
-    assert_error(&text, "rules[0].expires", line_of(&text, "next tuesday"), "not an RFC 3339 timestamp");
+    let text = edit(
+        "# expires: \"2026-12-01T10:00:00Z\"",
+        "expires: \"next tuesday\"",
+    );
+    assert_error(
+        &text,
+        "rules[0].expires",
+        line_of(&text, "next tuesday"),
+        "not an RFC 3339 timestamp",
+    );
 }
 
 #[test]
 fn unknown_rule_mode_is_rejected() {
     let text = edit("# mode: audit", "mode: permissive");
-    assert_error(&text, "rules[0].mode", line_of(&text, "permissive"), "expected enforce or audit");
+    assert_error(
+        &text,
+        "rules[0].mode",
+        line_of(&text, "permissive"),
+        "expected enforce or audit",
+    );
 }
 
 #[test]
@@ -439,7 +594,12 @@ fn rule_rate_limit_is_refused_until_supported() {
         "      # mode: audit\n",
         "      rateLimit: { packetsPerSecond: 1000, burst: 10 }\n",
     );
-    assert_error(&text, "rules[0].rateLimit", line_of(&text, "rateLimit"), "not supported");
+    assert_error(
+        &text,
+        "rules[0].rateLimit",
+        line_of(&text, "rateLimit"),
+        "not supported",
+    );
 }
 
 #[test]
@@ -447,13 +607,23 @@ fn policy_rate_limits_are_refused_until_supported() {
     let text = format!(
         "{SHOP}  rateLimits:\n    - {{ identity: frontend, connectionsPerSecond: 100, burst: 200 }}\n"
     );
-    assert_error(&text, "rateLimits", line_of(&text, "rateLimits:"), "not supported");
+    assert_error(
+        &text,
+        "rateLimits",
+        line_of(&text, "rateLimits:"),
+        "not supported",
+    );
 }
 
 #[test]
 fn empty_rate_limits_are_refused_too() {
     let text = format!("{SHOP}  rateLimits: []\n");
-    assert_error(&text, "rateLimits", line_of(&text, "rateLimits"), "not supported");
+    assert_error(
+        &text,
+        "rateLimits",
+        line_of(&text, "rateLimits"),
+        "not supported",
+    );
 }
 
 #[test]
@@ -498,7 +668,11 @@ fn several_errors_are_all_kept_in_file_order() {
 fn load_names_an_unreadable_file() {
     let e = load_policy_file(Path::new("/nonexistent/policy.yaml")).unwrap_err();
     assert_eq!(e.source_name, "/nonexistent/policy.yaml");
-    assert!(e.to_string().starts_with("/nonexistent/policy.yaml: cannot read the policy: "), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/policy.yaml: cannot read the policy: "),
+        "{e}"
+    );
 }
 
 #[test]
@@ -522,4 +696,21 @@ fn protocol_numbers_and_names() {
     assert_eq!(Protocol::parse("IcMpV6"), Some(Protocol::IcmpV6));
     assert_eq!(Protocol::IcmpV6.name(), "ICMPv6");
     assert_eq!(Protocol::parse("gre"), None);
+}
+
+#[test]
+fn shipped_examples_parse() {
+    for (name, text) in [
+        ("shop.yaml", include_str!("../../../examples/shop.yaml")),
+        (
+            "jit-grant.yaml",
+            include_str!("../../../examples/jit-grant.yaml"),
+        ),
+        (
+            "audit-rollout.yaml",
+            include_str!("../../../examples/audit-rollout.yaml"),
+        ),
+    ] {
+        parse_policy(text, name).unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -107,7 +107,10 @@ impl Validator {
     fn constant(&mut self, path: &str, value: Option<&str>, expected: &str) {
         match value {
             Some(v) if v == expected => {}
-            Some(v) => self.issue(path, format!("unsupported value {v:?}; expected {expected:?}")),
+            Some(v) => self.issue(
+                path,
+                format!("unsupported value {v:?}; expected {expected:?}"),
+            ),
             None => self.issue(path, format!("required; set it to {expected:?}")),
         }
     }
@@ -139,7 +142,10 @@ impl Validator {
         let value = value?;
         let mode = Mode::parse(value);
         if mode.is_none() {
-            self.issue(path, format!("unknown mode {value:?}; expected enforce or audit"));
+            self.issue(
+                path,
+                format!("unknown mode {value:?}; expected enforce or audit"),
+            );
         }
         mode
     }
@@ -431,7 +437,10 @@ impl Validator {
         if ok {
             match (port, end_port) {
                 (None, Some(_)) => {
-                    self.issue(format!("{at}.endPort"), "endPort requires port (the range start)");
+                    self.issue(
+                        format!("{at}.endPort"),
+                        "endPort requires port (the range start)",
+                    );
                     ok = false;
                 }
                 (Some(p), Some(e)) if e < p => {
@@ -611,7 +620,10 @@ mod tests {
         let t = parse_expiry("2026-12-01T11:30:00+01:30").unwrap();
         assert_eq!(t, humantime::parse_rfc3339("2026-12-01T10:00:00Z").unwrap());
         let t = parse_expiry("2026-12-01T05:00:00.5-05:00").unwrap();
-        assert_eq!(t, humantime::parse_rfc3339("2026-12-01T10:00:00.5Z").unwrap());
+        assert_eq!(
+            t,
+            humantime::parse_rfc3339("2026-12-01T10:00:00.5Z").unwrap()
+        );
     }
 
     #[test]
