@@ -55,7 +55,8 @@ pub struct FlowValue {
     /// CLOCK_BOOTTIME expiry of the rule that admitted the flow (0 = never); checked on every
     /// packet so an expired grant cuts established flows without the agent.
     pub expires_ns: u64,
-    /// CLOCK_BOOTTIME of the last packet, refreshed at most once a second.
+    /// CLOCK_MONOTONIC (coarse) of the last packet, refreshed at most once a second; only for
+    /// idle expiry, so the cheap coarse clock is enough.
     pub last_seen_ns: u64,
     pub rule_id: u32,
     /// `FLOW_FLAG_*`.
