@@ -322,14 +322,11 @@ fn twin_key(pkt: &Packet, key: &FlowKey, key_is_reply: bool) -> FlowKey {
                 (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
             };
             let twin_type = if key_is_reply { request } else { reply };
+            // Addresses swap, the identifier stays, the expected type flips.
             FlowKey {
-                saddr: key.daddr,
-                daddr: key.saddr,
                 sport: key.sport,
                 dport: twin_type as u16,
-                proto: key.proto,
-                family: key.family,
-                _pad: [0; 2],
+                ..key.reversed()
             }
         }
         _ => key.reversed(),
