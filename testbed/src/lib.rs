@@ -1,15 +1,20 @@
 //! A test bed of network namespaces for Tollgate: a "node" namespace that routes between
 //! workload namespaces over veth pairs (the node side named `tg-<workload>`, like a pod's host
-//! veth), agent processes running inside the node namespace, and bounded traffic probes.
+//! veth), agent processes running inside the node namespace, bounded traffic probes (from a
+//! one-line echo to megabytes over one connection), hand-built spoofed packets, and a packet tap
+//! that shows what actually arrived in a namespace.
 //!
 //! Everything is created by exact name and removed in Drop by that name or by pid, also when
 //! setup fails half-way. Addresses come from 10.200.0.0/16 and fd00:200::/48.
 
 pub mod agent;
 pub mod netns;
+pub mod spoof;
+pub mod tap;
 pub mod topology;
 pub mod traffic;
 
 pub use agent::AgentProcess;
 pub use netns::NetNs;
-pub use topology::{Topology, Workload};
+pub use tap::{CapturedPacket, PacketTap};
+pub use topology::{Topology, TopologyOptions, Workload};

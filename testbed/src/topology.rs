@@ -1,10 +1,13 @@
 //! A node namespace routing between workload namespaces, like a Kubernetes node with pods:
 //! workload `i` has `eth0` = 10.200.<i>.2/24 and fd00:200:<i>::2/64; its peer in the node
-//! namespace is `tg-<name>` with 10.200.<i>.1/24 and fd00:200:<i>::1/64.
+//! namespace is `tg-<name>` with 10.200.<i>.1/24 and fd00:200:<i>::1/64. Options set the MTU of
+//! both veth ends and can turn segmentation and checksum offloads off, so tests can drive the
+//! datapath with GSO super-packets (the default, as on a real node) or with plain wire-sized
+//! frames.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 use crate::netns::NetNs;
 
@@ -17,6 +20,32 @@ pub struct Workload {
     pub host_if: String,
 }
 
+/// How the veth pairs are configured; `Default` is what a fresh veth gets (MTU 1500, offloads
+/// on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopologyOptions {
+    /// MTU of both ends of every veth pair.
+    pub mtu: u32,
+    /// Leave TSO/GSO/GRO, scatter-gather and checksum offloads on. Off, every skb the datapath
+    /// sees is one linear wire-sized frame.
+    pub offloads: bool,
+}
+
+impl Default for TopologyOptions {
+    fn default() -> Self {
+        Self {
+            mtu: 1500,
+            offloads: true,
+        }
+    }
+}
+
+/// The `ethtool -K` arguments that turn off every offload that makes skbs larger than a frame
+/// or non-linear.
+const OFFLOADS_OFF: [&str; 12] = [
+    "tso", "off", "gso", "off", "gro", "off", "sg", "off", "tx", "off", "rx", "off",
+];
+
 pub struct Topology {
     /// Dropped after the workloads (field order): their veth peers go with them.
     pub workloads: Vec<Workload>,
@@ -27,6 +56,15 @@ impl Topology {
     /// `prefix` makes namespace names unique per test (`<prefix>-node`, `<prefix>-<workload>`).
     /// Workload `i` (from 0) gets subnet `i + 1`.
     pub fn new(prefix: &str, workloads: &[&str]) -> Result<Self> {
+        Self::with_options(prefix, workloads, TopologyOptions::default())
+    }
+
+    /// Like `new`, with the veth pairs configured by `options`.
+    pub fn with_options(
+        prefix: &str,
+        workloads: &[&str],
+        options: TopologyOptions,
+    ) -> Result<Self> {
         let node = NetNs::new(&format!("{prefix}-node"))?;
         quiet_ipv6(&node)?;
         for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
@@ -76,6 +114,13 @@ impl Topology {
                 &host_if,
                 "nodad",
             ])?;
+            let mtu = options.mtu.to_string();
+            ipn(&["link", "set", &host_if, "mtu", &mtu])?;
+            ipw(&["link", "set", "eth0", "mtu", &mtu])?;
+            if !options.offloads {
+                disable_offloads(&topo.node, &host_if)?;
+                disable_offloads(&ns, "eth0")?;
+            }
             ipn(&["link", "set", &host_if, "up"])?;
             ipw(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
             ipw(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
@@ -99,6 +144,24 @@ impl Topology {
             .find(|w| w.name == name)
             .unwrap_or_else(|| panic!("no workload {name}"))
     }
+}
+
+impl Workload {
+    /// Adds `addr/prefix_len` to the workload's eth0 (without duplicate address detection), e.g.
+    /// an address of its subnet that no identity claims. It goes away with the namespace.
+    pub fn add_address(&self, addr: IpAddr, prefix_len: u8) -> Result<()> {
+        let cidr = format!("{addr}/{prefix_len}");
+        let mut args = vec!["-n", self.ns.name(), "addr", "add", &cidr, "dev", "eth0"];
+        if addr.is_ipv6() {
+            args.push("nodad");
+        }
+        crate::netns::ip(&args)
+    }
+}
+
+fn disable_offloads(ns: &NetNs, interface: &str) -> Result<()> {
+    ns.exec_checked(&[&["ethtool", "-K", interface][..], &OFFLOADS_OFF].concat())
+        .context("turning offloads off (is ethtool installed?)")
 }
 
 /// No duplicate address detection in a fresh namespace: link-local addresses would otherwise
