@@ -435,3 +435,258 @@ fn the_control_socket_is_private() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// Runs the `tollgate` binary inside the node namespace with a deadline; returns (exit code,
+/// stderr).
+fn run_bounded(env: &Env, args: &[&str]) -> (i32, String) {
+    let mut child = env
+        .topo
+        .node
+        .command_inside(BINARY)
+        .unwrap()
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read as _;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tollgate {args:?} still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_directory_is_refused() {
+    let env = Env::new("second", SHOP);
+    let socket = env.dir.path().join("second.sock");
+    let policy = env.dir.path().join("policy.yaml");
+    let (code, err) = run_bounded(
+        &env,
+        &[
+            "agent",
+            "--interfaces",
+            "tg-*",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--bpffs",
+            env.agent.bpffs.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "second agent must fail: {err}");
+    let pid = env.agent.pid().unwrap();
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    assert!(!socket.exists(), "the refused agent left its socket file");
+    // The first agent is untouched and still enforcing.
+    serve_tcp(&env, "orders", false, &[8080, 8081]);
+    assert!(tcp_reachable(
+        env.ns("frontend"),
+        env.addr("orders", false),
+        8080
+    ));
+    assert!(!tcp_reachable(
+        env.ns("frontend"),
+        env.addr("orders", false),
+        8081
+    ));
+    assert_eq!(env.status_json()["generation"], 1);
+}
+
+#[test]
+fn uninstall_is_refused_while_an_agent_runs() {
+    let env = Env::new("uninst-held", SHOP);
+    let (code, err) = run_bounded(
+        &env,
+        &[
+            "agent",
+            "--uninstall",
+            "--bpffs",
+            env.agent.bpffs.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("pid {}", env.agent.pid().unwrap())),
+        "{err}"
+    );
+    serve_tcp(&env, "orders", false, &[8081]);
+    assert!(
+        !tcp_reachable(env.ns("frontend"), env.addr("orders", false), 8081),
+        "enforcement must survive a refused uninstall"
+    );
+    let status = env.status_json();
+    assert_eq!(status["attachments"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn events_of_a_generation_the_agent_does_not_know_are_not_given_its_names() {
+    let mut env = Env::new("evnames", SHOP);
+    env.agent.stop().unwrap();
+    // Denied while no agent runs: the events wait in the ring buffer, numbered by generation 1.
+    assert!(!tcp_reachable(
+        env.ns("orders"),
+        env.addr("frontend", false),
+        8080
+    ));
+    // The restarted agent numbers identities the other way round (orders first).
+    let swapped = SHOP.replace(
+        "    - name: frontend\n      cidrs: [\"10.200.1.2/32\", \"fd00:200:1::2/128\"]\n    - name: orders\n      cidrs: [\"10.200.2.2/32\", \"fd00:200:2::2/128\"]\n",
+        "    - name: orders\n      cidrs: [\"10.200.2.2/32\", \"fd00:200:2::2/128\"]\n    - name: frontend\n      cidrs: [\"10.200.1.2/32\", \"fd00:200:1::2/128\"]\n",
+    );
+    assert_ne!(swapped, SHOP);
+    let policy = env.write_policy("policy.yaml", &swapped);
+    env.agent.spawn(&env.topo.node, "tg-*", &policy).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let log = env.agent.log_text();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("tollgate::flow") && l.contains("10.200.2.2 -> 10.200.1.2"))
+        {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no event logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(line.contains("not known to this agent"), "{line}");
+    assert!(
+        !line.contains("(orders -> frontend)") && !line.contains("(frontend -> orders)"),
+        "an old event was named with the new numbering: {line}"
+    );
+    // Events of the live generation are named.
+    assert!(!tcp_reachable(
+        env.ns("orders"),
+        env.addr("frontend", false),
+        8081
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !env
+        .agent
+        .log_text()
+        .lines()
+        .any(|l| l.contains("port 8081") && l.contains("(orders -> frontend) by default-deny"))
+    {
+        assert!(Instant::now() < deadline, "{}", env.agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn check_answers_what_the_kernel_would_for_mapped_and_mixed_addresses() {
+    let env = Env::new("check-fam", SHOP);
+    let check = |from: &str, to: &str| {
+        env.agent
+            .cli(&[
+                "check",
+                "--from",
+                from,
+                "--to",
+                to,
+                "--port",
+                "8080",
+                "--protocol",
+                "tcp",
+            ])
+            .unwrap()
+    };
+    // ::ffff:10.200.1.2 is an IPv6 source on the wire: not frontend, so world, so denied.
+    let mapped = check("::ffff:10.200.1.2", "fd00:200:2::2");
+    assert_eq!(mapped.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&mapped.stdout).contains("(world)"));
+    let mixed = check("10.200.1.2", "fd00:200:2::2");
+    assert_eq!(mixed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("different address families"));
+}
+
+#[test]
+fn check_with_an_interface_validates_the_source_as_the_datapath_does() {
+    let env = Env::new("check-if", SHOP);
+    let check = |interface: &str| {
+        env.agent
+            .cli(&[
+                "check",
+                "--from",
+                "10.200.1.2",
+                "--to",
+                "10.200.2.2",
+                "--port",
+                "8080",
+                "--protocol",
+                "tcp",
+                "--interface",
+                interface,
+            ])
+            .unwrap()
+    };
+    let home = check("tg-frontend");
+    assert_eq!(home.status.code(), Some(0), "{:?}", home);
+    let elsewhere = check("tg-orders");
+    assert_eq!(elsewhere.status.code(), Some(3));
+    let out = String::from_utf8_lossy(&elsewhere.stdout);
+    assert!(
+        out.contains("spoofed source") && out.contains("source validation"),
+        "{out}"
+    );
+    let unknown = check("eth9");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not enforced"));
+}
+
+#[test]
+fn a_link_removed_behind_the_agents_back_is_attached_again() {
+    let env = Env::new("relink", SHOP);
+    let links = env.agent.bpffs.join("links");
+    let pin = std::fs::read_dir(&links)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.to_string_lossy().contains("tg-frontend") && p.to_string_lossy().ends_with("ingress")
+        })
+        .expect("tg-frontend ingress link pin");
+    // Unpinning drops the last reference: the kernel detaches the program.
+    std::fs::remove_file(&pin).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = env.status_json();
+        if status["links_restored"].as_u64() >= Some(1) && pin.exists() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "link not restored: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(env.agent.log_text().contains("attached again"));
+    // The new pin is a live link on tg-frontend (pin name: ifname@ifindex@direction).
+    let ifindex: u32 = pin
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        tollgate_agent::loader::link_attached_to(&pin),
+        Some(ifindex)
+    );
+    let text = env.agent.cli(&["status"]).unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("1 restored"));
+}

@@ -1,11 +1,13 @@
-//! `tollgate agent`: wires the subsystems together. Loads (or adopts) the pinned datapath,
-//! installs the policy from `--policy`, attaches to the selected interfaces and keeps them in
-//! sync, reads flow events, and serves the control socket. SIGTERM/SIGINT stop the process and
-//! leave the pinned datapath enforcing the last policy.
+//! `tollgate agent`: wires the subsystems together. Takes the pin directory's lock, loads (or
+//! adopts) the pinned datapath, installs the policy from `--policy`, describes and attaches to
+//! the selected interfaces and keeps them in sync, reads flow events, and serves the control
+//! socket. SIGTERM/SIGINT stop the process and leave the pinned datapath enforcing the last
+//! policy.
 
 use std::{
+    collections::VecDeque,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -20,37 +22,78 @@ use tollgate_common::{
 };
 
 use crate::{
-    api::{self, ApiError, CheckRequest, CheckResponse, PolicyResponse, StatusResponse},
+    api::{
+        self, ApiError, CheckRequest, CheckResponse, InterfaceStatus, PolicyResponse,
+        StatusResponse,
+    },
     datapath::Datapath,
     host::host_addresses,
     loader::{self, Attachment, InterfaceSelector, Loaded},
     paths::PinLayout,
-    policy::{compile_policy, parse_policy, ClockReading, CompiledPolicy, Policy, Protocol},
+    pinlock::PinLock,
+    policy::{compile_policy, parse_policy, ClockReading, Policy, PolicyNames, Protocol},
 };
 
-/// How often interfaces are rescanned for new or vanished matches.
+/// How often interfaces are rescanned for new or vanished matches, and links checked.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Generations whose names are kept for the events they may still have in the ring buffer.
+/// Events are read within milliseconds of being written; eight swaps back is far beyond that.
+const NAMED_GENERATIONS: usize = 8;
 
 pub struct AgentConfig {
     pub selector: InterfaceSelector,
+    /// Interfaces (among those enforced) where traffic from `world` arrives with any source:
+    /// no source validation there.
+    pub uplinks: Option<InterfaceSelector>,
     pub policy_path: PathBuf,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
+}
+
+impl AgentConfig {
+    fn is_uplink(&self, ifname: &str) -> bool {
+        self.uplinks.as_ref().is_some_and(|u| u.matches(ifname))
+    }
 }
 
 struct State {
     loaded: Loaded,
     datapath: Datapath,
     policy: Policy,
-    compiled: CompiledPolicy,
     generation: u64,
+    /// Names of the live generation and of the ones before it, newest first, so an event is
+    /// named as the generation that produced it numbered things.
+    names: VecDeque<(u64, Arc<PolicyNames>)>,
+    /// The enforced interfaces (name, ifindex), as described in `TG_INTERFACES`.
+    interfaces: Vec<(String, u32)>,
     attachments: Vec<Attachment>,
+    /// Links found unpinned or detached and attached again, since start.
+    links_restored: u64,
     events_read: u64,
+}
+
+impl State {
+    fn live_names(&self) -> &PolicyNames {
+        &self
+            .names
+            .front()
+            .expect("a policy is installed at start")
+            .1
+    }
+
+    fn names_of(&self, generation: u64) -> Option<&PolicyNames> {
+        self.names
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, n)| n.as_ref())
+    }
 }
 
 pub struct Agent {
     config: AgentConfig,
     state: Mutex<State>,
+    /// Held for the agent's lifetime: no second agent or uninstall on this pin directory.
+    _lock: PinLock,
 }
 
 impl Agent {
@@ -60,16 +103,27 @@ impl Agent {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Loads the datapath, installs the policy and attaches, in that order: by the time a
-    /// program is attached to a new interface the policy it reads is complete.
+    /// Locks the pin directory, loads the datapath, describes the interfaces, installs the
+    /// policy and attaches, in that order: by the time a program is attached to a new interface
+    /// the policy and interface settings it reads are complete.
     pub fn start(config: AgentConfig) -> Result<Arc<Agent>> {
         let policy = crate::policy::load_policy_file(&config.policy_path)?;
         let layout = PinLayout::new(&config.bpffs);
+        loader::ensure_bpffs(&layout)?;
+        let lock = PinLock::acquire(&layout.root)?;
         let adopting = loader::is_installed(&layout);
         let mut loaded = loader::load(&layout)?;
         let mut datapath = Datapath::open(&layout)?;
-        let (compiled, generation) = install(&mut datapath, &policy)?;
-        let attachments = loaded.reconcile(&config.selector)?;
+        let interfaces = selected_interfaces(&config.selector)?;
+        for (name, ifindex) in &interfaces {
+            // Bindings are left as they are: the next install writes its slot's, and the live
+            // slot belongs to the policy the previous agent installed.
+            datapath.write_interface(*ifindex, config.is_uplink(name), [None, None])?;
+        }
+        let (names, generation) = install(&mut datapath, &policy, &interfaces)?;
+        let reconciled = loaded.reconcile(&interfaces)?;
+        forget_other_interfaces(&mut datapath, &interfaces);
+        let attachments = reconciled.attachments;
         tracing::info!(
             policy = %policy.name,
             generation,
@@ -85,11 +139,14 @@ impl Agent {
                 loaded,
                 datapath,
                 policy,
-                compiled,
                 generation,
+                names: VecDeque::from([(generation, names)]),
+                interfaces,
                 attachments,
+                links_restored: 0,
                 events_read: 0,
             }),
+            _lock: lock,
         }))
     }
 
@@ -97,11 +154,14 @@ impl Agent {
         let policy = parse_policy(text, "policy")
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
         let mut st = self.lock();
-        let (compiled, generation) = install(&mut st.datapath, &policy)?;
+        let interfaces = st.interfaces.clone();
+        let (names, generation) = install(&mut st.datapath, &policy, &interfaces)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
         tracing::info!(policy = %policy.name, generation, rules = policy.rules.len(), "policy applied");
         st.policy = policy;
-        st.compiled = compiled;
         st.generation = generation;
+        st.names.push_front((generation, names));
+        st.names.truncate(NAMED_GENERATIONS);
         Ok(policy_response(&st))
     }
 
@@ -109,28 +169,76 @@ impl Agent {
         Ok(policy_response(&self.lock()))
     }
 
+    /// Decides a hypothetical new flow with the kernel's own code against the live maps (see
+    /// `check.rs`).
     pub fn check(&self, req: &CheckRequest) -> Result<CheckResponse, ApiError> {
+        let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
         let proto = Protocol::parse(&req.protocol)
             .filter(|p| *p != Protocol::Any)
             .ok_or_else(|| {
-                ApiError(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown protocol {:?} (expected tcp, udp, icmp or icmpv6)",
-                        req.protocol
-                    ),
-                )
+                bad(format!(
+                    "unknown protocol {:?} (expected tcp, udp, icmp or icmpv6)",
+                    req.protocol
+                ))
             })?;
-        let st = self.lock();
-        let r = st
-            .datapath
-            .check(req.from, req.to, proto.number(), req.port)?;
+        if req.from.is_ipv4() != req.to.is_ipv4() {
+            return Err(bad(format!(
+                "--from {} and --to {} are of different address families; no packet has both \
+                 (an IPv4-mapped address such as ::ffff:10.0.0.1 is IPv6 on the wire)",
+                req.from, req.to
+            )));
+        }
+        match (proto, req.from.is_ipv4()) {
+            (Protocol::Icmp, false) => return Err(bad("icmp is IPv4; use icmpv6".into())),
+            (Protocol::IcmpV6, true) => return Err(bad("icmpv6 is IPv6; use icmp".into())),
+            _ => {}
+        }
+        let mut st = self.lock();
+        let (ifindex, mark) = match &req.interface {
+            None => (0, 0),
+            Some(name) => {
+                let ifindex = st
+                    .interfaces
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, i)| *i)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "interface {name:?} is not enforced by this agent (enforced: {})",
+                            st.interfaces
+                                .iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ))
+                    })?;
+                (ifindex, tollgate_common::CHECK_MARK_VALIDATE_SOURCE)
+            }
+        };
+        let packet = crate::check::probe_packet(req.from, req.to, proto.number(), req.port);
+        st.datapath.clear_check()?;
+        st.loaded.run_check(&packet, ifindex, mark)?;
+        let r = st.datapath.check_result()?;
+        let verdict = Verdict::from_u32(r.verdict)
+            .ok_or_else(|| anyhow!("the check program answered verdict {}", r.verdict))?;
+        let names = st.names_of(r.generation);
+        let name = |id: u32| match (id, names) {
+            (tollgate_common::flow::EVENT_IDENTITY_UNRESOLVED, _) => "unresolved".to_owned(),
+            (_, Some(n)) => n.identity_name(id).to_owned(),
+            (_, None) => format!("identity #{id}"),
+        };
+        let rule = match (verdict, names) {
+            (Verdict::DropSpoofed, _) => "source validation".to_owned(),
+            (Verdict::DenyNoPolicy, _) => "no policy loaded".to_owned(),
+            (_, Some(n)) => n.rule_name(r.rule_id).to_owned(),
+            (_, None) => format!("rule #{}", r.rule_id),
+        };
         Ok(CheckResponse {
-            verdict: r.decision.verdict.name().to_string(),
-            allowed: r.decision.verdict.passes(),
-            rule: st.compiled.rule_name(r.decision.rule_id).to_string(),
-            from_identity: st.compiled.identity_name(r.src_identity).to_string(),
-            to_identity: st.compiled.identity_name(r.dst_identity).to_string(),
+            verdict: verdict.name().to_string(),
+            allowed: verdict.passes(),
+            rule,
+            from_identity: name(r.src_identity),
+            to_identity: name(r.dst_identity),
             generation: r.generation,
         })
     }
@@ -155,28 +263,62 @@ impl Agent {
                 .collect(),
             events_lost: counters[COUNTER_EVENTS_LOST as usize],
             events_read: st.events_read,
+            interfaces: st
+                .interfaces
+                .iter()
+                .map(|(name, ifindex)| {
+                    let bound = st.live_names().bound_identity(name);
+                    InterfaceStatus {
+                        name: name.clone(),
+                        ifindex: *ifindex,
+                        role: if self.config.is_uplink(name) {
+                            "uplink"
+                        } else {
+                            "workload"
+                        }
+                        .to_owned(),
+                        bound_identity: (bound != 0)
+                            .then(|| st.live_names().identity_name(bound).to_owned()),
+                    }
+                })
+                .collect(),
+            links_restored: st.links_restored,
         })
     }
 
+    /// Brings the enforced interfaces in line with what exists now: describes and attaches to
+    /// new ones, attaches again where a link was lost, forgets vanished ones.
     fn rescan(&self) -> Result<()> {
+        let wanted = selected_interfaces(&self.config.selector)?;
         let mut st = self.lock();
-        let attachments = st.loaded.reconcile(&self.config.selector)?;
-        let before: Vec<_> = st
-            .attachments
-            .iter()
-            .map(|a| (&a.interface, a.ifindex))
-            .collect();
-        let after: Vec<_> = attachments
-            .iter()
-            .map(|a| (&a.interface, a.ifindex))
-            .collect();
-        if before != after {
+        let live_slot = slot_of(st.generation);
+        for (name, ifindex) in &wanted {
+            if st.interfaces.iter().any(|(n, i)| n == name && i == ifindex) {
+                continue;
+            }
+            // New (or renamed, or a new interface on a reused ifindex): a fresh entry.
+            let mut bound = [Some(0); 2];
+            bound[live_slot as usize] = Some(st.live_names().bound_identity(name));
+            st.datapath
+                .write_interface(*ifindex, self.config.is_uplink(name), bound)?;
+        }
+        let reconciled = st.loaded.reconcile(&wanted)?;
+        forget_other_interfaces(&mut st.datapath, &wanted);
+        if !reconciled.restored.is_empty() {
+            st.links_restored += reconciled.restored.len() as u64;
+            tracing::warn!(
+                links = ?reconciled.restored,
+                "links were unpinned or detached behind the agent's back; attached again"
+            );
+        }
+        if st.interfaces != wanted {
             tracing::info!(
-                interfaces = ?after.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+                interfaces = ?wanted.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
                 "enforced interfaces changed"
             );
         }
-        st.attachments = attachments;
+        st.interfaces = wanted;
+        st.attachments = reconciled.attachments;
         Ok(())
     }
 
@@ -196,14 +338,12 @@ impl Agent {
             }
             _ => format!("port {}", ev.dport),
         };
+        let (from, to, rule) = name_event(st.names_of(ev.generation), ev);
         format!(
-            "{verdict} {} {} -> {} {what} ({} -> {}) by {} [if {} {}]",
+            "{verdict} {} {} -> {} {what} ({from} -> {to}) by {rule} [if {} {}]",
             proto_name(ev.proto),
             addr(ev.saddr),
             addr(ev.daddr),
-            st.compiled.identity_name(ev.src_identity),
-            st.compiled.identity_name(ev.dst_identity),
-            st.compiled.rule_name(ev.rule_id),
             ev.ifindex,
             if ev.direction == tollgate_common::direction::INGRESS {
                 "ingress"
@@ -211,6 +351,49 @@ impl Agent {
                 "egress"
             },
         )
+    }
+}
+
+/// (source identity, destination identity, rule) of an event, named as the generation that
+/// produced it numbered them. An event of a generation this agent does not know (written before
+/// it started, or more than `NAMED_GENERATIONS` swaps ago) says so instead of borrowing another
+/// generation's names.
+fn name_event(names: Option<&PolicyNames>, ev: &FlowEvent) -> (String, String, String) {
+    let identity = |id: u32| match (id, names) {
+        (tollgate_common::flow::EVENT_IDENTITY_UNRESOLVED, _) => "unresolved".to_owned(),
+        (_, Some(n)) => n.identity_name(id).to_owned(),
+        (_, None) => format!("identity #{id}"),
+    };
+    let rule = match (ev.verdict, names) {
+        (v, _) if v == Verdict::DropSpoofed as u32 => "source validation".to_owned(),
+        (_, Some(n)) => n.rule_name(ev.rule_id).to_owned(),
+        (_, None) if ev.rule_id == tollgate_common::rule::RULE_ID_NONE => "default-deny".to_owned(),
+        (_, None) => format!("rule #{}", ev.rule_id),
+    };
+    let (from, to, mut rule) = (identity(ev.src_identity), identity(ev.dst_identity), rule);
+    if names.is_none() {
+        rule.push_str(&format!(
+            " (generation {}, not known to this agent: names unavailable)",
+            ev.generation
+        ));
+    }
+    (from, to, rule)
+}
+
+/// The interfaces of this network namespace that `selector` selects, as (name, ifindex).
+fn selected_interfaces(selector: &InterfaceSelector) -> Result<Vec<(String, u32)>> {
+    Ok(loader::interfaces()?
+        .into_iter()
+        .filter(|(name, _)| selector.matches(name))
+        .collect())
+}
+
+/// Removes `TG_INTERFACES` entries of interfaces no longer enforced.
+fn forget_other_interfaces(datapath: &mut Datapath, enforced: &[(String, u32)]) {
+    for ifindex in datapath.described_interfaces() {
+        if !enforced.iter().any(|(_, i)| *i == ifindex) {
+            datapath.forget_interface(ifindex);
+        }
     }
 }
 
@@ -233,8 +416,13 @@ fn policy_response(st: &State) -> PolicyResponse {
     }
 }
 
-/// Compiles `policy` for the next generation and swaps it in.
-fn install(datapath: &mut Datapath, policy: &Policy) -> Result<(CompiledPolicy, u64)> {
+/// Compiles `policy` for the next generation and swaps it in; returns the names of what it
+/// installed (the map entries themselves are not kept).
+fn install(
+    datapath: &mut Datapath,
+    policy: &Policy,
+    interfaces: &[(String, u32)],
+) -> Result<(Arc<PolicyNames>, u64)> {
     let generation = datapath.next_generation()?;
     let compiled = compile_policy(
         policy,
@@ -242,8 +430,17 @@ fn install(datapath: &mut Datapath, policy: &Policy) -> Result<(CompiledPolicy, 
         &ClockReading::now(),
         &host_addresses()?,
     );
-    datapath.install(&compiled, generation)?;
-    Ok((compiled, generation))
+    datapath.install(&compiled, generation, interfaces)?;
+    Ok((compiled.names, generation))
+}
+
+/// Removes the control socket file when dropped, so a failed start or a stop leaves none.
+struct SocketFile<'a>(&'a Path);
+
+impl Drop for SocketFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -251,6 +448,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let socket = config.socket.clone();
     // Bind first: a second agent on the same socket fails before touching any datapath.
     let listener = api::bind(&socket).await?;
+    let _socket_file = SocketFile(&socket);
     let agent = tokio::task::block_in_place(|| Agent::start(config))?;
 
     let server = tokio::spawn(api::serve(
@@ -288,7 +486,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     server.abort();
     events.abort();
     rescan.abort();
-    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 

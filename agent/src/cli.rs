@@ -1,7 +1,7 @@
 //! The `tollgate` command line. Exit status: 0 success, 1 error (one line on stderr), 2 usage
 //! error (clap), 3 `check` answered deny.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -16,6 +16,7 @@ use crate::{
     loader::{self, InterfaceSelector},
     paths::{PinLayout, DEFAULT_BPFFS, DEFAULT_SOCKET},
     policy::load_policy_file,
+    rlimit,
 };
 
 pub const EXIT_ERROR: u8 = 1;
@@ -31,6 +32,16 @@ pub struct Cli {
     /// Control socket of the agent.
     #[arg(long, global = true, env = "TOLLGATE_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// How long a command may wait for the agent: connecting, sending and the answer
+    /// together (e.g. 500ms, 30s, 2m).
+    #[arg(
+        long,
+        global = true,
+        env = "TOLLGATE_TIMEOUT",
+        default_value = "30s",
+        value_parser = parse_timeout
+    )]
+    pub timeout: Duration,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -63,6 +74,11 @@ pub struct AgentArgs {
     /// Directory on bpffs where programs, links and maps are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// Enforced interfaces that are uplinks (comma-separated names or globs): traffic from
+    /// `world` arrives there with any source address, so they skip source validation. Every
+    /// other enforced interface is workload-facing.
+    #[arg(long, conflicts_with = "uninstall")]
+    pub uplinks: Option<String>,
     /// Detach every program and remove every pin under --bpffs, then exit.
     #[arg(long, conflicts_with_all = ["interfaces", "policy"])]
     pub uninstall: bool,
@@ -96,6 +112,10 @@ pub struct CheckArgs {
     /// tcp, udp, icmp or icmpv6.
     #[arg(long)]
     pub protocol: String,
+    /// The enforced interface the packet arrives on: also check its source as the datapath
+    /// does there (reverse path, interface binding).
+    #[arg(long)]
+    pub interface: Option<String>,
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -107,6 +127,15 @@ pub fn main() -> ExitCode {
             eprintln!("tollgate: {e:#}");
             ExitCode::from(EXIT_ERROR)
         }
+    }
+}
+
+/// A `--timeout`: a humantime duration (`500ms`, `30s`, `2m`) above zero.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0s".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (write e.g. 500ms, 30s or 2m)")),
     }
 }
 
@@ -133,12 +162,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Policy(PolicyCommand::Apply { file }) => {
-            // Validate locally first so the error names the file the user gave.
-            load_policy_file(&file)?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let r: PolicyResponse =
-                runtime()?.block_on(Client::new(&cli.socket).put_text(PATH_POLICY, text))?;
+            // Validate locally first so the error names the file the user gave; what is sent is
+            // the text that was validated, read once.
+            let text = load_policy_file(&file)?.source_text;
+            let r: PolicyResponse = runtime()?
+                .block_on(Client::new(&cli.socket, cli.timeout).put_text(PATH_POLICY, text))?;
             println!(
                 "applied policy {:?} as generation {} ({} rules)",
                 r.name, r.generation, r.rules
@@ -147,7 +175,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::Policy(PolicyCommand::Get) => {
             let r: PolicyResponse =
-                runtime()?.block_on(Client::new(&cli.socket).get(PATH_POLICY))?;
+                runtime()?.block_on(Client::new(&cli.socket, cli.timeout).get(PATH_POLICY))?;
             println!("# policy {:?}, generation {}", r.name, r.generation);
             print!("{}", r.text);
             if !r.text.ends_with('\n') {
@@ -157,7 +185,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status { json } => {
             let s: StatusResponse =
-                runtime()?.block_on(Client::new(&cli.socket).get(PATH_STATUS))?;
+                runtime()?.block_on(Client::new(&cli.socket, cli.timeout).get(PATH_STATUS))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -171,13 +199,15 @@ pub fn run(cli: Cli) -> Result<u8> {
                 to: args.to,
                 port: args.port,
                 protocol: args.protocol.to_lowercase(),
+                interface: args.interface,
             };
-            let r: CheckResponse =
-                runtime()?.block_on(Client::new(&cli.socket).post_json(PATH_CHECK, &req))?;
+            let r: CheckResponse = runtime()?
+                .block_on(Client::new(&cli.socket, cli.timeout).post_json(PATH_CHECK, &req))?;
             let what = match r.verdict.as_str() {
                 "allow_new" => "allow",
                 "audit_would_deny" => "would-deny (audit mode: passes)",
                 "deny_expired" => "deny (rule expired)",
+                "drop_spoofed" => "deny (spoofed source)",
                 _ => "deny",
             };
             let port = if matches!(req.protocol.as_str(), "tcp" | "udp") {
@@ -215,8 +245,26 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before the runtime starts, so that every thread and descriptor lives under the new limit.
+    match rlimit::raise_nofile_limit() {
+        Ok(limit) if limit.raised() => tracing::info!(
+            from = limit.before,
+            to = limit.after,
+            "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+        ),
+        Ok(limit) => tracing::info!(
+            limit = limit.after,
+            "open-file limit (RLIMIT_NOFILE) is at its hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit (RLIMIT_NOFILE)"),
+    }
     let config = AgentConfig {
         selector: InterfaceSelector::parse(&interfaces)?,
+        uplinks: args
+            .uplinks
+            .as_deref()
+            .map(|u| InterfaceSelector::parse(u).context("--uplinks"))
+            .transpose()?,
         policy_path: policy,
         socket,
         bpffs: args.bpffs,
@@ -241,13 +289,35 @@ fn print_status(s: &StatusResponse) {
         s.identities, s.map_usage.identities_v4, s.map_usage.identities_v6
     );
     println!("interfaces   {}", s.interfaces_selector);
-    for a in &s.attachments {
+    for i in &s.interfaces {
+        let links: Vec<String> = s
+            .attachments
+            .iter()
+            .filter(|a| a.ifindex == i.ifindex)
+            .map(|a| {
+                format!(
+                    "{} {}",
+                    a.direction,
+                    if a.adopted { "adopted" } else { "attached" }
+                )
+            })
+            .collect();
+        let role = match &i.bound_identity {
+            Some(id) => format!("{} (bound to {id})", i.role),
+            None => i.role.clone(),
+        };
         println!(
-            "  {:<16} {:<8} ifindex {:<5} {}",
-            a.interface,
-            a.direction,
-            a.ifindex,
-            if a.adopted { "adopted" } else { "attached" }
+            "  {:<16} ifindex {:<5} {:<28} {}",
+            i.name,
+            i.ifindex,
+            role,
+            links.join(", ")
+        );
+    }
+    if s.links_restored > 0 {
+        println!(
+            "links        {} restored after being unpinned or detached",
+            s.links_restored
         );
     }
     println!("flows        {} conntrack entries", s.conntrack_entries);
@@ -259,4 +329,39 @@ fn print_status(s: &StatusResponse) {
         "events       {} read, {} lost",
         s.events_read, s.events_lost
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tollgate").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn timeout_is_a_global_humantime_duration() {
+        // Unless TOLLGATE_TIMEOUT is set around the tests, the default applies.
+        if std::env::var_os("TOLLGATE_TIMEOUT").is_none() {
+            assert_eq!(parse(&["status"]).unwrap().timeout, Duration::from_secs(30));
+        }
+        assert_eq!(
+            parse(&["--timeout", "500ms", "status"]).unwrap().timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse(&["policy", "get", "--timeout", "2m"])
+                .unwrap()
+                .timeout,
+            Duration::from_secs(120)
+        );
+    }
+
+    #[test]
+    fn zero_or_malformed_timeout_is_a_usage_error() {
+        for bad in ["0s", "soon", "10"] {
+            let e = parse(&["--timeout", bad, "status"]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+        }
+    }
 }

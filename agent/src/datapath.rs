@@ -1,6 +1,6 @@
 //! The agent's handle on the kernel datapath's maps: installing a compiled policy as one atomic
-//! generation swap, reading counters, and answering lookups for `tollgate check` from the very
-//! maps the kernel reads.
+//! generation swap, describing interfaces, reading counters, and the `TG_CHECK` result the
+//! kernel's check program leaves for `tollgate check`.
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
@@ -10,9 +10,9 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray,
 };
 use tollgate_common::{
-    capacity, decide, flow::v4_mapped, identity::SLOT_PREFIX_BITS, map_names,
-    rule::RULE_FULL_PREFIX_BITS, slot_of, verdict::COUNTER_SLOTS, Decision, FlowKey, FlowValue,
-    IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, SlotConfig, ABI_VERSION,
+    capacity, flow::v4_mapped, identity::IdentityId, interface::INTERFACE_FLAG_UPLINK, map_names,
+    slot_of, verdict::COUNTER_SLOTS, FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6,
+    IdentityValue, InterfaceValue, RuleKey, RuleValue, SlotConfig, ABI_VERSION,
     ACTIVE_GENERATION_INDEX, SLOT_COUNT,
 };
 
@@ -28,7 +28,7 @@ pub const SLOT_GRACE: Duration = Duration::from_millis(50);
 
 /// Expected shape of every map: (name, key size, value size, max entries). A pinned map that
 /// differs was made by an incompatible build and must not be adopted.
-pub fn expected_map_shapes() -> [(&'static str, u32, u32, u32); 8] {
+pub fn expected_map_shapes() -> [(&'static str, u32, u32, u32); 10] {
     use std::mem::size_of;
     let lpm = |k: usize| (k + 4) as u32;
     [
@@ -65,6 +65,18 @@ pub fn expected_map_shapes() -> [(&'static str, u32, u32, u32); 8] {
         ),
         (map_names::COUNTERS, 4, 8, COUNTER_SLOTS),
         (map_names::EVENTS, 0, 0, capacity::EVENTS_BYTES),
+        (
+            map_names::INTERFACES,
+            4,
+            size_of::<InterfaceValue>() as u32,
+            capacity::INTERFACE_ENTRIES,
+        ),
+        (
+            map_names::CHECK,
+            4,
+            size_of::<tollgate_common::CheckResult>() as u32,
+            1,
+        ),
     ]
 }
 
@@ -110,6 +122,8 @@ pub struct Datapath {
     rules: LpmTrie<MapData, RuleKey, RuleValue>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     counters: PerCpuArray<MapData, u64>,
+    interfaces: HashMap<MapData, u32, InterfaceValue>,
+    check: Array<MapData, tollgate_common::CheckResult>,
     /// When this process last flipped `TG_ACTIVE`; the slot it left must not be cleared before
     /// `SLOT_GRACE` has passed.
     last_flip: Option<std::time::Instant>,
@@ -134,6 +148,8 @@ impl Datapath {
             rules: pinned(layout, map_names::RULES)?.try_into()?,
             conntrack: pinned(layout, map_names::CONNTRACK)?.try_into()?,
             counters: pinned(layout, map_names::COUNTERS)?.try_into()?,
+            interfaces: pinned(layout, map_names::INTERFACES)?.try_into()?,
+            check: pinned(layout, map_names::CHECK)?.try_into()?,
             // Another process (a previous agent) may have flipped just now.
             last_flip: Some(std::time::Instant::now()),
         })
@@ -158,7 +174,15 @@ impl Datapath {
     /// The slot that is not live is cleared and refilled, its config written, and only then is
     /// `TG_ACTIVE` flipped: a packet reads the generation once and every lookup it makes stays
     /// in that generation's slot, so it sees either the old policy or the new one, whole.
-    pub fn install(&mut self, policy: &CompiledPolicy, generation: u64) -> Result<()> {
+    ///
+    /// `interfaces` are the enforced interfaces (name, ifindex): each one's binding for the new
+    /// slot is written before the flip as well.
+    pub fn install(
+        &mut self,
+        policy: &CompiledPolicy,
+        generation: u64,
+        interfaces: &[(String, u32)],
+    ) -> Result<()> {
         let live = self.active_generation()?;
         if generation != live + 1 {
             bail!("generation {generation} does not follow the live generation {live}");
@@ -175,7 +199,48 @@ impl Datapath {
                 std::thread::sleep(rest);
             }
         }
-        self.clear_slot(slot)?;
+        // One walk per map finds both the stale entries of this slot and how many the live
+        // slot uses, so a policy too big for what is left is refused before anything changes.
+        let (stale_v4, live_v4) = split_by_slot(&self.identity_v4, slot);
+        let (stale_v6, live_v6) = split_by_slot(&self.identity_v6, slot);
+        let (stale_rules, live_rules) = split_by_slot(&self.rules, slot);
+        for (what, needed, live, capacity) in [
+            (
+                "IPv4 identity",
+                policy.identities_v4.len(),
+                live_v4,
+                capacity::IDENTITY_ENTRIES,
+            ),
+            (
+                "IPv6 identity",
+                policy.identities_v6.len(),
+                live_v6,
+                capacity::IDENTITY_ENTRIES,
+            ),
+            (
+                "rule",
+                policy.rules.len(),
+                live_rules,
+                capacity::RULE_ENTRIES,
+            ),
+        ] {
+            if needed + live > capacity as usize {
+                bail!(
+                    "the policy needs {needed} {what} entries, but the map holds {capacity} for \
+                     both policy slots and the live policy uses {live}; at most {} fit",
+                    capacity as usize - live
+                );
+            }
+        }
+        for k in stale_v4 {
+            let _ = self.identity_v4.remove(&k);
+        }
+        for k in stale_v6 {
+            let _ = self.identity_v6.remove(&k);
+        }
+        for k in stale_rules {
+            let _ = self.rules.remove(&k);
+        }
         for (prefix, key, value) in &policy.identities_v4 {
             self.identity_v4
                 .insert(&Key::new(*prefix, *key), value, 0)
@@ -196,6 +261,9 @@ impl Datapath {
                     )
                 })?;
         }
+        for (name, ifindex) in interfaces {
+            self.set_binding(*ifindex, slot, policy.bound_identity(name))?;
+        }
         self.slot_config.set(
             slot,
             SlotConfig {
@@ -210,18 +278,54 @@ impl Datapath {
         Ok(())
     }
 
-    /// Deletes every entry of `slot` from the policy maps. Never called on the live slot.
-    fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        for k in keys_in_slot(&self.identity_v4, slot) {
-            let _ = self.identity_v4.remove(&k);
+    /// Describes an interface (before a program is attached to it, and whenever its settings
+    /// change): uplink or workload-facing, and its binding per slot. `None` keeps that slot's
+    /// binding as it is (0 for a new entry), so an adopting agent never unbinds the live slot
+    /// of the policy it has not replaced yet.
+    pub fn write_interface(
+        &mut self,
+        ifindex: u32,
+        uplink: bool,
+        bound: [Option<IdentityId>; SLOT_COUNT as usize],
+    ) -> Result<()> {
+        let mut value = self.interfaces.get(&ifindex, 0).unwrap_or_default();
+        value.flags = if uplink { INTERFACE_FLAG_UPLINK } else { 0 };
+        for (slot, b) in bound.into_iter().enumerate() {
+            if let Some(b) = b {
+                value.bound_identity[slot] = b;
+            }
         }
-        for k in keys_in_slot(&self.identity_v6, slot) {
-            let _ = self.identity_v6.remove(&k);
-        }
-        for k in keys_in_slot(&self.rules, slot) {
-            let _ = self.rules.remove(&k);
-        }
-        Ok(())
+        self.interfaces.insert(ifindex, value, 0).with_context(|| {
+            format!(
+                "describing interface {ifindex} in {}",
+                map_names::INTERFACES
+            )
+        })
+    }
+
+    /// Sets an interface's binding in `slot`, keeping the rest of its entry. The kernel reads
+    /// the whole value at once, so it sees the old entry or the new one.
+    fn set_binding(&mut self, ifindex: u32, slot: u32, bound: IdentityId) -> Result<()> {
+        let mut value = self.interfaces.get(&ifindex, 0).unwrap_or_default();
+        value.bound_identity[(slot & 1) as usize] = bound;
+        self.interfaces
+            .insert(ifindex, value, 0)
+            .with_context(|| format!("binding interface {ifindex} in {}", map_names::INTERFACES))
+    }
+
+    /// What `TG_INTERFACES` says about `ifindex`.
+    pub fn interface(&self, ifindex: u32) -> Option<InterfaceValue> {
+        self.interfaces.get(&ifindex, 0).ok()
+    }
+
+    /// Forgets an interface that is no longer enforced (or no longer exists).
+    pub fn forget_interface(&mut self, ifindex: u32) {
+        let _ = self.interfaces.remove(&ifindex);
+    }
+
+    /// The ifindexes `TG_INTERFACES` describes.
+    pub fn described_interfaces(&self) -> Vec<u32> {
+        self.interfaces.keys().filter_map(|k| k.ok()).collect()
     }
 
     /// Packet counters summed over CPUs, indexed like `TG_COUNTERS`.
@@ -244,6 +348,16 @@ impl Datapath {
         Ok(())
     }
 
+    /// The conntrack entry of `key`, if any.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    /// Overwrites a conntrack entry (tests age entries with it).
+    pub fn set_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        Ok(self.conntrack.insert(key, value, 0)?)
+    }
+
     /// Tracked flow entries (two per flow). Walks the map; for status, not for hot paths.
     pub fn conntrack_entries(&self) -> usize {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
@@ -257,78 +371,22 @@ impl Datapath {
         }
     }
 
-    /// The identity the kernel would give `addr` in `slot` (world when nothing matches).
-    pub fn identity_of(&self, slot: u32, addr: IpAddr) -> u32 {
-        let found = match addr {
-            IpAddr::V4(a) => self
-                .identity_v4
-                .get(
-                    &Key::new(
-                        SLOT_PREFIX_BITS + 32,
-                        IdentityKeyV4 {
-                            slot,
-                            addr: a.octets(),
-                        },
-                    ),
-                    0,
-                )
-                .ok(),
-            IpAddr::V6(a) => {
-                // An IPv4-mapped address is looked up as IPv4, as the kernel stores both so.
-                if let Some(v4) = a.to_ipv4_mapped() {
-                    return self.identity_of(slot, IpAddr::V4(v4));
-                }
-                self.identity_v6
-                    .get(
-                        &Key::new(
-                            SLOT_PREFIX_BITS + 128,
-                            IdentityKeyV6 {
-                                slot,
-                                addr: a.octets(),
-                            },
-                        ),
-                        0,
-                    )
-                    .ok()
-            }
+    /// Clears `TG_CHECK` before a check run, so a run that wrote nothing is noticed.
+    pub fn clear_check(&mut self) -> Result<()> {
+        let pending = tollgate_common::CheckResult {
+            verdict: tollgate_common::CHECK_PENDING,
+            ..Default::default()
         };
-        found
-            .map(|v| v.id)
-            .unwrap_or(tollgate_common::identity::IDENTITY_WORLD)
+        Ok(self.check.set(0, pending, 0)?)
     }
 
-    /// Decides a hypothetical new flow exactly as the kernel would right now: same maps, same
-    /// decision function, CLOCK_BOOTTIME.
-    pub fn check(&self, from: IpAddr, to: IpAddr, proto: u8, port: u16) -> Result<CheckResult> {
-        let generation = self.active_generation()?;
-        if generation == 0 {
-            bail!("no policy is loaded");
+    /// What the last check run decided.
+    pub fn check_result(&self) -> Result<tollgate_common::CheckResult> {
+        let r = self.check.get(&0, 0)?;
+        if r.verdict == tollgate_common::CHECK_PENDING {
+            bail!("the check program did not write a result");
         }
-        let slot = slot_of(generation);
-        let src = self.identity_of(slot, from);
-        let dst = self.identity_of(slot, to);
-        let port = match proto {
-            tollgate_common::proto::TCP | tollgate_common::proto::UDP => port,
-            _ => 0,
-        };
-        let entry = self
-            .rules
-            .get(
-                &Key::new(
-                    RULE_FULL_PREFIX_BITS,
-                    RuleKey::new(slot, src, dst, proto, port),
-                ),
-                0,
-            )
-            .ok();
-        let flags = self.slot_config.get(&slot, 0)?.flags;
-        let decision = decide(entry.as_ref(), flags, boottime_ns());
-        Ok(CheckResult {
-            generation,
-            src_identity: src,
-            dst_identity: dst,
-            decision,
-        })
+        Ok(r)
     }
 }
 
@@ -355,6 +413,25 @@ impl SlotKey for RuleKey {
     }
 }
 
+/// Every key of `trie` in `slot`, and how many keys the other slot has. Collected first:
+/// deleting while walking would skip keys.
+fn split_by_slot<K: aya::Pod + SlotKey, V: aya::Pod>(
+    trie: &LpmTrie<MapData, K, V>,
+    slot: u32,
+) -> (Vec<Key<K>>, usize) {
+    let mut other = 0;
+    let mine = trie
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| {
+            let in_slot = k.data().slot() == slot;
+            other += usize::from(!in_slot);
+            in_slot
+        })
+        .collect();
+    (mine, other)
+}
+
 /// Every key of `trie` in `slot`. Collected first: deleting while walking would skip keys.
 fn keys_in_slot<K: aya::Pod + SlotKey, V: aya::Pod>(
     trie: &LpmTrie<MapData, K, V>,
@@ -364,13 +441,6 @@ fn keys_in_slot<K: aya::Pod + SlotKey, V: aya::Pod>(
         .filter_map(|k| k.ok())
         .filter(|k| k.data().slot() == slot)
         .collect()
-}
-
-pub struct CheckResult {
-    pub generation: u64,
-    pub src_identity: u32,
-    pub dst_identity: u32,
-    pub decision: Decision,
 }
 
 /// CLOCK_BOOTTIME in nanoseconds, the clock the kernel programs compare expiries against.

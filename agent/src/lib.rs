@@ -3,10 +3,14 @@
 
 pub mod api;
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod client;
+mod connections;
 pub mod datapath;
 pub mod host;
 pub mod loader;
 pub mod paths;
+pub mod pinlock;
 pub mod policy;
+pub mod rlimit;

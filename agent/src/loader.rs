@@ -5,12 +5,15 @@
 //! its programs against the pinned maps, then for every enforced interface either creates a
 //! link or, when one is pinned already, swaps the new program into it atomically
 //! (`bpf_link_update`): the interface is never without a program, so a restart opens no gap.
-//! Stopping the agent leaves every pin in place and the kernel keeps enforcing.
+//! Stopping the agent leaves every pin in place and the kernel keeps enforcing. Every rescan
+//! also checks that each link it made is still attached to its interface; one that was unpinned
+//! or detached behind the agent's back is reported and attached again.
 
 use std::{
     collections::BTreeSet,
     ffi::CStr,
     fs, io,
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -28,6 +31,7 @@ use tollgate_common::{map_names, program_names};
 use crate::{
     datapath::{check_pinned_maps, OBJECT},
     paths::PinLayout,
+    pinlock::PinLock,
 };
 
 /// `statfs` magic of the bpf filesystem.
@@ -71,6 +75,15 @@ pub struct Attachment {
     pub direction: String,
     /// The link was pinned by an earlier agent and its program replaced in place.
     pub adopted: bool,
+}
+
+/// What one `reconcile` found and did.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    pub attachments: Vec<Attachment>,
+    /// Links that had been unpinned or detached behind the agent's back and were attached
+    /// again, as `ifname@ifindex direction`.
+    pub restored: Vec<String>,
 }
 
 /// Interface glob patterns from `--interfaces` (comma separated).
@@ -127,6 +140,19 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
     }
 }
 
+/// Is the existing `path` on a bpf filesystem?
+fn is_on_bpffs(path: &Path) -> Result<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: zeroed statfs is a valid out-parameter.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path, `st` a writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
 /// Fails unless `path` (or the closest existing parent) is on a bpf filesystem.
 pub fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
     let mut probe: &Path = &layout.root;
@@ -135,14 +161,7 @@ pub fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
             .parent()
             .with_context(|| format!("{} has no existing parent", layout.root.display()))?;
     }
-    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())?;
-    // SAFETY: zeroed statfs is a valid out-parameter.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", probe.display()));
-    }
-    if st.f_type as i64 != BPF_FS_MAGIC {
+    if !is_on_bpffs(probe)? {
         bail!(
             "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf {}`",
             layout.root.display(),
@@ -191,6 +210,14 @@ pub fn load_object(layout: &PinLayout, object: &[u8]) -> Result<Loaded> {
         prog.pin(&pin)
             .with_context(|| format!("pinning {}", pin.display()))?;
     }
+    // Loaded, never attached or pinned: `tollgate check` runs it on crafted packets.
+    let check: &mut SchedClassifier = ebpf
+        .program_mut(program_names::TC_CHECK)
+        .with_context(|| format!("program {} missing from object", program_names::TC_CHECK))?
+        .try_into()?;
+    check
+        .load()
+        .with_context(|| format!("verifier rejected {}", program_names::TC_CHECK))?;
     Ok(Loaded {
         ebpf,
         layout: layout.clone(),
@@ -199,22 +226,51 @@ pub fn load_object(layout: &PinLayout, object: &[u8]) -> Result<Loaded> {
 }
 
 impl Loaded {
-    /// Makes the set of links match the interfaces `selector` selects right now: attaches to new
-    /// interfaces, swaps the program into links pinned by an earlier agent, and removes links
-    /// of interfaces that disappeared or are no longer selected.
-    pub fn reconcile(&mut self, selector: &InterfaceSelector) -> Result<Vec<Attachment>> {
-        let wanted: Vec<(String, u32)> = interfaces()?
-            .into_iter()
-            .filter(|(name, _)| selector.matches(name))
-            .collect();
+    /// Runs the check program once on `packet` as if it arrived on `ifindex` (0: no interface)
+    /// of this thread's network namespace; `mark` carries `CHECK_MARK_*` bits. The result is in
+    /// `TG_CHECK`.
+    pub fn run_check(&self, packet: &[u8], ifindex: u32, mark: u32) -> Result<()> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        // `struct __sk_buff` up to `ifindex`: only `mark` (offset 8) and `ifindex` (offset 40)
+        // are set, the fields BPF_PROG_TEST_RUN accepts.
+        let mut skb = [0u8; 44];
+        skb[8..12].copy_from_slice(&mark.to_ne_bytes());
+        skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program_names::TC_CHECK)
+            .expect("loaded in load_object")
+            .try_into()?;
+        prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&skb),
+            repeat: 1,
+            ..Default::default()
+        })
+        .context("running the check program (BPF_PROG_TEST_RUN)")?;
+        Ok(())
+    }
+
+    /// Makes the set of links match `wanted` (name, ifindex): attaches to new interfaces, swaps
+    /// the program into links pinned by an earlier agent, attaches again where a link this
+    /// process made has vanished or been detached, and removes links of interfaces that are no
+    /// longer wanted.
+    pub fn reconcile(&mut self, wanted: &[(String, u32)]) -> Result<Reconciled> {
         let mut keep = BTreeSet::new();
-        let mut out = Vec::new();
-        for (name, ifindex) in &wanted {
+        let mut done = Reconciled::default();
+        for (name, ifindex) in wanted {
             for dir in Direction::BOTH {
                 let pin = self.layout.link(name, *ifindex, dir.name());
+                let live = pin.exists() && link_attached_to(&pin) == Some(*ifindex);
                 let adopted = match self.handled.get(&pin) {
-                    Some(adopted) if pin.exists() => *adopted,
-                    _ => {
+                    Some(adopted) if live => *adopted,
+                    handled => {
+                        if handled.is_some() || (pin.exists() && !live) {
+                            // Ours (or an earlier agent's) and gone: say so, start afresh.
+                            done.restored
+                                .push(format!("{name}@{ifindex} {}", dir.name()));
+                            let _ = fs::remove_file(&pin);
+                        }
                         let adopted = self
                             .attach_one(name, dir, &pin)
                             .with_context(|| format!("attaching to {name} {}", dir.name()))?;
@@ -223,7 +279,7 @@ impl Loaded {
                     }
                 };
                 keep.insert(pin);
-                out.push(Attachment {
+                done.attachments.push(Attachment {
                     interface: name.clone(),
                     ifindex: *ifindex,
                     direction: dir.name().to_string(),
@@ -240,7 +296,7 @@ impl Loaded {
                     .with_context(|| format!("removing stale link {}", path.display()))?;
             }
         }
-        Ok(out)
+        Ok(done)
     }
 
     /// Returns whether an existing pinned link was adopted.
@@ -273,9 +329,22 @@ impl Loaded {
     }
 }
 
-/// Detaches everything and removes every pin under `layout`. Idempotent.
+/// Detaches everything and removes every pin under `layout`. Idempotent. Refuses a directory
+/// that is not on bpffs (it would otherwise delete whatever files it finds) and one that a
+/// running agent holds.
 pub fn uninstall(layout: &PinLayout) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
+    if !layout.root.exists() {
+        return Ok(removed);
+    }
+    if !is_on_bpffs(&layout.root)? {
+        bail!(
+            "{} is not on a bpf filesystem; --uninstall only removes tollgate pins under {}",
+            layout.root.display(),
+            crate::paths::BPFFS_MOUNT
+        );
+    }
+    let _lock = PinLock::acquire(&layout.root)?;
     // Links first, so no program is left attached reading half-removed state.
     for dir in [layout.links(), layout.programs(), layout.maps()] {
         let Ok(entries) = fs::read_dir(&dir) else {
@@ -298,4 +367,77 @@ pub fn uninstall(layout: &PinLayout) -> Result<Vec<PathBuf>> {
 /// True if a datapath is pinned under `layout` (some link or map exists).
 pub fn is_installed(layout: &PinLayout) -> bool {
     layout.map(map_names::ACTIVE).exists()
+}
+
+/// The ifindex the TCX link pinned at `pin` is attached to: `None` when the pin cannot be
+/// opened, 0 when the link was detached (its interface deleted, or `bpftool link detach`).
+/// aya's `LinkInfo` does not expose the TCX part of `bpf_link_info`, so this asks the kernel
+/// directly: BPF_OBJ_GET on the pin, then BPF_OBJ_GET_INFO_BY_FD.
+pub fn link_attached_to(pin: &Path) -> Option<u32> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// `struct bpf_link_info` up to the TCX `ifindex`: type, id, prog_id, padding to the
+    /// 8-aligned union, then tcx.ifindex and tcx.attach_type.
+    const TCX_IFINDEX_WORD: usize = 4;
+
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
+    // bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags; the rest zero.
+    let mut attr = [0u64; 3];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: the bpf syscall reads `attr` (sized as passed) and the NUL-terminated path it
+    // points to, both alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor the kernel just returned to us; we own and close it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = [0u32; 6];
+    // bpf_attr for BPF_OBJ_GET_INFO_BY_FD: bpf_fd (u32), info_len (u32), info (u64).
+    let mut attr = [0u64; 2];
+    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    (rc == 0).then_some(info[TCX_IFINDEX_WORD])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uninstall_refuses_a_directory_that_is_not_on_bpffs() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = PinLayout::new(dir.path());
+        std::fs::create_dir_all(layout.maps()).unwrap();
+        let precious = layout.maps().join("precious.txt");
+        std::fs::write(&precious, "keep me").unwrap();
+        let err = uninstall(&layout).unwrap_err().to_string();
+        assert!(err.contains("not on a bpf filesystem"), "{err}");
+        assert!(precious.exists(), "uninstall deleted a file outside bpffs");
+    }
+
+    #[test]
+    fn uninstall_of_a_missing_directory_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = PinLayout::new(dir.path().join("never-made"));
+        assert!(uninstall(&layout).unwrap().is_empty());
+    }
 }

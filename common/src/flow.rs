@@ -44,6 +44,13 @@ impl FlowKey {
 pub const FLOW_FLAG_REPLY: u32 = 1 << 0;
 /// The flow was admitted as a would-deny in audit mode.
 pub const FLOW_FLAG_AUDIT: u32 = 1 << 1;
+/// TCP: admitted on a bare SYN and not answered yet (short lifetime). Set on both entries.
+pub const FLOW_FLAG_SYN_SENT: u32 = 1 << 2;
+/// TCP: a FIN went in this entry's direction.
+pub const FLOW_FLAG_FIN_SEEN: u32 = 1 << 3;
+/// TCP: reset, or a FIN went each way; forgotten seconds after the last packet. Set on both
+/// entries.
+pub const FLOW_FLAG_CLOSING: u32 = 1 << 4;
 
 /// Value of `TG_CONNTRACK`.
 #[repr(C)]
@@ -61,8 +68,13 @@ pub struct FlowValue {
     pub rule_id: u32,
     /// `FLOW_FLAG_*`.
     pub flags: u32,
+    /// The interface whose reverse-path check packets of this direction last passed at
+    /// ingress (0 = none yet). A packet arriving there again skips the FIB lookup; one arriving
+    /// anywhere else is checked in full, so a spoofer elsewhere cannot ride on the entry.
+    pub validated_ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 40);
 
 /// Kind of an event on `TG_EVENTS`. New kinds are appended; readers skip kinds they do not
 /// know (the header is stable).
@@ -102,6 +114,10 @@ pub struct FlowEvent {
     pub direction: u8,
     pub _pad: u8,
 }
+
+/// An identity id in a `FlowEvent` that the datapath did not resolve (a spoofed packet is
+/// dropped before its identities are looked up).
+pub const EVENT_IDENTITY_UNRESOLVED: u32 = 0;
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 80);
 
 /// Writes an IPv4 address as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).

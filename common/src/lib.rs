@@ -11,20 +11,23 @@
 pub mod decision;
 pub mod flow;
 pub mod identity;
+pub mod interface;
 pub mod ports;
 pub mod rule;
+pub mod tcp;
 pub mod time;
 pub mod verdict;
 
 pub use decision::{decide, Decision};
 pub use flow::{FlowEvent, FlowKey, FlowValue};
 pub use identity::{IdentityKeyV4, IdentityKeyV6, IdentityValue};
+pub use interface::InterfaceValue;
 pub use rule::{RuleKey, RuleValue};
 pub use verdict::Verdict;
 
 /// Bumped whenever a map layout or a map's meaning changes. A restarting agent refuses to adopt
 /// pinned maps written by a different ABI version instead of misreading them.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of the maps as they appear in the object file and as pin file names under
 /// `<bpffs>/maps/`.
@@ -37,9 +40,11 @@ pub mod map_names {
     pub const CONNTRACK: &str = "TG_CONNTRACK";
     pub const COUNTERS: &str = "TG_COUNTERS";
     pub const EVENTS: &str = "TG_EVENTS";
+    pub const INTERFACES: &str = "TG_INTERFACES";
+    pub const CHECK: &str = "TG_CHECK";
 
     /// Every map the agent pins, adopts and removes on uninstall.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         ACTIVE,
         SLOT_CONFIG,
         IDENTITY_V4,
@@ -48,6 +53,8 @@ pub mod map_names {
         CONNTRACK,
         COUNTERS,
         EVENTS,
+        INTERFACES,
+        CHECK,
     ];
 }
 
@@ -58,6 +65,9 @@ pub mod program_names {
     /// A classifier that only returns `TC_ACT_OK`: the baseline of `cargo xtask bench`. The
     /// agent never loads it.
     pub const TC_BASELINE: &str = "tollgate_baseline";
+    /// `tollgate check`: never attached; the agent runs it with BPF_PROG_TEST_RUN on a packet it
+    /// crafts, and it writes the decision to `TG_CHECK`.
+    pub const TC_CHECK: &str = "tollgate_check";
 }
 
 /// Map capacities. The agent checks a pinned map against these before adopting it.
@@ -71,6 +81,8 @@ pub mod capacity {
     pub const CONNTRACK_ENTRIES: u32 = 262_144;
     /// Ring buffer for flow events, in bytes (a power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Interfaces with settings (enforced interfaces of the node).
+    pub const INTERFACE_ENTRIES: u32 = 16_384;
 }
 
 /// Key of the single entry in `TG_ACTIVE`, which holds the active policy generation as a `u64`.
@@ -102,6 +114,33 @@ const _: () = assert!(core::mem::size_of::<SlotConfig>() == 16);
 
 /// The policy's `mode: audit`: a default deny becomes a would-deny (counted, reported, passed).
 pub const POLICY_FLAG_AUDIT: u32 = 1 << 0;
+
+/// What `tollgate_check` decided, in `TG_CHECK[0]`. The agent runs one check at a time and
+/// clears the entry to `CHECK_PENDING` first, so a run that wrote nothing is noticed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckResult {
+    /// `Verdict` as u32.
+    pub verdict: u32,
+    /// The deciding rule (0: default deny, or none for verdicts decided before the rules).
+    pub rule_id: u32,
+    /// 0 when the check stopped before resolving identities.
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The generation whose slot was read.
+    pub generation: u64,
+    /// CLOCK_BOOTTIME expiry the decision carries (0: never).
+    pub expires_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CheckResult>() == 32);
+
+/// `CheckResult::verdict` before the check program has run.
+pub const CHECK_PENDING: u32 = u32::MAX;
+
+/// `skb->mark` bit for `tollgate_check`: validate the source as on ingress of the packet's
+/// interface (set when `check --interface` is given). The check program is never attached, so
+/// no real packet's mark reaches it.
+pub const CHECK_MARK_VALIDATE_SOURCE: u32 = 1 << 0;
 
 /// IP protocol numbers the datapath understands.
 pub mod proto {
@@ -139,5 +178,7 @@ mod pod {
         FlowKey,
         FlowValue,
         FlowEvent,
+        InterfaceValue,
+        CheckResult,
     );
 }

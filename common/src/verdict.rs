@@ -25,9 +25,13 @@ pub enum Verdict {
     PassNonIp = 8,
     /// No policy is loaded yet (generation 0): everything IP is denied.
     DenyNoPolicy = 9,
+    /// The source address may not be sent from the interface the packet arrived on: the route
+    /// back to it leaves by another interface (reverse-path check), or the interface is bound to
+    /// an identity the address does not belong to.
+    DropSpoofed = 10,
 }
 
-pub const VERDICT_COUNT: u32 = 10;
+pub const VERDICT_COUNT: u32 = 11;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -41,6 +45,7 @@ impl Verdict {
         Verdict::DropFragment,
         Verdict::PassNonIp,
         Verdict::DenyNoPolicy,
+        Verdict::DropSpoofed,
     ];
 
     /// Does the packet pass?
@@ -68,6 +73,7 @@ impl Verdict {
             Verdict::DropFragment => "drop_fragment",
             Verdict::PassNonIp => "pass_non_ip",
             Verdict::DenyNoPolicy => "deny_no_policy",
+            Verdict::DropSpoofed => "drop_spoofed",
         }
     }
 

@@ -1,12 +1,14 @@
 //! Tollgate's TC classifiers. Attached to both directions of every enforced interface, they
-//! decide each IP packet: parse → conntrack → (new flow or new policy generation) identity and
-//! rule lookup → verdict, counters, and an event for anything denied.
+//! decide each IP packet: parse → source validation (ingress) → conntrack (with TCP state) →
+//! (new flow or new policy generation) identity and rule lookup → verdict, counters, and an
+//! event for anything denied.
 
 #![no_std]
 #![no_main]
 
 mod maps;
 mod parse;
+mod source;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -17,29 +19,33 @@ use aya_ebpf::{
 };
 use tollgate_common::{
     decide, direction,
-    flow::{event_kind, FLOW_FLAG_AUDIT, FLOW_FLAG_REPLY},
+    flow::{
+        event_kind, EVENT_IDENTITY_UNRESOLVED, FLOW_FLAG_AUDIT, FLOW_FLAG_CLOSING,
+        FLOW_FLAG_FIN_SEEN, FLOW_FLAG_REPLY, FLOW_FLAG_SYN_SENT,
+    },
     identity::{IDENTITY_WORLD, SLOT_PREFIX_BITS},
     proto,
     rule::RULE_FULL_PREFIX_BITS,
     slot_of,
+    tcp::{self, TcpStep},
     time::is_expired,
     verdict::COUNTER_EVENTS_LOST,
-    Decision, FlowEvent, FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6, RuleKey, Verdict,
+    CheckResult, Decision, FlowEvent, FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6, RuleKey,
+    Verdict, CHECK_MARK_VALIDATE_SOURCE,
 };
 
 use crate::{
-    maps::{ACTIVE, CONNTRACK, COUNTERS, EVENTS, IDENTITY_V4, IDENTITY_V6, RULES, SLOT_CONFIG},
+    maps::{
+        ACTIVE, CHECK, CONNTRACK, COUNTERS, EVENTS, IDENTITY_V4, IDENTITY_V6, RULES, SLOT_CONFIG,
+    },
     parse::{
         parse, Packet, ParseError, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY,
         ICMP_ECHO_REQUEST,
     },
+    source::{reverse_path_ok, source_check},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
-/// Idle time after which a tracked flow is forgotten and its next packet is a new flow
-/// (Cilium's defaults: long for TCP, short for datagrams).
-const TCP_IDLE_NS: u64 = 6 * 3600 * NS_PER_SEC;
-const OTHER_IDLE_NS: u64 = 60 * NS_PER_SEC;
 /// `last_seen_ns` is rewritten at most this often, to keep the established path read-mostly.
 const LAST_SEEN_GRANULARITY_NS: u64 = NS_PER_SEC;
 
@@ -53,6 +59,22 @@ pub fn tollgate_egress(ctx: TcContext) -> i32 {
     classify(&ctx, direction::EGRESS)
 }
 
+/// `tollgate check`: the admission chain of the classifiers (parse, source validation,
+/// identities, rule, decision, binding) on a packet the agent crafts and runs through
+/// BPF_PROG_TEST_RUN, so `check` answers with the kernel's own code and maps. Never attached;
+/// reads no conntrack (it asks about a new flow) and writes no counter or event, only its
+/// result to `TG_CHECK[0]`.
+#[classifier]
+pub fn tollgate_check(ctx: TcContext) -> i32 {
+    let result = check(&ctx);
+    if let Some(slot) = CHECK.get_ptr_mut(0) {
+        // SAFETY: an array slot; only this program writes it, and the agent runs one check at
+        // a time.
+        unsafe { *slot = result };
+    }
+    TC_ACT_OK
+}
+
 /// The benchmark baseline: an attached classifier that does nothing.
 #[classifier]
 pub fn tollgate_baseline(_ctx: TcContext) -> i32 {
@@ -62,100 +84,206 @@ pub fn tollgate_baseline(_ctx: TcContext) -> i32 {
 /// CLOCK_BOOTTIME, the clock rule expiries are stated in.
 #[inline(always)]
 fn boot_ns() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
     unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// Everything known about the packet in hand, passed down the decision instead of long
+/// argument lists.
+struct PacketContext<'a> {
+    ctx: &'a TcContext,
+    dir: u8,
+    ifindex: u32,
+    pkt: Packet,
+    key: FlowKey,
+    generation: u64,
+    /// CLOCK_MONOTONIC (coarse), for idle tracking.
+    coarse: u64,
+    /// Ingress on a workload-facing interface: the reverse-path check applies.
+    reverse_path: bool,
+    /// The identity the ingress interface is bound to in the live slot (0: none).
+    bound_identity: u32,
 }
 
 #[inline(always)]
 fn classify(ctx: &TcContext, dir: u8) -> i32 {
-    let pkt = match parse(ctx) {
-        Ok(p) => p,
-        Err(ParseError::NotIp) | Err(ParseError::NeighbourDiscovery) => {
+    let mut pkt = Packet::EMPTY;
+    match parse(ctx, &mut pkt) {
+        Ok(()) => {}
+        Err(ParseError::NotIp) | Err(ParseError::LinkLocalControl) => {
             return finish(Verdict::PassNonIp);
         }
-        Err(ParseError::Malformed) => return finish(Verdict::DropMalformed),
+        Err(ParseError::Malformed) | Err(ParseError::NotLinear) => {
+            return finish(Verdict::DropMalformed)
+        }
         Err(ParseError::Fragment) => return finish(Verdict::DropFragment),
-    };
+    }
 
     let generation = match ACTIVE.get(0) {
         Some(g) if *g != 0 => *g,
         _ => return finish(Verdict::DenyNoPolicy),
     };
-    // Idle tracking only needs the coarse clock (a cached value); CLOCK_BOOTTIME, which reads
-    // the clocksource and costs far more in a VM, is read only when an expiry must be checked.
-    let coarse = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let check = source_check(dir == direction::INGRESS, ifindex, slot_of(generation));
     let key = flow_key(&pkt);
+    let mut pc = PacketContext {
+        ctx,
+        dir,
+        ifindex,
+        pkt,
+        key,
+        generation,
+        // Idle tracking only needs the coarse clock (a cached value); CLOCK_BOOTTIME, which
+        // reads the clocksource and costs far more in a VM, is read only when an expiry must be
+        // checked.
+        // SAFETY: a helper without arguments or side effects.
+        coarse: unsafe { bpf_ktime_get_coarse_ns() },
+        reverse_path: check.reverse_path,
+        bound_identity: check.bound_identity,
+    };
 
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&pc.key) {
+        // SAFETY: the value stays valid while this program runs (RCU). Other CPUs may update
+        // the same entry at once; every write here is a plain store of a whole field or a
+        // read-modify-write of `flags`. The race this accepts: two CPUs changing `flags` of one
+        // entry at the same instant can lose one bit (a FIN_SEEN or CLOSING mark), leaving the
+        // flow on a longer idle lifetime; it never lets a packet pass that policy denies,
+        // because admission (`generation`, `expires_ns`) is only written by a full re-decision.
         let entry = unsafe { &mut *entry };
-        let idle_limit = if pkt.proto == proto::TCP {
-            TCP_IDLE_NS
-        } else {
-            OTHER_IDLE_NS
-        };
-        let idle = coarse.wrapping_sub(entry.last_seen_ns);
-        if idle < idle_limit {
-            if entry.generation == generation
-                && (entry.expires_ns == 0 || !is_expired(entry.expires_ns, boot_ns()))
-            {
-                if idle > LAST_SEEN_GRANULARITY_NS {
-                    entry.last_seen_ns = coarse;
-                }
-                return finish(Verdict::AllowEstablished);
-            }
-            return recheck(ctx, dir, &pkt, &key, entry, generation, boot_ns(), coarse);
+        let idle = pc.coarse.wrapping_sub(entry.last_seen_ns);
+        if idle < tcp::idle_limit_ns(pc.pkt.proto, entry.flags) {
+            return established(&mut pc, entry);
         }
         // Idle too long: forget it and treat the packet as the start of a new flow.
-        let _ = CONNTRACK.remove(&key);
+        let _ = CONNTRACK.remove(&pc.key);
     }
 
-    new_flow(ctx, dir, &pkt, &key, generation, boot_ns(), coarse)
+    if pc.reverse_path && !reverse_path_ok(pc.ctx, &pc.pkt, pc.ifindex) {
+        return spoofed(&pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
+    }
+    new_flow(&pc)
+}
+
+/// A packet that matched a live conntrack entry.
+#[inline(always)]
+fn established(pc: &mut PacketContext, entry: &mut FlowValue) -> i32 {
+    if pc.reverse_path && entry.validated_ifindex != pc.ifindex {
+        // First packet of this direction seen at this interface's ingress (or one arriving
+        // where the flow's packets never did): check it in full, then remember where it passed.
+        if !reverse_path_ok(pc.ctx, &pc.pkt, pc.ifindex) {
+            return spoofed(pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
+        }
+        entry.validated_ifindex = pc.ifindex;
+    }
+    if pc.pkt.proto == proto::TCP && tcp::needs_step(pc.pkt.tcp_flags, entry.flags) {
+        let is_reply = entry.flags & FLOW_FLAG_REPLY != 0;
+        match tcp::step(pc.pkt.tcp_flags, entry.flags) {
+            TcpStep::Pass => {}
+            // Not part of this flow (a SYN the other way, or on a closing flow): policy decides
+            // it, and if it is allowed its entries replace these.
+            TcpStep::NewFlow => return new_flow(pc),
+            TcpStep::Answered => {
+                entry.flags &= !FLOW_FLAG_SYN_SENT;
+                update_twin(pc, is_reply, 0, FLOW_FLAG_SYN_SENT);
+            }
+            TcpStep::Reset => {
+                entry.flags = (entry.flags & !FLOW_FLAG_SYN_SENT) | FLOW_FLAG_CLOSING;
+                entry.last_seen_ns = pc.coarse;
+                update_twin(pc, is_reply, FLOW_FLAG_CLOSING, FLOW_FLAG_SYN_SENT);
+            }
+            TcpStep::Fin => {
+                entry.flags |= FLOW_FLAG_FIN_SEEN;
+                let twin = twin_key(&pc.pkt, &pc.key, is_reply);
+                if let Some(t) = CONNTRACK.get_ptr_mut(&twin) {
+                    // SAFETY: as for the entry itself (see `classify`).
+                    let t = unsafe { &mut *t };
+                    if tcp::fin_closes(t.flags) {
+                        t.flags |= FLOW_FLAG_CLOSING;
+                        t.last_seen_ns = pc.coarse;
+                        entry.flags |= FLOW_FLAG_CLOSING;
+                        entry.last_seen_ns = pc.coarse;
+                    }
+                }
+            }
+        }
+    }
+    if entry.generation == pc.generation
+        && (entry.expires_ns == 0 || !is_expired(entry.expires_ns, boot_ns()))
+    {
+        if pc.coarse.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            entry.last_seen_ns = pc.coarse;
+        }
+        return finish(Verdict::AllowEstablished);
+    }
+    recheck(pc, entry)
+}
+
+/// Sets `set` and clears `clear` in the flags of the other direction's entry, if it exists.
+#[inline(always)]
+fn update_twin(pc: &PacketContext, key_is_reply: bool, set: u32, clear: u32) {
+    let twin = twin_key(&pc.pkt, &pc.key, key_is_reply);
+    if let Some(t) = CONNTRACK.get_ptr_mut(&twin) {
+        // SAFETY: as for the entry itself (see `classify`).
+        let t = unsafe { &mut *t };
+        t.flags = (t.flags & !clear) | set;
+        if set != 0 {
+            t.last_seen_ns = pc.coarse;
+        }
+    }
+}
+
+/// What the admission chain decided about a flow.
+struct Admission {
+    decision: Decision,
+    src_id: u32,
+    dst_id: u32,
+    /// The packet's sender is not of the identity its ingress interface is bound to.
+    spoofed: bool,
+}
+
+/// The admission chain, shared by new flows, re-checks and `tollgate check`: both identities of
+/// the flow in its original direction, the most specific rule, the decision, and the sender
+/// against the ingress interface's binding. `reply`: the packet travels the flow's reply way,
+/// so its sender is the flow's destination.
+#[inline(always)]
+fn admit(pc: &PacketContext, reply: bool) -> Admission {
+    let pkt = &pc.pkt;
+    let (src, dst, dport) = if reply {
+        (&pkt.daddr, &pkt.saddr, pkt.sport)
+    } else {
+        (&pkt.saddr, &pkt.daddr, pkt.dport)
+    };
+    let (decision, src_id, dst_id) = evaluate(pc, src, dst, dport, boot_ns());
+    let sender = if reply { dst_id } else { src_id };
+    Admission {
+        decision,
+        src_id,
+        dst_id,
+        spoofed: pc.bound_identity != 0 && sender != pc.bound_identity,
+    }
 }
 
 /// A tracked flow seen under a newer policy generation, or whose rule expired: decide it again
 /// in its original direction. Still allowed → carry on under the new generation; otherwise the
 /// flow is cut here (both conntrack entries removed).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "flat arguments keep the verifier's view simple"
-)]
 #[inline(always)]
-fn recheck(
-    ctx: &TcContext,
-    dir: u8,
-    pkt: &Packet,
-    key: &FlowKey,
-    entry: &mut FlowValue,
-    generation: u64,
-    now: u64,
-    coarse: u64,
-) -> i32 {
+fn recheck(pc: &PacketContext, entry: &mut FlowValue) -> i32 {
     let is_reply = entry.flags & FLOW_FLAG_REPLY != 0;
-    let (src, dst) = if is_reply {
-        (&pkt.daddr, &pkt.saddr)
-    } else {
-        (&pkt.saddr, &pkt.daddr)
-    };
-    let dport = if is_reply { pkt.sport } else { pkt.dport };
-    let (d, src_id, dst_id) = evaluate(pkt.family, pkt.proto, src, dst, dport, generation, now);
+    let a = admit(pc, is_reply);
+    if a.spoofed {
+        return spoofed(pc, a.src_id, a.dst_id);
+    }
+    let d = a.decision;
     match d.verdict {
         Verdict::AllowNew | Verdict::AuditWouldDeny => {
-            entry.generation = generation;
+            entry.generation = pc.generation;
             entry.expires_ns = d.expires_ns;
             entry.rule_id = d.rule_id;
-            entry.last_seen_ns = coarse;
+            entry.last_seen_ns = pc.coarse;
             if d.verdict == Verdict::AuditWouldDeny {
                 entry.flags |= FLOW_FLAG_AUDIT;
-                emit(
-                    ctx,
-                    dir,
-                    pkt,
-                    Verdict::AuditWouldDeny,
-                    &d,
-                    src_id,
-                    dst_id,
-                    generation,
-                    now,
-                );
+                emit(pc, Verdict::AuditWouldDeny, d.rule_id, a.src_id, a.dst_id);
                 finish(Verdict::AuditWouldDeny)
             } else {
                 entry.flags &= !FLOW_FLAG_AUDIT;
@@ -163,88 +291,141 @@ fn recheck(
             }
         }
         _ => {
-            let _ = CONNTRACK.remove(key);
-            let _ = CONNTRACK.remove(&twin_key(pkt, key, is_reply));
-            emit(
-                ctx,
-                dir,
-                pkt,
-                Verdict::DenyRevoked,
-                &d,
-                src_id,
-                dst_id,
-                generation,
-                now,
-            );
+            let _ = CONNTRACK.remove(&pc.key);
+            let _ = CONNTRACK.remove(&twin_key(&pc.pkt, &pc.key, is_reply));
+            emit(pc, Verdict::DenyRevoked, d.rule_id, a.src_id, a.dst_id);
             finish(Verdict::DenyRevoked)
         }
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "flat arguments keep the verifier's view simple"
-)]
 #[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
-    dir: u8,
-    pkt: &Packet,
-    key: &FlowKey,
-    generation: u64,
-    now: u64,
-    coarse: u64,
-) -> i32 {
-    let (d, src_id, dst_id) = evaluate(
-        pkt.family, pkt.proto, &pkt.saddr, &pkt.daddr, pkt.dport, generation, now,
-    );
+fn new_flow(pc: &PacketContext) -> i32 {
+    let pkt = &pc.pkt;
+    let a = admit(pc, false);
+    if a.spoofed {
+        return spoofed(pc, a.src_id, a.dst_id);
+    }
+    let d = a.decision;
     match d.verdict {
         Verdict::AllowNew | Verdict::AuditWouldDeny => {
             if is_trackable(pkt) {
-                let audit = if d.verdict == Verdict::AuditWouldDeny {
+                let mut flags = if d.verdict == Verdict::AuditWouldDeny {
                     FLOW_FLAG_AUDIT
                 } else {
                     0
                 };
+                if pkt.proto == proto::TCP {
+                    flags |= tcp::initial_flags(pkt.tcp_flags);
+                }
                 let mut value = FlowValue {
-                    generation,
+                    generation: pc.generation,
                     expires_ns: d.expires_ns,
-                    last_seen_ns: coarse,
+                    last_seen_ns: pc.coarse,
                     rule_id: d.rule_id,
-                    flags: audit,
+                    flags,
+                    validated_ifindex: if pc.reverse_path { pc.ifindex } else { 0 },
+                    _pad: 0,
                 };
                 // If the LRU map cannot take the entry the packet still passes (the policy allowed
-                // it); its reply will simply be decided as a new flow of its own.
-                let _ = CONNTRACK.insert(key, &value, 0);
+                // it); its reply will simply be decided as a new flow of its own. Inserting
+                // replaces entries of the same tuple, e.g. those of a closed flow.
+                let _ = CONNTRACK.insert(&pc.key, &value, 0);
                 value.flags |= FLOW_FLAG_REPLY;
-                let _ = CONNTRACK.insert(&twin_key(pkt, key, false), &value, 0);
+                value.validated_ifindex = 0;
+                let _ = CONNTRACK.insert(&twin_key(pkt, &pc.key, false), &value, 0);
             }
             if d.verdict == Verdict::AuditWouldDeny {
-                emit(
-                    ctx, dir, pkt, d.verdict, &d, src_id, dst_id, generation, now,
-                );
+                emit(pc, d.verdict, d.rule_id, a.src_id, a.dst_id);
             }
             finish(d.verdict)
         }
         v => {
-            emit(ctx, dir, pkt, v, &d, src_id, dst_id, generation, now);
+            emit(pc, v, d.rule_id, a.src_id, a.dst_id);
             finish(v)
         }
     }
 }
 
+/// The decision `tollgate check` reports, for the packet in `ctx` as a new flow arriving on
+/// `ctx`'s interface (source validated only when the agent sets `CHECK_MARK_VALIDATE_SOURCE`).
+#[inline(always)]
+fn check(ctx: &TcContext) -> CheckResult {
+    let only = |v: Verdict| CheckResult {
+        verdict: v as u32,
+        ..CheckResult::default()
+    };
+    let mut pkt = Packet::EMPTY;
+    match parse(ctx, &mut pkt) {
+        Ok(()) => {}
+        Err(ParseError::NotIp) | Err(ParseError::LinkLocalControl) => {
+            return only(Verdict::PassNonIp)
+        }
+        Err(ParseError::Malformed) | Err(ParseError::NotLinear) => {
+            return only(Verdict::DropMalformed)
+        }
+        Err(ParseError::Fragment) => return only(Verdict::DropFragment),
+    }
+    let generation = match ACTIVE.get(0) {
+        Some(g) if *g != 0 => *g,
+        _ => return only(Verdict::DenyNoPolicy),
+    };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    let validate = mark & CHECK_MARK_VALIDATE_SOURCE != 0;
+    let sc = source_check(validate, ifindex, slot_of(generation));
+    let key = flow_key(&pkt);
+    let pc = PacketContext {
+        ctx,
+        dir: direction::INGRESS,
+        ifindex,
+        pkt,
+        key,
+        generation,
+        coarse: 0,
+        reverse_path: sc.reverse_path,
+        bound_identity: sc.bound_identity,
+    };
+    if pc.reverse_path && !reverse_path_ok(ctx, &pc.pkt, ifindex) {
+        return CheckResult {
+            generation,
+            ..only(Verdict::DropSpoofed)
+        };
+    }
+    let a = admit(&pc, false);
+    CheckResult {
+        verdict: if a.spoofed {
+            Verdict::DropSpoofed as u32
+        } else {
+            a.decision.verdict as u32
+        },
+        rule_id: if a.spoofed { 0 } else { a.decision.rule_id },
+        src_identity: a.src_id,
+        dst_identity: a.dst_id,
+        generation,
+        expires_ns: a.decision.expires_ns,
+    }
+}
+
+/// Drops a packet whose source may not come from where it came from.
+#[inline(always)]
+fn spoofed(pc: &PacketContext, src_id: u32, dst_id: u32) -> i32 {
+    emit(pc, Verdict::DropSpoofed, 0, src_id, dst_id);
+    finish(Verdict::DropSpoofed)
+}
+
 /// Resolves both identities and the most specific rule in the active slot, then decides.
 #[inline(always)]
 fn evaluate(
-    family: u8,
-    l4proto: u8,
+    pc: &PacketContext,
     src: &[u8; 16],
     dst: &[u8; 16],
     dport_be: u16,
-    generation: u64,
     now: u64,
 ) -> (Decision, u32, u32) {
-    let slot = slot_of(generation);
+    let slot = slot_of(pc.generation);
+    let family = pc.pkt.family;
+    let l4proto = pc.pkt.proto;
     let src_id = identity_of(family, slot, src);
     let dst_id = identity_of(family, slot, dst);
     let port = match l4proto {
@@ -336,6 +517,7 @@ fn twin_key(pkt: &Packet, key: &FlowKey, key_is_reply: bool) -> FlowKey {
 #[inline(always)]
 fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot: only this CPU writes it, and a program run is not preempted.
         unsafe { *c += 1 };
     }
 }
@@ -350,26 +532,16 @@ fn finish(v: Verdict) -> i32 {
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "flat arguments keep the verifier's view simple"
-)]
-#[inline(always)]
-fn emit(
-    ctx: &TcContext,
-    dir: u8,
-    pkt: &Packet,
-    verdict: Verdict,
-    d: &Decision,
-    src_id: u32,
-    dst_id: u32,
-    generation: u64,
-    now: u64,
-) {
+/// Puts a `FlowEvent` on the ring buffer. Only deny and would-deny paths call it, so it is a
+/// BPF-to-BPF call with its own stack frame (at most five arguments, so it reads the clock
+/// itself).
+#[inline(never)]
+fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, src_id: u32, dst_id: u32) {
     let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
         count(COUNTER_EVENTS_LOST);
         return;
     };
+    let pkt = &pc.pkt;
     let (sport, dport) = match pkt.proto {
         proto::TCP | proto::UDP => (u16::from_be(pkt.sport), u16::from_be(pkt.dport)),
         proto::ICMP | proto::ICMPV6 => (pkt.icmp_type as u16, 0),
@@ -379,19 +551,19 @@ fn emit(
         kind: event_kind::VERDICT,
         size: core::mem::size_of::<FlowEvent>() as u16,
         verdict: verdict as u32,
-        timestamp_ns: now,
-        generation,
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        timestamp_ns: boot_ns(),
+        generation: pc.generation,
+        ifindex: pc.ifindex,
         src_identity: src_id,
         dst_identity: dst_id,
-        rule_id: d.rule_id,
+        rule_id,
         saddr: pkt.saddr,
         daddr: pkt.daddr,
         sport,
         dport,
         proto: pkt.proto,
         family: pkt.family,
-        direction: dir,
+        direction: pc.dir,
         _pad: 0,
     });
     slot.submit(0);

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use tollgate_common::{
-    capacity, verdict::COUNTER_SLOTS, FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6,
-    IdentityValue, RuleKey, RuleValue, SlotConfig, SLOT_COUNT,
+    capacity, verdict::COUNTER_SLOTS, CheckResult, FlowKey, FlowValue, IdentityKeyV4,
+    IdentityKeyV6, IdentityValue, RuleKey, RuleValue, SlotConfig, SLOT_COUNT,
 };
 
 /// `[0]` = the active policy generation (0: none loaded, deny all IP). Its lowest bit selects the
@@ -48,3 +48,7 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 /// `FlowEvent`s for denies, would-denies and revoked flows.
 #[map(name = "TG_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+
+/// `[0]` = what the last `tollgate_check` run decided (see `tollgate_common::CheckResult`).
+#[map(name = "TG_CHECK")]
+pub static CHECK: Array<CheckResult> = Array::pinned(1, 0);

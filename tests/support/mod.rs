@@ -5,7 +5,7 @@
 
 pub mod packet;
 
-use std::path::PathBuf;
+use std::{fs::File, os::fd::AsRawFd as _, path::PathBuf};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use tollgate_agent::{
@@ -15,6 +15,9 @@ use tollgate_agent::{
     policy::{compile_policy, parse_policy, ClockReading, CompiledPolicy},
 };
 use tollgate_common::{program_names, slot_of, Verdict};
+
+/// ifindex of `lo`, where BPF_PROG_TEST_RUN puts a packet unless told otherwise.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -73,7 +76,13 @@ impl DatapathFixture {
         let _ = loader::uninstall(&layout);
         let pins = PinDirGuard(layout.clone());
         let loaded = loader::load_object(&layout, object).expect("load datapath");
-        let datapath = Datapath::open(&layout).expect("open maps");
+        let mut datapath = Datapath::open(&layout).expect("open maps");
+        // The test runner delivers packets on `lo`. Policy tests are not about source
+        // validation, so it is an uplink here; the source validation tests describe their own
+        // interfaces.
+        datapath
+            .write_interface(LOOPBACK_IFINDEX, true, [Some(0), Some(0)])
+            .expect("describe lo");
         Self {
             loaded,
             datapath,
@@ -85,11 +94,16 @@ impl DatapathFixture {
 
     /// Compiles and installs `yaml` as the next generation (no host addresses).
     pub fn apply(&mut self, yaml: &str) {
+        self.apply_with_interfaces(yaml, &[]);
+    }
+
+    /// Like `apply`, writing the bindings of `interfaces` (name, ifindex) for the new slot.
+    pub fn apply_with_interfaces(&mut self, yaml: &str, interfaces: &[(String, u32)]) {
         let policy = parse_policy(yaml, "test.yaml").expect("test policy is valid");
         let generation = self.datapath.next_generation().unwrap();
         let compiled = compile_policy(&policy, slot_of(generation), &ClockReading::now(), &[]);
         self.datapath
-            .install(&compiled, generation)
+            .install(&compiled, generation, interfaces)
             .expect("install");
         self.compiled = Some(compiled);
     }
@@ -120,12 +134,40 @@ impl DatapathFixture {
         name: &str,
         packet: &[u8],
     ) -> Result<u32, aya::programs::ProgramError> {
+        self.try_run_with(name, packet, &SkbContext::default())
+    }
+
+    /// Runs program `name` on `packet` with the given `__sk_buff` fields.
+    pub fn try_run_with(
+        &self,
+        name: &str,
+        packet: &[u8],
+        skb: &SkbContext,
+    ) -> Result<u32, aya::programs::ProgramError> {
+        let ctx = skb.bytes();
         let r = self.program(name).test_run(TestRunOptions {
             data_in: Some(packet),
+            ctx_in: Some(&ctx),
             repeat: 1,
             ..Default::default()
         })?;
         Ok(r.return_value)
+    }
+
+    /// Runs the ingress classifier on `packet` as if it arrived on interface `ifindex` (of the
+    /// calling thread's network namespace).
+    pub fn run_on(&self, ifindex: u32, packet: &[u8]) -> u32 {
+        let skb = SkbContext {
+            ifindex,
+            ..Default::default()
+        };
+        self.try_run_with(program_names::TC_INGRESS, packet, &skb)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on ifindex {ifindex}: {e:?}"))
+    }
+
+    /// The conntrack entry of `key`, if any.
+    pub fn flow(&self, key: &tollgate_common::FlowKey) -> Option<tollgate_common::FlowValue> {
+        self.datapath.flow(key)
     }
 
     pub fn counter(&self, v: Verdict) -> u64 {
@@ -159,5 +201,54 @@ impl DatapathFixture {
             "counter {} did not move",
             v.name()
         );
+    }
+}
+
+/// The `struct __sk_buff` fields BPF_PROG_TEST_RUN lets a test set (the kernel rejects any other
+/// non-zero field).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkbContext {
+    /// The device the packet is on (0: `lo`).
+    pub ifindex: u32,
+    /// GSO segment size and count: the skb is marked as a GSO packet.
+    pub gso_size: u32,
+    pub gso_segs: u32,
+}
+
+impl SkbContext {
+    /// `struct __sk_buff` up to `gso_size` (uapi/linux/bpf.h, stable layout).
+    fn bytes(&self) -> Vec<u8> {
+        const IFINDEX: usize = 40;
+        const GSO_SEGS: usize = 164;
+        const GSO_SIZE: usize = 176;
+        let mut b = vec![0u8; GSO_SIZE + 4];
+        b[IFINDEX..IFINDEX + 4].copy_from_slice(&self.ifindex.to_ne_bytes());
+        b[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&self.gso_segs.to_ne_bytes());
+        b[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b
+    }
+}
+
+/// Moves the calling thread into another network namespace until dropped (setns is per
+/// thread), then back.
+pub struct EnterNetNs {
+    home: File,
+}
+
+impl EnterNetNs {
+    pub fn new(ns: &tollgate_testbed::NetNs) -> Self {
+        let home = File::open("/proc/thread-self/ns/net").expect("own netns");
+        let target = File::open(ns.path()).expect("target netns");
+        // SAFETY: setns on valid namespace descriptors; affects only this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        Self { home }
+    }
+}
+
+impl Drop for EnterNetNs {
+    fn drop(&mut self) {
+        // SAFETY: as above, back to the namespace this thread started in.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
     }
 }

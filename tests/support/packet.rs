@@ -27,7 +27,18 @@ pub struct PacketSpec {
     pub payload: Vec<u8>,
     /// An 802.1Q tag (VLAN id) between the MAC addresses and the ethertype.
     pub vlan: Option<u16>,
+    /// TCP flags byte (default SYN).
+    pub tcp_flags: u8,
+    /// IPv4 TTL / IPv6 hop limit (default 64).
+    pub hop_limit: u8,
+    /// ICMP/ICMPv6 code (default 0).
+    pub icmp_code: u8,
 }
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
 
 impl PacketSpec {
     pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
@@ -67,13 +78,26 @@ impl PacketSpec {
             more_fragments: false,
             payload: b"tollgate".to_vec(),
             vlan: None,
+            tcp_flags: SYN,
+            hop_limit: 64,
+            icmp_code: 0,
         }
     }
-    /// The same flow in the other direction.
+    /// The same spec with other TCP flags.
+    pub fn flags(&self, tcp_flags: u8) -> Self {
+        let mut p = self.clone();
+        p.tcp_flags = tcp_flags;
+        p
+    }
+    /// The same flow in the other direction. The answer to a bare SYN is a SYN-ACK (a bare SYN
+    /// the other way would open a new connection instead).
     pub fn reply(&self) -> Self {
         let mut r = self.clone();
         std::mem::swap(&mut r.src, &mut r.dst);
         std::mem::swap(&mut r.sport, &mut r.dport);
+        if r.proto == TCP && r.tcp_flags & (SYN | ACK) == SYN {
+            r.tcp_flags = SYN | ACK;
+        }
         r
     }
 
@@ -114,7 +138,7 @@ impl PacketSpec {
         h.extend_from_slice(&[0x12, 0x34]); // id
         let frag = self.frag_offset & 0x1fff | if self.more_fragments { 0x2000 } else { 0 };
         h.extend_from_slice(&frag.to_be_bytes());
-        h.extend_from_slice(&[64, self.proto, 0, 0]);
+        h.extend_from_slice(&[self.hop_limit, self.proto, 0, 0]);
         h.extend_from_slice(&s.octets());
         h.extend_from_slice(&d.octets());
         h.extend_from_slice(&self.ipv4_options);
@@ -126,7 +150,7 @@ impl PacketSpec {
         let first_next = self.ipv6_ext.first().map_or(self.proto, |(n, _)| *n);
         let mut h = vec![0x60, 0, 0, 0];
         h.extend_from_slice(&((ext_len + l4.len()) as u16).to_be_bytes());
-        h.extend_from_slice(&[first_next, 64]);
+        h.extend_from_slice(&[first_next, self.hop_limit]);
         h.extend_from_slice(&s.octets());
         h.extend_from_slice(&d.octets());
         for (i, (_, bytes)) in self.ipv6_ext.iter().enumerate() {
@@ -145,7 +169,8 @@ impl PacketSpec {
                 l4.extend_from_slice(&self.sport.to_be_bytes());
                 l4.extend_from_slice(&self.dport.to_be_bytes());
                 l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // seq, ack
-                l4.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]); // doff 5, SYN
+                l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]);
+                // doff 5
             }
             UDP => {
                 l4.extend_from_slice(&self.sport.to_be_bytes());
@@ -154,7 +179,7 @@ impl PacketSpec {
                 l4.extend_from_slice(&[0, 0]);
             }
             ICMP | ICMPV6 => {
-                l4.extend_from_slice(&[self.icmp_type, 0, 0, 0]);
+                l4.extend_from_slice(&[self.icmp_type, self.icmp_code, 0, 0]);
                 l4.extend_from_slice(&self.icmp_id.to_be_bytes());
                 l4.extend_from_slice(&[0, 1]);
             }

@@ -4,7 +4,7 @@
 //! Ctrl-C (namespaces by name, the agent by pid, pins by directory).
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use tollgate_testbed::{
-    traffic::{ping, tcp_echo_server, tcp_reachable},
+    traffic::{ping, tcp_connect_from, tcp_echo_server, tcp_reachable},
     AgentProcess, Topology,
 };
 
@@ -197,6 +197,8 @@ pub fn run() -> Result<()> {
         drive(&topo, &agent, f)?;
     }
 
+    spoof_attempt(&topo, &agent)?;
+
     let wait = expires
         .duration_since(SystemTime::now())
         .unwrap_or_default()
@@ -237,6 +239,61 @@ pub fn run() -> Result<()> {
     drop(topo);
     println!("Done.");
     Ok(())
+}
+
+/// The intruder puts frontend's address on its own interface and connects to orders:8080,
+/// which frontend may reach. Source validation drops it at tg-intruder.
+fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
+    let intruder = topo.workload("intruder");
+    let frontend = topo.workload("frontend");
+    let orders = topo.workload("orders");
+    println!(
+        "\nThe intruder takes frontend's address ({}) and connects to orders tcp/8080 as frontend:\n",
+        frontend.v4
+    );
+    print_header();
+    intruder.add_address(IpAddr::V4(frontend.v4), 32)?;
+    let before = verdict_count(agent, "drop_spoofed")?;
+    let passed = tcp_connect_from(
+        &intruder.ns,
+        SocketAddr::new(IpAddr::V4(frontend.v4), 0),
+        SocketAddr::new(IpAddr::V4(orders.v4), 8080),
+    )
+    .is_ok();
+    let dropped = verdict_count(agent, "drop_spoofed")? - before;
+    let out = agent.cli(&[
+        "check",
+        "--from",
+        &frontend.v4.to_string(),
+        "--to",
+        &orders.v4.to_string(),
+        "--port",
+        "8080",
+        "--protocol",
+        "tcp",
+        "--interface",
+        &intruder.host_if,
+    ])?;
+    let why = String::from_utf8_lossy(&out.stdout);
+    let why = why.trim().rsplit(": ").next().unwrap_or("").to_owned();
+    println!(
+        "  {:<34} {:<8} {why} on {} ({dropped} SYNs counted drop_spoofed)",
+        "intruder as frontend -> orders tcp/8080",
+        if passed { "allowed" } else { "DENIED" },
+        intruder.host_if,
+    );
+    Ok(())
+}
+
+fn verdict_count(agent: &AgentProcess, verdict: &str) -> Result<u64> {
+    let out = agent.cli(&["status", "--json"])?;
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("tollgate status --json")?;
+    status["verdicts"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v[0] == verdict))
+        .and_then(|v| v[1].as_u64())
+        .with_context(|| format!("no verdict {verdict} in status"))
 }
 
 fn print_header() {

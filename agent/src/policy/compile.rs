@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     mem::MaybeUninit,
     net::IpAddr,
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -86,13 +87,30 @@ pub struct CompiledPolicy {
     pub identities_v6: Vec<(u32, IdentityKeyV6, IdentityValue)>,
     /// (LPM prefix_len, key, value). No two entries of one pair and protocol overlap.
     pub rules: Vec<(u32, RuleKey, RuleValue)>,
+    /// What the numbers in the maps mean; kept after the entries are written, so that events
+    /// and `check` name rules and identities as this generation numbered them.
+    pub names: Arc<PolicyNames>,
+}
+
+impl CompiledPolicy {
+    /// The identity interface `name` is bound to, or 0 when it is not bound.
+    pub fn bound_identity(&self, name: &str) -> IdentityId {
+        self.names.bound_identity(name)
+    }
+}
+
+/// The names behind one generation's numbers.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyNames {
     /// Rule id N (1-based) is `rule_names[N - 1]`.
     pub rule_names: Vec<String>,
     /// Every identity id, host and world included, sorted by id.
     pub identity_names: Vec<(u32, String)>,
+    /// Interface name → the identity it is bound to, sorted by name.
+    pub bindings: Vec<(String, IdentityId)>,
 }
 
-impl CompiledPolicy {
+impl PolicyNames {
     /// 0 is `default-deny`; an id this policy does not have is `unknown`.
     pub fn rule_name(&self, id: u32) -> &str {
         if id == RULE_ID_NONE {
@@ -109,6 +127,13 @@ impl CompiledPolicy {
             Ok(i) => &self.identity_names[i].1,
             Err(_) => "unknown",
         }
+    }
+
+    /// The identity interface `name` is bound to, or 0 when it is not bound.
+    pub fn bound_identity(&self, name: &str) -> IdentityId {
+        self.bindings
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .map_or(0, |i| self.bindings[i].1)
     }
 }
 
@@ -135,6 +160,19 @@ pub fn compile_policy(
     ids.insert("world", IDENTITY_WORLD);
 
     let (identities_v4, identities_v6) = identity_entries(policy, slot, host_addrs);
+    let mut bindings: Vec<(String, IdentityId)> = policy
+        .identities
+        .iter()
+        .enumerate()
+        .flat_map(|(i, identity)| {
+            let id = IDENTITY_FIRST_USER + i as u32;
+            identity
+                .interfaces
+                .iter()
+                .map(move |name| (name.clone(), id))
+        })
+        .collect();
+    bindings.sort();
     CompiledPolicy {
         slot,
         flags: match policy.mode {
@@ -144,8 +182,11 @@ pub fn compile_policy(
         identities_v4,
         identities_v6,
         rules: rule_entries(policy, slot, clock, &ids),
-        rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
-        identity_names,
+        names: Arc::new(PolicyNames {
+            rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
+            identity_names,
+            bindings,
+        }),
     }
 }
 

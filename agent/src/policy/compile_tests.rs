@@ -518,14 +518,14 @@ fn policy_audit_mode_sets_the_slot_flag_only() {
 #[test]
 fn names_are_found_by_id() {
     let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }]"]);
-    assert_eq!(c.rule_name(0), "default-deny");
-    assert_eq!(c.rule_name(1), "r1");
-    assert_eq!(c.rule_name(2), "unknown");
-    assert_eq!(c.identity_name(IDENTITY_HOST), "host");
-    assert_eq!(c.identity_name(IDENTITY_WORLD), "world");
-    assert_eq!(c.identity_name(B), "b");
-    assert_eq!(c.identity_name(C + 1), "unknown");
-    assert_eq!(c.identity_name(0), "unknown");
+    assert_eq!(c.names.rule_name(0), "default-deny");
+    assert_eq!(c.names.rule_name(1), "r1");
+    assert_eq!(c.names.rule_name(2), "unknown");
+    assert_eq!(c.names.identity_name(IDENTITY_HOST), "host");
+    assert_eq!(c.names.identity_name(IDENTITY_WORLD), "world");
+    assert_eq!(c.names.identity_name(B), "b");
+    assert_eq!(c.names.identity_name(C + 1), "unknown");
+    assert_eq!(c.names.identity_name(0), "unknown");
 }
 
 #[test]
@@ -545,6 +545,7 @@ fn hundred_thousand_rules_compile() {
             name: format!("id-{i}"),
             spiffe_id: None,
             cidrs: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)).into()],
+            interfaces: Vec::new(),
         })
         .collect();
     let rules: Vec<Rule> = (0..100_000u32)
@@ -571,5 +572,5 @@ fn hundred_thousand_rules_compile() {
     let c = compile_policy(&policy, 0, &CLOCK, &[]);
     assert_eq!(c.rules.len(), 100_000);
     assert_eq!(c.identities_v4.len(), 1000);
-    assert_eq!(c.rule_names.len(), 100_000);
+    assert_eq!(c.names.rule_names.len(), 100_000);
 }

@@ -14,6 +14,7 @@
 mod compile;
 mod locate;
 mod model;
+mod nesting;
 mod validate;
 
 #[cfg(test)]
@@ -21,15 +22,29 @@ mod compile_tests;
 #[cfg(test)]
 mod parse_tests;
 
-use std::{path::Path, time::SystemTime};
+use std::{io::Read as _, path::Path, time::SystemTime};
 
-pub use compile::{compile_policy, ClockReading, CompiledPolicy};
+pub use compile::{compile_policy, ClockReading, CompiledPolicy, PolicyNames};
 use tollgate_common::proto;
 
 /// The only `apiVersion` this version reads.
 pub const API_VERSION: &str = "tollgate.dev/v1alpha1";
 /// The only `kind` this version reads.
 pub const KIND: &str = "Policy";
+
+/// The largest policy accepted, in bytes, from a file or on the control socket: a 100k-rule
+/// policy is about 10 MB, and the cap keeps a wrong file (`/dev/zero`, a disk image) from being
+/// read into memory whole.
+pub const MAX_POLICY_BYTES: usize = 32 * 1024 * 1024;
+
+/// `the policy is larger than 32 MiB`: the one wording for a policy over [`MAX_POLICY_BYTES`],
+/// whether it came from a file or over the control socket.
+pub fn too_large_message() -> String {
+    format!(
+        "the policy is larger than {} MiB",
+        MAX_POLICY_BYTES / (1024 * 1024)
+    )
+}
 
 /// What a deny does: `Enforce` drops the packet, `Audit` logs and counts a would-deny and lets
 /// it pass.
@@ -129,6 +144,9 @@ pub struct Identity {
     pub spiffe_id: Option<String>,
     /// Networks with host bits clear; a bare address was read as a /32 or /128.
     pub cidrs: Vec<ipnet::IpNet>,
+    /// Interfaces bound to this identity: packets arriving on them must come from one of its
+    /// addresses (source validation). No interface is bound to two identities.
+    pub interfaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +232,28 @@ impl PolicyError {
 }
 
 /// Parses and validates. `source_name` is what errors print as the file (e.g. "policy.yaml").
+/// One leading byte-order mark is dropped (and is not part of `source_text`); text over
+/// [`MAX_POLICY_BYTES`] or nesting deeper than 32 levels is refused before YAML parsing.
 pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError> {
+    // Editors on Windows start UTF-8 files with a byte-order mark. YAML allows it, but
+    // serde_yaml reads it as content: "more than one document", or a string before `---`.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError::whole_file(source_name, too_large_message()));
+    }
+    nesting::check(text).map_err(|e| {
+        let (line, message) = match e {
+            nesting::NestingError::TooDeep { line } => (
+                line,
+                format!("the policy nests deeper than {} levels", nesting::MAX_DEPTH),
+            ),
+            nesting::NestingError::Unreadable { line, message } => (line, message),
+        };
+        PolicyError {
+            line: Some(line),
+            ..PolicyError::whole_file(source_name, message)
+        }
+    })?;
     let doc: model::Document =
         serde_yaml::from_str(text).map_err(|e| from_yaml_error(&e, source_name))?;
     validate::validate(doc, text).map_err(|issues| {
@@ -237,13 +276,22 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
     })
 }
 
-/// Reads the file (error if unreadable, naming the path) and calls parse_policy with its path as
-/// source name.
+/// Reads the file (error if unreadable or over [`MAX_POLICY_BYTES`], naming the path) and calls
+/// parse_policy with its path as source name.
 pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
     let source_name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| {
+    let cannot_read = |e: std::io::Error| {
         PolicyError::whole_file(&source_name, format!("cannot read the policy: {e}"))
-    })?;
+    };
+    // One byte over the limit tells "too large" from "exactly the limit" without trusting the
+    // size the file reports: /dev/zero, a pipe and a file still being written have none.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_POLICY_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(cannot_read)?;
+    if bytes.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError::whole_file(&source_name, too_large_message()));
+    }
     let text = String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         PolicyError {

@@ -40,6 +40,7 @@ pub(super) struct IdentityEntry {
     pub name: Option<String>,
     pub spiffe_id: Option<String>,
     pub cidrs: Option<Vec<String>>,
+    pub interfaces: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

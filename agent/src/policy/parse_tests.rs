@@ -714,3 +714,80 @@ fn shipped_examples_parse() {
         parse_policy(text, name).unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+#[test]
+fn leading_byte_order_mark_is_dropped() {
+    // Without a BOM-aware reader, serde_yaml saw "more than one document" or a string "---".
+    for prefix in ["", "---\n", "# written on Windows\n"] {
+        let text = format!("{prefix}{SHOP}");
+        let p = parse(&format!("\u{feff}{text}"));
+        assert_eq!(p.name, "shop");
+        assert_eq!(p.source_text, text, "source_text keeps no BOM");
+    }
+    // Errors still point at the right lines.
+    let text = edit("kind: Policy", "kind: Nope");
+    assert_error(&format!("\u{feff}{text}"), "kind", 2, "expected \"Policy\"");
+}
+
+#[test]
+fn deep_flow_nesting_is_refused_before_yaml_parsing() {
+    // serde_yaml took tens of seconds over this; the nesting check answers at once.
+    let e = error(&"[".repeat(100_000));
+    assert_eq!(
+        e.to_string(),
+        "policy.yaml:1: the policy nests deeper than 32 levels"
+    );
+    let text = format!("{SHOP}  extra: {}\n", "[".repeat(100_000));
+    let e = error(&text);
+    assert_eq!(e.line, Some(line_of(&text, "extra:")));
+    assert_eq!(e.field, None);
+    assert_eq!(e.message, "the policy nests deeper than 32 levels");
+}
+
+#[test]
+fn brackets_in_comments_and_quoted_strings_are_not_nesting() {
+    let deep = "[".repeat(100);
+    let p = parse(&edit("# or audit", &format!("# or audit {deep}")));
+    assert_eq!(p.name, "shop");
+    // Validation, not the nesting check, answers for a quoted string full of brackets, in
+    // block and in flow context.
+    let text = edit(
+        "# expires: \"2026-12-01T10:00:00Z\"",
+        &format!("expires: \"{deep}\""),
+    );
+    assert_error(
+        &text,
+        "rules[0].expires",
+        line_of(&text, "expires:"),
+        "not an RFC 3339 timestamp",
+    );
+    let text = edit(
+        "[\"10.10.2.10/32\"]",
+        &format!("[\"10.10.2.10/32\", '{deep}']"),
+    );
+    assert_error(
+        &text,
+        "identities[1].cidrs[1]",
+        line_of(&text, &deep),
+        "is not an IP address or CIDR",
+    );
+}
+
+#[test]
+fn policy_over_the_size_limit_is_refused() {
+    let mut text = String::from(SHOP);
+    text.push('#');
+    text.push_str(&" ".repeat(MAX_POLICY_BYTES + 1 - text.len()));
+    assert_eq!(text.len(), MAX_POLICY_BYTES + 1);
+    assert_eq!(
+        error(&text).to_string(),
+        "policy.yaml: the policy is larger than 32 MiB"
+    );
+}
+
+#[test]
+fn load_reads_at_most_the_size_limit() {
+    // /dev/zero never ends: without a bound the read would exhaust memory.
+    let e = load_policy_file(Path::new("/dev/zero")).unwrap_err();
+    assert_eq!(e.to_string(), "/dev/zero: the policy is larger than 32 MiB");
+}

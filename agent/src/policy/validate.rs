@@ -153,6 +153,7 @@ impl Validator {
     fn identities(&mut self, entries: Vec<model::IdentityEntry>) -> Vec<Identity> {
         let mut first_declared: HashMap<String, usize> = HashMap::new();
         let mut spiffe_first_declared: HashMap<String, usize> = HashMap::new();
+        let mut interface_bound_by: HashMap<String, usize> = HashMap::new();
         let mut identities = Vec::with_capacity(entries.len());
         // Where each parsed CIDR was written (a CIDR that does not parse is left out of
         // `Identity::cidrs`), so overlap errors point at the right list item.
@@ -216,10 +217,29 @@ impl Validator {
                     }
                 }
             }
+            let mut interfaces = Vec::new();
+            for (j, ifname) in entry.interfaces.unwrap_or_default().into_iter().enumerate() {
+                let path = format!("{at}.interfaces[{j}]");
+                if let Err(why) = check_interface_name(&ifname) {
+                    self.issue(path, format!("{ifname:?} is not an interface name: {why}"));
+                } else if let Some(&first) = interface_bound_by.get(&ifname) {
+                    self.issue(
+                        path,
+                        format!(
+                            "interface {ifname:?} is already bound to identities[{first}]; an \
+                             interface carries one identity's traffic"
+                        ),
+                    );
+                } else {
+                    interface_bound_by.insert(ifname.clone(), i);
+                    interfaces.push(ifname);
+                }
+            }
             identities.push(Identity {
                 name,
                 spiffe_id: entry.spiffe_id,
                 cidrs,
+                interfaces,
             });
             written_at.push(positions);
         }
@@ -528,6 +548,27 @@ fn check_spiffe_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A Linux interface name as `ip link` accepts it: 1 to 15 bytes, no '/', ':' or whitespace, not
+/// "." or "..". Globs are not accepted: a binding names one interface.
+fn check_interface_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 15 {
+        return Err("use 1 to 15 characters");
+    }
+    if name == "." || name == ".." {
+        return Err("\".\" and \"..\" are not interface names");
+    }
+    if name
+        .bytes()
+        .any(|c| c == b'/' || c == b':' || c.is_ascii_whitespace() || c.is_ascii_control())
+    {
+        return Err("'/', ':', spaces and control characters are not allowed");
+    }
+    if name.contains(['*', '?', '[']) {
+        return Err("a binding names one interface; globs are not accepted");
+    }
+    Ok(())
+}
+
 /// A CIDR, or a bare address meaning just that address. Host bits must be clear: `10.10.1.5/24`
 /// is more likely a typo for one address or for the network than either of them, so the user
 /// has to say which.
@@ -541,11 +582,25 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
                 net.trunc()
             ));
         }
-        Ok(net)
+        reject_v4_mapped(net)
     } else {
-        IpAddr::from_str(text).map(IpNet::from).map_err(|_| {
-            format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.5 or 10.0.0.0/24)")
-        })
+        IpAddr::from_str(text)
+            .map(IpNet::from)
+            .map_err(|_| {
+                format!("{text:?} is not an IP address or CIDR (e.g. 10.0.0.5 or 10.0.0.0/24)")
+            })
+            .and_then(reject_v4_mapped)
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) never appear on the wire for IPv4 traffic, so
+/// an identity written that way would silently match nothing the user meant.
+fn reject_v4_mapped(net: IpNet) -> Result<IpNet, String> {
+    match net {
+        IpNet::V6(n) if n.addr().to_ipv4_mapped().is_some() && n.prefix_len() >= 96 => Err(
+            format!("{net} is an IPv4-mapped IPv6 address, which IPv4 traffic never carries; write the IPv4 address or CIDR"),
+        ),
+        _ => Ok(net),
     }
 }
 
@@ -643,6 +698,65 @@ mod tests {
         assert!(!is_dns_label("a_b"));
         assert!(!is_dns_label(""));
         assert!(!is_dns_label(&"a".repeat(64)));
+    }
+
+    fn policy_with_identities(identities: &str) -> Result<Policy, super::super::PolicyError> {
+        super::super::parse_policy(
+            &format!(
+                "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: p }}\n\
+                 spec:\n  identities:\n{identities}"
+            ),
+            "p.yaml",
+        )
+    }
+
+    #[test]
+    fn interfaces_bind_to_one_identity_each() {
+        let ok = policy_with_identities(
+            "    - { name: a, cidrs: [10.0.0.1], interfaces: [tg-a, veth12ab] }\n\
+                 \x20   - { name: b, cidrs: [10.0.0.2], interfaces: [tg-b] }\n",
+        )
+        .unwrap();
+        assert_eq!(ok.identities[0].interfaces, ["tg-a", "veth12ab"]);
+        let err = policy_with_identities(
+            "    - { name: a, cidrs: [10.0.0.1], interfaces: [tg-a] }\n\
+                 \x20   - { name: b, cidrs: [10.0.0.2], interfaces: [tg-a] }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("identities[1].interfaces[0]") && err.contains("already bound"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        for bad in [
+            "\"\"",
+            "tg-*",
+            "a/b",
+            "\"a b\"",
+            "sixteen-chars-xx",
+            "\"eth0:1\"",
+        ] {
+            let err = policy_with_identities(&format!(
+                "    - {{ name: a, cidrs: [10.0.0.1], interfaces: [{bad}] }}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("is not an interface name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_cidrs_are_refused() {
+        for cidr in ["\"::ffff:10.0.0.1\"", "\"::ffff:10.0.0.0/120\""] {
+            let err = policy_with_identities(&format!("    - {{ name: a, cidrs: [{cidr}] }}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("IPv4-mapped"), "{cidr}: {err}");
+        }
     }
 
     #[test]
