@@ -690,3 +690,99 @@ fn a_link_removed_behind_the_agents_back_is_attached_again() {
     let text = env.agent.cli(&["status"]).unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("1 restored"));
 }
+
+/// The control socket of an agent that cannot have more than 1,024 descriptors, with 1,100
+/// idle connections open on it: `status` still answers within 2 s, and the agent does not
+/// flood its log with accept errors. The connection cap alone would keep it far from 1,024,
+/// so the running agent's limit is then lowered to 16 above what it holds: accept really
+/// runs out of descriptors (EMFILE) and must recover.
+#[test]
+fn status_answers_with_1100_idle_connections_at_a_1024_descriptor_limit() {
+    support::require_root();
+    const IDLE: usize = 1_100;
+    // This test process holds the idle connections itself.
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl), 0);
+        assert!(rl.rlim_max as usize > IDLE + 200, "hard fd limit too low");
+        rl.rlim_cur = rl.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &rl), 0);
+    }
+    let prefix = format!("tg{}-fdlimit", std::process::id() % 100_000);
+    let topo = Topology::new(&prefix, &["frontend", "orders"]).expect("topology");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, SHOP).unwrap();
+    let agent = AgentProcess::start_with_nofile_limit(
+        Path::new(BINARY),
+        &topo.node,
+        "tg-*",
+        &policy,
+        dir.path(),
+        &support::test_pin_dir("ns-fdlimit"),
+        Some(1024),
+    )
+    .expect("agent starts");
+    let pid = agent.pid().unwrap();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let tight = libc::rlimit {
+        rlim_cur: open + 16,
+        rlim_max: open + 16,
+    };
+    // SAFETY: prlimit on our own child's pid with a valid rlimit; no old value requested.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &tight,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let idle = runtime.block_on(async {
+        let mut idle = Vec::with_capacity(IDLE);
+        for _ in 0..IDLE {
+            let conn = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::UnixStream::connect(&agent.socket),
+            )
+            .await
+            .expect("connect within 5 s")
+            .expect("connect");
+            idle.push(conn);
+        }
+        idle
+    });
+    let status = agent.cli(&["--timeout", "2s", "status"]).unwrap();
+    assert!(
+        status.status.success(),
+        "status with {IDLE} idle connections: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    drop(idle);
+    let log = agent.log_text();
+    assert!(
+        log.contains("accept on the control socket failed"),
+        "the agent never ran out of descriptors; the test did not test EMFILE:\n{log}"
+    );
+    let accept_warnings = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("accept on the control socket failed"))
+        .count();
+    assert!(
+        accept_warnings <= 10,
+        "{accept_warnings} accept warnings logged"
+    );
+}

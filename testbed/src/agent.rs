@@ -15,6 +15,8 @@ use crate::netns::NetNs;
 pub struct AgentProcess {
     binary: PathBuf,
     child: Option<Child>,
+    /// RLIMIT_NOFILE (soft and hard) the agent is started with, if set.
+    nofile_limit: Option<u64>,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub log: PathBuf,
@@ -34,12 +36,27 @@ impl AgentProcess {
         workdir: &Path,
         bpffs: &Path,
     ) -> Result<Self> {
+        Self::start_with_nofile_limit(binary, ns, interfaces, policy, workdir, bpffs, None)
+    }
+
+    /// Like `start`, with the agent's open-file limit (soft and hard) set to `nofile_limit`:
+    /// the agent cannot raise it, as when a node runs it under a tight limit.
+    pub fn start_with_nofile_limit(
+        binary: &Path,
+        ns: &NetNs,
+        interfaces: &str,
+        policy: &Path,
+        workdir: &Path,
+        bpffs: &Path,
+        nofile_limit: Option<u64>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(workdir)?;
         let socket = workdir.join("tollgate.sock");
         let log = workdir.join("agent.log");
         let mut agent = AgentProcess {
             binary: binary.to_path_buf(),
             child: None,
+            nofile_limit,
             socket,
             bpffs: bpffs.to_path_buf(),
             log,
@@ -55,8 +72,24 @@ impl AgentProcess {
             bail!("agent already running");
         }
         let log = File::options().create(true).append(true).open(&self.log)?;
-        let child = ns
-            .command_inside(&self.binary)?
+        let mut cmd = ns.command_inside(&self.binary)?;
+        if let Some(limit) = self.nofile_limit {
+            use std::os::unix::process::CommandExt as _;
+            let rl = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only touches the child being started.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["agent", "--interfaces", interfaces, "--policy"])
             .arg(policy)
             .arg("--socket")
