@@ -125,6 +125,11 @@ impl Env {
     }
 }
 
+/// Does a TCP connection from frontend to orders' IPv4 address on `port` echo?
+fn frontend_reaches_orders(env: &Env, port: u16) -> bool {
+    tcp_reachable(env.ns("frontend"), env.addr("orders", false), port)
+}
+
 fn serve_tcp(env: &Env, workload: &str, v6: bool, ports: &[u16]) {
     for &p in ports {
         tcp_echo_server(env.ns(workload), env.addr(workload, v6), p, 64).expect("tcp server");
@@ -301,11 +306,7 @@ fn audit_mode_passes_traffic_and_counts_would_deny() {
     let env = Env::new("audit", &SHOP.replace("spec:\n", "spec:\n  mode: audit\n"));
     serve_tcp(&env, "orders", false, &[8081]);
     let before = env.verdict_count("audit_would_deny");
-    assert!(tcp_reachable(
-        env.ns("frontend"),
-        env.addr("orders", false),
-        8081
-    ));
+    assert!(frontend_reaches_orders(&env, 8081));
     assert!(env.verdict_count("audit_would_deny") > before);
 }
 
@@ -315,26 +316,10 @@ fn two_agents_enforce_their_own_policies_side_by_side() {
     let b = Env::new("twob", &SHOP.replace("port: 8080", "port: 8081"));
     serve_tcp(&a, "orders", false, &[8080, 8081]);
     serve_tcp(&b, "orders", false, &[8080, 8081]);
-    assert!(tcp_reachable(
-        a.ns("frontend"),
-        a.addr("orders", false),
-        8080
-    ));
-    assert!(!tcp_reachable(
-        a.ns("frontend"),
-        a.addr("orders", false),
-        8081
-    ));
-    assert!(tcp_reachable(
-        b.ns("frontend"),
-        b.addr("orders", false),
-        8081
-    ));
-    assert!(!tcp_reachable(
-        b.ns("frontend"),
-        b.addr("orders", false),
-        8080
-    ));
+    assert!(frontend_reaches_orders(&a, 8080));
+    assert!(!frontend_reaches_orders(&a, 8081));
+    assert!(frontend_reaches_orders(&b, 8081));
+    assert!(!frontend_reaches_orders(&b, 8080));
 }
 
 #[test]
@@ -497,16 +482,8 @@ fn a_second_agent_on_the_same_pin_directory_is_refused() {
     assert!(!socket.exists(), "the refused agent left its socket file");
     // The first agent is untouched and still enforcing.
     serve_tcp(&env, "orders", false, &[8080, 8081]);
-    assert!(tcp_reachable(
-        env.ns("frontend"),
-        env.addr("orders", false),
-        8080
-    ));
-    assert!(!tcp_reachable(
-        env.ns("frontend"),
-        env.addr("orders", false),
-        8081
-    ));
+    assert!(frontend_reaches_orders(&env, 8080));
+    assert!(!frontend_reaches_orders(&env, 8081));
     assert_eq!(env.status_json()["generation"], 1);
 }
 

@@ -528,3 +528,74 @@ async fn read_events_inner(agent: Arc<Agent>) -> Result<()> {
         agent.lock().events_read += batch.len() as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tollgate_common::flow::EVENT_IDENTITY_UNRESOLVED;
+
+    use super::*;
+
+    fn names() -> PolicyNames {
+        PolicyNames {
+            rule_names: vec!["frontend-to-orders".into()],
+            identity_names: vec![(256, "frontend".into()), (257, "orders".into())],
+            bindings: Vec::new(),
+        }
+    }
+
+    fn event(verdict: Verdict, src: u32, dst: u32, rule: u32) -> FlowEvent {
+        FlowEvent {
+            verdict: verdict as u32,
+            src_identity: src,
+            dst_identity: dst,
+            rule_id: rule,
+            generation: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_are_named_by_their_generations_names() {
+        let n = names();
+        assert_eq!(
+            name_event(Some(&n), &event(Verdict::DenyExpired, 256, 257, 1)),
+            (
+                "frontend".to_owned(),
+                "orders".to_owned(),
+                "frontend-to-orders".to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn events_of_an_unknown_generation_say_so_instead_of_guessing() {
+        let (from, to, rule) = name_event(None, &event(Verdict::DenyRevoked, 256, 257, 1));
+        assert_eq!(
+            (from.as_str(), to.as_str()),
+            ("identity #256", "identity #257")
+        );
+        assert!(
+            rule.starts_with("rule #1 (generation 3, not known"),
+            "{rule}"
+        );
+    }
+
+    #[test]
+    fn spoofed_events_name_source_validation_and_unresolved_identities() {
+        let n = names();
+        let ev = event(
+            Verdict::DropSpoofed,
+            EVENT_IDENTITY_UNRESOLVED,
+            EVENT_IDENTITY_UNRESOLVED,
+            0,
+        );
+        assert_eq!(
+            name_event(Some(&n), &ev),
+            (
+                "unresolved".to_owned(),
+                "unresolved".to_owned(),
+                "source validation".to_owned()
+            )
+        );
+    }
+}

@@ -39,8 +39,7 @@ use crate::{
         ACTIVE, CHECK, CONNTRACK, COUNTERS, EVENTS, IDENTITY_V4, IDENTITY_V6, RULES, SLOT_CONFIG,
     },
     parse::{
-        parse, Packet, ParseError, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY,
-        ICMP_ECHO_REQUEST,
+        parse, Packet, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
     },
     source::{reverse_path_ok, source_check},
 };
@@ -88,6 +87,15 @@ fn boot_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
+/// The live policy generation; `None` until a policy is loaded (generation 0).
+#[inline(always)]
+fn live_generation() -> Option<u64> {
+    match ACTIVE.get(0) {
+        Some(g) if *g != 0 => Some(*g),
+        _ => None,
+    }
+}
+
 /// Everything known about the packet in hand, passed down the decision instead of long
 /// argument lists.
 struct PacketContext<'a> {
@@ -108,20 +116,11 @@ struct PacketContext<'a> {
 #[inline(always)]
 fn classify(ctx: &TcContext, dir: u8) -> i32 {
     let mut pkt = Packet::EMPTY;
-    match parse(ctx, &mut pkt) {
-        Ok(()) => {}
-        Err(ParseError::NotIp) | Err(ParseError::LinkLocalControl) => {
-            return finish(Verdict::PassNonIp);
-        }
-        Err(ParseError::Malformed) | Err(ParseError::NotLinear) => {
-            return finish(Verdict::DropMalformed)
-        }
-        Err(ParseError::Fragment) => return finish(Verdict::DropFragment),
+    if let Err(e) = parse(ctx, &mut pkt) {
+        return finish(e.verdict());
     }
-
-    let generation = match ACTIVE.get(0) {
-        Some(g) if *g != 0 => *g,
-        _ => return finish(Verdict::DenyNoPolicy),
+    let Some(generation) = live_generation() else {
+        return finish(Verdict::DenyNoPolicy);
     };
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -356,19 +355,11 @@ fn check(ctx: &TcContext) -> CheckResult {
         ..CheckResult::default()
     };
     let mut pkt = Packet::EMPTY;
-    match parse(ctx, &mut pkt) {
-        Ok(()) => {}
-        Err(ParseError::NotIp) | Err(ParseError::LinkLocalControl) => {
-            return only(Verdict::PassNonIp)
-        }
-        Err(ParseError::Malformed) | Err(ParseError::NotLinear) => {
-            return only(Verdict::DropMalformed)
-        }
-        Err(ParseError::Fragment) => return only(Verdict::DropFragment),
+    if let Err(e) = parse(ctx, &mut pkt) {
+        return only(e.verdict());
     }
-    let generation = match ACTIVE.get(0) {
-        Some(g) if *g != 0 => *g,
-        _ => return only(Verdict::DenyNoPolicy),
+    let Some(generation) = live_generation() else {
+        return only(Verdict::DenyNoPolicy);
     };
     // SAFETY: the context pointer is valid for the whole program run.
     let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };

@@ -8,7 +8,7 @@
 //! end of the packet itself is `Malformed` and will be dropped, never allowed.
 
 use aya_ebpf::programs::TcContext;
-use tollgate_common::{flow::v4_mapped, proto};
+use tollgate_common::{flow::v4_mapped, proto, Verdict};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -53,6 +53,18 @@ pub enum ParseError {
     Fragment,
     /// A header lies beyond the linear data but inside the packet: pull and parse again.
     NotLinear,
+}
+
+impl ParseError {
+    /// What happens to a packet that did not parse into a `Packet`.
+    #[inline(always)]
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            ParseError::NotIp | ParseError::LinkLocalControl => Verdict::PassNonIp,
+            ParseError::Malformed | ParseError::NotLinear => Verdict::DropMalformed,
+            ParseError::Fragment => Verdict::DropFragment,
+        }
+    }
 }
 
 /// The fields policy and conntrack need, IPv4 addresses IPv4-mapped.
