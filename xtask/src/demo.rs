@@ -277,7 +277,7 @@ fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
     let why = String::from_utf8_lossy(&out.stdout);
     let why = why.trim().rsplit(": ").next().unwrap_or("").to_owned();
     println!(
-        "  {:<34} {:<8} {why} on {} ({dropped} SYNs counted drop_spoofed)",
+        "  {:<40} {:<8} {why} on {} ({dropped} SYNs counted drop_spoofed)",
         "intruder as frontend -> orders tcp/8080",
         if passed { "allowed" } else { "DENIED" },
         intruder.host_if,
@@ -297,7 +297,7 @@ fn verdict_count(agent: &AgentProcess, verdict: &str) -> Result<u64> {
 }
 
 fn print_header() {
-    println!("  {:<34} {:<8} WHY (tollgate check)", "FLOW", "RESULT");
+    println!("  {:<40} {:<8} WHY (tollgate check)", "FLOW", "RESULT");
 }
 
 fn drive(topo: &Topology, agent: &AgentProcess, f: &Flow) -> Result<()> {
@@ -352,7 +352,7 @@ fn drive(topo: &Topology, agent: &AgentProcess, f: &Flow) -> Result<()> {
     let why = why.trim();
     let why = why.rsplit(": ").next().unwrap_or(why);
     println!(
-        "  {label:<34} {:<8} {why}",
+        "  {label:<40} {:<8} {why}",
         if passed { "allowed" } else { "DENIED" }
     );
     Ok(())
