@@ -978,3 +978,22 @@ fn the_check_program_agrees_with_the_classifier() {
         );
     }
 }
+
+#[test]
+fn link_local_sources_skip_the_reverse_path_but_not_the_binding() {
+    let (f, net) = spoof_fixture("spoof_link_local");
+    let _inside = EnterNetNs::new(&net.ns);
+    // fe80::/64 is routed on every interface, so the FIB cannot place it: no reverse-path
+    // check. On unbound d1 the policy decides (world may reach pod-b:8081)...
+    let on_d1 = PacketSpec::tcp("fe80::99", 40200, "fd00:200:60::2", 8081).build();
+    assert_eq!(
+        run_on_counting(&f, net.d1, &on_d1, Verdict::AllowNew),
+        (TC_ACT_OK, true)
+    );
+    // ...but on d0, bound to pod-a, a link-local source is not pod-a's.
+    let on_d0 = PacketSpec::tcp("fe80::99", 40201, "fd00:200:60::2", 8081).build();
+    assert_eq!(
+        run_on_counting(&f, net.d0, &on_d0, Verdict::DropSpoofed),
+        (TC_ACT_SHOT, true)
+    );
+}
