@@ -855,6 +855,13 @@ fn a_spoofed_packet_cannot_ride_on_an_established_flow() {
     let syn = PacketSpec::tcp("10.200.60.2", 41000, "10.200.50.2", 8080);
     assert_eq!(f.run_on(net.d1, &syn.build()), TC_ACT_OK);
     assert_eq!(f.run_on(net.d0, &syn.reply().build()), TC_ACT_OK);
+    // Each direction remembers where it passed the reverse-path check, so its later packets
+    // there skip the FIB lookup.
+    assert_eq!(f.flow(&key_of(&syn)).unwrap().validated_ifindex, net.d1);
+    assert_eq!(
+        f.flow(&key_of(&syn.reply())).unwrap().validated_ifindex,
+        net.d0
+    );
     // ... an RST or data with pod-b's tuple arriving on d0 is dropped, not established.
     for flags in [RST, ACK] {
         let (action, counted) =
