@@ -636,6 +636,24 @@ fn rst_cuts_the_flow_lifetime_to_seconds() {
 }
 
 #[test]
+fn packets_on_a_closed_flow_do_not_keep_it_alive() {
+    let mut f = shop("closing_not_refreshed");
+    let syn = PacketSpec::tcp(FRONTEND, 45010, ORDERS, 8080);
+    f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+    f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
+    f.assert_passes_as(
+        &syn.reply().flags(RST | ACK).build(),
+        Verdict::AllowEstablished,
+    );
+    // 6 s after the RST an ACK still passes, but does not refresh the entry...
+    age_flow(&mut f, &syn.reply(), 6);
+    f.assert_passes_as(&syn.reply().flags(ACK).build(), Verdict::AllowEstablished);
+    // ...so 6 s later (12 s after the close) the entry is gone.
+    age_flow(&mut f, &syn.reply(), 6);
+    f.assert_dropped_as(&syn.reply().flags(ACK).build(), Verdict::DenyDefault);
+}
+
+#[test]
 fn an_established_flow_lives_for_hours_without_rst_or_fin() {
     let mut f = shop("established_lifetime");
     let syn = PacketSpec::tcp(FRONTEND, 45003, ORDERS, 8080);
@@ -697,9 +715,9 @@ fn gso_sized_tcp_packets_pass() {
     // here; GSO packets of 64 KB with paged payload are covered by the namespace bulk tests.
     // gso_size/gso_segs mark the skb as a GSO packet as the stack would.
     let gso = SkbContext {
-        ifindex: 0,
         gso_size: 1400,
         gso_segs: 3,
+        ..Default::default()
     };
     for (src, dst) in [(FRONTEND, ORDERS), (FRONTEND6, ORDERS6)] {
         let mut p = PacketSpec::tcp(src, 46000, dst, 8080).flags(ACK);
@@ -733,13 +751,15 @@ fn ip_length_beyond_the_packet_is_malformed() {
 
 // --- Source validation -----------------------------------------------------------------------
 
-/// A namespace routing between two interfaces, like a node between two pods (veth pairs whose
-/// peers stay in the namespace; this kernel has no dummy driver):
-/// `d0` = 10.200.50.1/24 + fd00:200:50::1/64, `d1` = 10.200.60.1/24 + fd00:200:60::1/64.
+/// A namespace routing between interfaces, like a node between pods (veth pairs whose peers
+/// stay in the namespace; this kernel has no dummy driver): `d0` = 10.200.50.1/24 +
+/// fd00:200:50::1/64, `d1` = 10.200.60.1/24 + fd00:200:60::1/64, and `d2` = 10.200.70.1/24 +
+/// fd00:200:70::1/64, which the fixtures never describe (a pod's veth the agent has not seen yet).
 struct RoutedNs {
     ns: tollgate_testbed::NetNs,
     d0: u32,
     d1: u32,
+    d2: u32,
 }
 
 impl RoutedNs {
@@ -758,6 +778,7 @@ impl RoutedNs {
         for (dev, v4, v6) in [
             ("d0", "10.200.50.1/24", "fd00:200:50::1/64"),
             ("d1", "10.200.60.1/24", "fd00:200:60::1/64"),
+            ("d2", "10.200.70.1/24", "fd00:200:70::1/64"),
         ] {
             let peer = format!("{dev}p");
             ns.exec_checked(&[
@@ -777,8 +798,8 @@ impl RoutedNs {
             let out = { out }.output().unwrap();
             String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
         };
-        let (d0, d1) = (index("d0"), index("d1"));
-        RoutedNs { ns, d0, d1 }
+        let (d0, d1, d2) = (index("d0"), index("d1"), index("d2"));
+        RoutedNs { ns, d0, d1, d2 }
     }
 }
 
@@ -808,7 +829,18 @@ fn spoof_fixture(name: &str) -> (DatapathFixture, RoutedNs) {
             .unwrap();
     }
     let interfaces = [("d0".to_string(), net.d0), ("d1".to_string(), net.d1)];
-    f.apply_with_interfaces(SPOOF_POLICY, &interfaces);
+    let node_addrs: Vec<std::net::IpAddr> = [
+        "10.200.50.1",
+        "10.200.60.1",
+        "10.200.70.1",
+        "fd00:200:50::1",
+        "fd00:200:60::1",
+        "fd00:200:70::1",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    f.apply_with_interfaces(SPOOF_POLICY, &interfaces, &node_addrs);
     (f, net)
 }
 
@@ -910,7 +942,8 @@ fn an_uplink_accepts_any_source() {
         .write_interface(net.d0, true, [None, None])
         .unwrap();
     let _inside = EnterNetNs::new(&net.ns);
-    let from_elsewhere = PacketSpec::tcp("10.200.60.77", 40000, "10.200.60.2", 8081).build();
+    // An address this node does not route to any of its interfaces: the outside world.
+    let from_elsewhere = PacketSpec::tcp("10.200.99.77", 40000, "10.200.60.2", 8081).build();
     assert_eq!(
         run_on_counting(&f, net.d0, &from_elsewhere, Verdict::AllowNew),
         (TC_ACT_OK, true)
@@ -918,17 +951,93 @@ fn an_uplink_accepts_any_source() {
 }
 
 #[test]
-fn egress_does_not_validate_sources() {
-    let (f, net) = spoof_fixture("spoof_egress");
+fn an_uplink_refuses_the_addresses_of_the_nodes_workloads_and_of_the_node() {
+    let (mut f, net) = spoof_fixture("spoof_uplink_local");
+    f.datapath
+        .write_interface(net.d0, true, [None, None])
+        .unwrap();
     let _inside = EnterNetNs::new(&net.ns);
-    let egress = tollgate_common::program_names::TC_EGRESS;
-    // Leaving by d0 toward pod-a, from pod-b: the source was checked where it came in.
-    let pkt = PacketSpec::tcp("10.200.60.2", 42000, "10.200.50.2", 8080).build();
+    for src in [
+        "10.200.60.2",
+        "10.200.60.1",
+        "fd00:200:60::2",
+        "fd00:200:50::1",
+    ] {
+        let dst = if src.contains(':') {
+            "fd00:200:60::2"
+        } else {
+            "10.200.60.2"
+        };
+        let pkt = PacketSpec::tcp(src, 40000, dst, 8081).build();
+        assert_eq!(
+            run_on_counting(&f, net.d0, &pkt, Verdict::DropSpoofed),
+            (TC_ACT_SHOT, true),
+            "{src} arriving on an uplink"
+        );
+    }
+}
+
+/// Runs the egress program on `ifindex` for a packet received on `ingress_ifindex`.
+fn run_egress_counting(
+    f: &DatapathFixture,
+    ifindex: u32,
+    ingress_ifindex: u32,
+    pkt: &[u8],
+    v: Verdict,
+) -> (u32, bool) {
     let skb = SkbContext {
-        ifindex: net.d0,
+        ifindex,
+        ingress_ifindex,
         ..Default::default()
     };
-    assert_eq!(f.try_run_with(egress, &pkt, &skb).unwrap(), TC_ACT_OK);
+    let before = f.counter(v);
+    let action = f
+        .try_run_with(tollgate_common::program_names::TC_EGRESS, pkt, &skb)
+        .unwrap();
+    (action, f.counter(v) == before + 1)
+}
+
+#[test]
+fn egress_validates_packets_from_an_interface_without_a_program_yet() {
+    let (f, net) = spoof_fixture("spoof_egress_origin");
+    let _inside = EnterNetNs::new(&net.ns);
+    // Received on d2, which has no program and no description yet, leaving by d1 toward
+    // pod-b with pod-a's address: the egress hook checks it against d2.
+    let forged = PacketSpec::tcp("10.200.50.2", 42000, "10.200.60.2", 8080).build();
+    assert_eq!(
+        run_egress_counting(&f, net.d1, net.d2, &forged, Verdict::DropSpoofed),
+        (TC_ACT_SHOT, true)
+    );
+    // d2's own subnet is a genuine source there: `world`, allowed to pod-b:8081.
+    let genuine = PacketSpec::tcp("10.200.70.2", 42001, "10.200.60.2", 8081).build();
+    assert_eq!(
+        run_egress_counting(&f, net.d1, net.d2, &genuine, Verdict::AllowNew),
+        (TC_ACT_OK, true)
+    );
+}
+
+#[test]
+fn egress_applies_the_binding_of_the_interface_a_packet_came_in_by() {
+    let (f, net) = spoof_fixture("spoof_egress_bound");
+    let _inside = EnterNetNs::new(&net.ns);
+    // As if d0's ingress program were missing: its binding is still applied at egress.
+    let squatted = PacketSpec::tcp("10.200.50.99", 42100, "10.200.60.2", 8081).build();
+    assert_eq!(
+        run_egress_counting(&f, net.d1, net.d0, &squatted, Verdict::DropSpoofed),
+        (TC_ACT_SHOT, true)
+    );
+}
+
+#[test]
+fn the_nodes_own_packets_are_not_validated() {
+    let (f, net) = spoof_fixture("spoof_egress_local");
+    let _inside = EnterNetNs::new(&net.ns);
+    // Leaving by d0 toward pod-a from an address of the node (received on no interface).
+    let pkt = PacketSpec::tcp("10.200.60.2", 42000, "10.200.50.2", 8080).build();
+    assert_eq!(
+        run_egress_counting(&f, net.d0, 0, &pkt, Verdict::AllowNew),
+        (TC_ACT_OK, true)
+    );
 }
 
 /// `tollgate check` runs the kernel's own admission chain (the `tollgate_check` program): for
@@ -987,20 +1096,112 @@ fn the_check_program_agrees_with_the_classifier() {
 }
 
 #[test]
-fn link_local_sources_skip_the_reverse_path_but_not_the_binding() {
+fn a_workload_may_not_use_a_link_local_source_beyond_nd() {
     let (f, net) = spoof_fixture("spoof_link_local");
     let _inside = EnterNetNs::new(&net.ns);
-    // fe80::/64 is routed on every interface, so the FIB cannot place it: no reverse-path
-    // check. On unbound d1 the policy decides (world may reach pod-b:8081)...
-    let on_d1 = PacketSpec::tcp("fe80::99", 40200, "fd00:200:60::2", 8081).build();
-    assert_eq!(
-        run_on_counting(&f, net.d1, &on_d1, Verdict::AllowNew),
-        (TC_ACT_OK, true)
-    );
-    // ...but on d0, bound to pod-a, a link-local source is not pod-a's.
-    let on_d0 = PacketSpec::tcp("fe80::99", 40201, "fd00:200:60::2", 8081).build();
-    assert_eq!(
-        run_on_counting(&f, net.d0, &on_d0, Verdict::DropSpoofed),
-        (TC_ACT_SHOT, true)
-    );
+    // fe80::/64 is routed on every interface, so the FIB cannot tell whose it is; from a
+    // workload it would be an identity-less `world` (e.g. toward the node): spoofed, bound or
+    // not.
+    for (ifindex, dst) in [
+        (net.d1, "fd00:200:60::1"),
+        (net.d0, "fd00:200:60::2"),
+        (net.d1, "fe80::1"),
+    ] {
+        let pkt = PacketSpec::tcp("fe80::99", 40200, dst, 8081).build();
+        assert_eq!(
+            run_on_counting(&f, ifindex, &pkt, Verdict::DropSpoofed),
+            (TC_ACT_SHOT, true),
+            "fe80::99 -> {dst} on {ifindex}"
+        );
+    }
+}
+
+fn nd(src: &str, dst: &str, icmp_type: u8) -> Vec<u8> {
+    let mut p = PacketSpec::echo_request(src, dst, 0);
+    p.icmp_type = icmp_type;
+    p.hop_limit = 255;
+    p.build()
+}
+
+#[test]
+fn neighbour_discovery_from_a_workload_must_come_from_its_own_addresses() {
+    let (f, net) = spoof_fixture("spoof_nd");
+    let _inside = EnterNetNs::new(&net.ns);
+    for (what, pkt, verdict) in [
+        (
+            "own global source",
+            nd("fd00:200:50::2", "fd00:200:50::1", 135),
+            Verdict::PassNonIp,
+        ),
+        (
+            "link-local source",
+            nd("fe80::2", "ff02::1:ff00:1", 135),
+            Verdict::PassNonIp,
+        ),
+        (
+            "DAD to multicast",
+            nd("::", "ff02::1:ff00:2", 135),
+            Verdict::PassNonIp,
+        ),
+        // pod-b's address from pod-a's interface toward pod-b: forwarded (hop limit 254), it
+        // would be decided at pod-b's egress by the forged identity's rules.
+        (
+            "forged source",
+            nd("fd00:200:60::2", "fd00:200:60::2", 136),
+            Verdict::DropSpoofed,
+        ),
+        (
+            "unclaimed source on a bound interface",
+            nd("fd00:200:50::99", "fd00:200:60::2", 136),
+            Verdict::DropSpoofed,
+        ),
+        (
+            "unspecified source to unicast",
+            nd("::", "fd00:200:60::2", 135),
+            Verdict::DropSpoofed,
+        ),
+    ] {
+        let before = f.counter(verdict);
+        let action = f.run_on(net.d0, &pkt);
+        assert_eq!(f.counter(verdict), before + 1, "{what}: {}", verdict.name());
+        assert_eq!(
+            action,
+            if verdict.passes() {
+                TC_ACT_OK
+            } else {
+                TC_ACT_SHOT
+            },
+            "{what}"
+        );
+    }
+}
+
+/// The node's own link-local address on the interface, as ND from a pod answers it.
+fn link_local_of(net: &RoutedNs, dev: &str) -> String {
+    let out = net
+        .ns
+        .exec(&[
+            "ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let addr = text
+        .split_whitespace()
+        .nth(3)
+        .expect("a link-local address");
+    addr.split('/').next().unwrap().to_string()
+}
+
+#[test]
+fn a_pods_neighbour_advertisement_to_its_routers_link_local_address_passes() {
+    let (f, net) = spoof_fixture("nd_router_ll");
+    let router = link_local_of(&net, "d0");
+    let _inside = EnterNetNs::new(&net.ns);
+    for icmp_type in [135, 136] {
+        let pkt = nd("fd00:200:50::2", &router, icmp_type);
+        let before = f.counter(Verdict::PassNonIp);
+        assert_eq!(f.run_on(net.d0, &pkt), TC_ACT_OK, "type {icmp_type}");
+        assert_eq!(f.counter(Verdict::PassNonIp), before + 1);
+    }
 }

@@ -624,3 +624,64 @@ fn neighbour_discovery_from_a_workload_does_not_cross_the_node() {
         p.dst == IpAddr::V6(orders) && is_nd(p)
     });
 }
+
+// ---- An interface without a program ------------------------------------------------------------
+
+/// A pod created while no agent runs has a veth with no program on it at all (the same holds,
+/// for up to a second, for one created while the agent runs). Its forged packets must still not
+/// reach anyone: the pinned programs check, where a packet leaves toward a workload, the source
+/// against the interface it came in by.
+fn interface_without_program_cannot_spoof(short: &str, v6: bool) {
+    let mut env = Env::new(short, TopologyOptions::default(), POLICY);
+    serve_udp(&env, "orders", v6, 9000);
+    serve_tcp(&env, "orders", v6, 8081);
+    let spoofed_before = env.verdict("drop_spoofed");
+    env.agent.stop().unwrap();
+    let late = env.topo.add_workload("late").expect("a new workload");
+    let late_addr = if v6 {
+        IpAddr::V6(late.v6)
+    } else {
+        IpAddr::V4(late.v4)
+    };
+    let orders_tap = env.tap("orders");
+    let frontend = env.addr("frontend", v6);
+    let orders = env.addr("orders", v6);
+    for _ in 0..3 {
+        spoof::send_udp(
+            env.ns("late"),
+            SocketAddr::new(frontend, 40011),
+            SocketAddr::new(orders, 9000),
+            b"forged",
+        )
+        .unwrap();
+    }
+    let arrived = arrivals(&orders_tap, |p| {
+        p.src == frontend && p.src_port == Some(40011)
+    });
+    assert!(
+        arrived.is_empty(),
+        "packets with frontend's address from an unenforced veth reached orders: {arrived:?}"
+    );
+    // Its own address is a genuine source there (`world`, which may reach orders:8081).
+    let ok = tcp_reachable(env.ns("late"), orders, 8081);
+    if !ok {
+        let policy = env._dir.path().join("policy.yaml");
+        env.agent.spawn(&env.topo.node, "tg-*", &policy).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!("DEBUG {}", env.agent.log_text());
+    }
+    assert!(ok, "{late_addr} -> orders:8081 (world) must pass");
+    let policy = env._dir.path().join("policy.yaml");
+    env.agent.spawn(&env.topo.node, "tg-*", &policy).unwrap();
+    env.assert_spoofed_counted(spoofed_before);
+}
+
+#[test]
+fn a_veth_without_a_program_cannot_spoof_ipv4() {
+    interface_without_program_cannot_spoof("noprog4", false);
+}
+
+#[test]
+fn a_veth_without_a_program_cannot_spoof_ipv6() {
+    interface_without_program_cannot_spoof("noprog6", true);
+}

@@ -66,6 +66,9 @@ struct State {
     names: VecDeque<(u64, Arc<PolicyNames>)>,
     /// The enforced interfaces (name, ifindex), as described in `TG_INTERFACES`.
     interfaces: Vec<(String, u32)>,
+    /// Uplinks (`--uplinks`) that are not enforced: described in `TG_INTERFACES` all the same,
+    /// so that packets from them are checked as coming from an uplink where they leave.
+    passive_uplinks: Vec<(String, u32)>,
     attachments: Vec<Attachment>,
     /// Links found unpinned or detached and attached again, since start.
     links_restored: u64,
@@ -115,14 +118,15 @@ impl Agent {
         let mut loaded = loader::load(&layout)?;
         let mut datapath = Datapath::open(&layout)?;
         let interfaces = selected_interfaces(&config.selector)?;
-        for (name, ifindex) in &interfaces {
+        let passive_uplinks = passive_uplinks(&config, &interfaces)?;
+        for (name, ifindex) in interfaces.iter().chain(&passive_uplinks) {
             // Bindings are left as they are: the next install writes its slot's, and the live
             // slot belongs to the policy the previous agent installed.
             datapath.write_interface(*ifindex, config.is_uplink(name), [None, None])?;
         }
         let (names, generation) = install(&mut datapath, &policy, &interfaces)?;
         let reconciled = loaded.reconcile(&interfaces)?;
-        forget_other_interfaces(&mut datapath, &interfaces);
+        forget_other_interfaces(&mut datapath, &interfaces, &passive_uplinks);
         let attachments = reconciled.attachments;
         tracing::info!(
             policy = %policy.name,
@@ -142,6 +146,7 @@ impl Agent {
                 generation,
                 names: VecDeque::from([(generation, names)]),
                 interfaces,
+                passive_uplinks,
                 attachments,
                 links_restored: 0,
                 events_read: 0,
@@ -266,6 +271,7 @@ impl Agent {
             interfaces: st
                 .interfaces
                 .iter()
+                .chain(&st.passive_uplinks)
                 .map(|(name, ifindex)| {
                     let bound = st.live_names().bound_identity(name);
                     InterfaceStatus {
@@ -290,7 +296,14 @@ impl Agent {
     /// new ones, attaches again where a link was lost, forgets vanished ones.
     fn rescan(&self) -> Result<()> {
         let wanted = selected_interfaces(&self.config.selector)?;
+        let passive_uplinks = passive_uplinks(&self.config, &wanted)?;
         let mut st = self.lock();
+        for (_, ifindex) in &passive_uplinks {
+            if !st.passive_uplinks.iter().any(|(_, i)| i == ifindex) {
+                st.datapath
+                    .write_interface(*ifindex, true, [Some(0), Some(0)])?;
+            }
+        }
         let live_slot = slot_of(st.generation);
         for (name, ifindex) in &wanted {
             if st.interfaces.iter().any(|(n, i)| n == name && i == ifindex) {
@@ -303,7 +316,8 @@ impl Agent {
                 .write_interface(*ifindex, self.config.is_uplink(name), bound)?;
         }
         let reconciled = st.loaded.reconcile(&wanted)?;
-        forget_other_interfaces(&mut st.datapath, &wanted);
+        forget_other_interfaces(&mut st.datapath, &wanted, &passive_uplinks);
+        st.passive_uplinks = passive_uplinks;
         if !reconciled.restored.is_empty() {
             st.links_restored += reconciled.restored.len() as u64;
             tracing::warn!(
@@ -388,10 +402,29 @@ fn selected_interfaces(selector: &InterfaceSelector) -> Result<Vec<(String, u32)
         .collect())
 }
 
-/// Removes `TG_INTERFACES` entries of interfaces no longer enforced.
-fn forget_other_interfaces(datapath: &mut Datapath, enforced: &[(String, u32)]) {
+/// Interfaces `--uplinks` selects that `--interfaces` does not.
+fn passive_uplinks(config: &AgentConfig, enforced: &[(String, u32)]) -> Result<Vec<(String, u32)>> {
+    let Some(uplinks) = &config.uplinks else {
+        return Ok(Vec::new());
+    };
+    Ok(selected_interfaces(uplinks)?
+        .into_iter()
+        .filter(|(_, i)| !enforced.iter().any(|(_, e)| e == i))
+        .collect())
+}
+
+/// Removes `TG_INTERFACES` entries of interfaces no longer enforced or uplinks.
+fn forget_other_interfaces(
+    datapath: &mut Datapath,
+    enforced: &[(String, u32)],
+    passive_uplinks: &[(String, u32)],
+) {
     for ifindex in datapath.described_interfaces() {
-        if !enforced.iter().any(|(_, i)| *i == ifindex) {
+        if !enforced
+            .iter()
+            .chain(passive_uplinks)
+            .any(|(_, i)| *i == ifindex)
+        {
             datapath.forget_interface(ifindex);
         }
     }

@@ -33,7 +33,10 @@ pub enum ClientError {
     TimedOut { socket: PathBuf, timeout: Duration },
     #[error("control socket handshake")]
     Handshake(#[source] hyper::Error),
-    #[error("the agent closed the connection (is this user allowed on the socket?)")]
+    #[error(
+        "the agent closed the connection without answering: every control connection may be \
+         busy (at most 128), or this user is not the agent's"
+    )]
     Closed(#[source] hyper::Error),
     #[error("reading the agent's answer")]
     Answer(#[source] hyper::Error),

@@ -65,6 +65,16 @@ impl PinLock {
             }
             return Err(io_err(err));
         }
+        // The directory may have been removed (and made again) between open and flock; then
+        // the lock is on an inode nobody else will ever look at.
+        let held = file.metadata().map_err(io_err)?;
+        let now = std::fs::metadata(dir).map_err(io_err)?;
+        if (held.dev(), held.ino()) != (now.dev(), now.ino()) {
+            return Err(LockError::Io {
+                dir: dir.to_path_buf(),
+                source: io::Error::other("the directory was replaced while it was being locked"),
+            });
+        }
         Ok(Self {
             _dir: file,
             path: dir.to_path_buf(),

@@ -23,7 +23,7 @@ use tollgate_common::{
         event_kind, EVENT_IDENTITY_UNRESOLVED, FLOW_FLAG_AUDIT, FLOW_FLAG_CLOSING,
         FLOW_FLAG_FIN_SEEN, FLOW_FLAG_REPLY, FLOW_FLAG_SYN_SENT,
     },
-    identity::{IDENTITY_WORLD, SLOT_PREFIX_BITS},
+    identity::{IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS},
     proto,
     rule::RULE_FULL_PREFIX_BITS,
     slot_of,
@@ -39,9 +39,12 @@ use crate::{
         ACTIVE, CHECK, CONNTRACK, COUNTERS, EVENTS, IDENTITY_V4, IDENTITY_V6, RULES, SLOT_CONFIG,
     },
     parse::{
-        parse, Packet, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        parse, Packet, ParseError, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY,
+        ICMP_ECHO_REQUEST,
     },
-    source::{reverse_path_ok, source_check},
+    source::{
+        link_control, source_check, source_ok, LinkControl, SourceCheck, MODE_NONE, MODE_UPLINK,
+    },
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -101,30 +104,40 @@ fn live_generation() -> Option<u64> {
 struct PacketContext<'a> {
     ctx: &'a TcContext,
     dir: u8,
+    /// The interface of this hook (for events).
     ifindex: u32,
     pkt: Packet,
     key: FlowKey,
     generation: u64,
     /// CLOCK_MONOTONIC (coarse), for idle tracking.
     coarse: u64,
-    /// Ingress on a workload-facing interface: the reverse-path check applies.
-    reverse_path: bool,
-    /// The identity the ingress interface is bound to in the live slot (0: none).
-    bound_identity: u32,
+    /// How the source is validated: against the interface the packet entered by.
+    source: SourceCheck,
 }
 
 #[inline(always)]
 fn classify(ctx: &TcContext, dir: u8) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (ifindex, ingress_ifindex) =
+        unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    // The interface the packet entered the node by: this one at ingress; at egress the one it
+    // was received on (0 for the node's own packets).
+    let origin = if dir == direction::INGRESS {
+        ifindex
+    } else {
+        ingress_ifindex
+    };
     let mut pkt = Packet::EMPTY;
-    if let Err(e) = parse(ctx, &mut pkt) {
-        return finish(e.verdict());
+    match parse(ctx, &mut pkt) {
+        Ok(()) => {}
+        Err(ParseError::LinkLocalControl) => {
+            return link_local_control(ctx, dir, ifindex, origin, pkt)
+        }
+        Err(e) => return finish(e.verdict()),
     }
     let Some(generation) = live_generation() else {
         return finish(Verdict::DenyNoPolicy);
     };
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let check = source_check(dir == direction::INGRESS, ifindex, slot_of(generation));
     let key = flow_key(&pkt);
     let mut pc = PacketContext {
         ctx,
@@ -138,8 +151,7 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         // checked.
         // SAFETY: a helper without arguments or side effects.
         coarse: unsafe { bpf_ktime_get_coarse_ns() },
-        reverse_path: check.reverse_path,
-        bound_identity: check.bound_identity,
+        source: source_check(origin, slot_of(generation)),
     };
 
     if let Some(entry) = CONNTRACK.get_ptr_mut(&pc.key) {
@@ -158,22 +170,51 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         let _ = CONNTRACK.remove(&pc.key);
     }
 
-    if pc.reverse_path && !reverse_path_ok(pc.ctx, &pc.pkt, pc.ifindex) {
+    if pc.source.mode != MODE_NONE && !source_ok(pc.ctx, &pc.pkt, pc.source.mode, origin) {
         return spoofed(&pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
     }
     new_flow(&pc)
 }
 
+/// IPv6 neighbour discovery and MLD from the link: no policy, but their source is checked when
+/// they come from a workload (see `source::link_control`).
+#[inline(always)]
+fn link_local_control(ctx: &TcContext, dir: u8, ifindex: u32, origin: u32, pkt: Packet) -> i32 {
+    let generation = live_generation().unwrap_or(0);
+    let slot = slot_of(generation);
+    let source = source_check(origin, slot);
+    let passes = match link_control(ctx, &pkt, &source) {
+        LinkControl::Pass => true,
+        LinkControl::Spoofed => false,
+        LinkControl::CheckBinding => identity_of(6, slot, &pkt.saddr) == source.bound_identity,
+    };
+    if passes {
+        return finish(Verdict::PassNonIp);
+    }
+    let pc = PacketContext {
+        ctx,
+        dir,
+        ifindex,
+        key: flow_key(&pkt),
+        pkt,
+        generation,
+        coarse: 0,
+        source,
+    };
+    spoofed(&pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED)
+}
+
 /// A packet that matched a live conntrack entry.
 #[inline(always)]
 fn established(pc: &mut PacketContext, entry: &mut FlowValue) -> i32 {
-    if pc.reverse_path && entry.validated_ifindex != pc.ifindex {
-        // First packet of this direction seen at this interface's ingress (or one arriving
-        // where the flow's packets never did): check it in full, then remember where it passed.
-        if !reverse_path_ok(pc.ctx, &pc.pkt, pc.ifindex) {
+    let source = pc.source;
+    if source.mode != MODE_NONE && entry.validated_ifindex != source.origin {
+        // The first packet of this direction from this origin (or one entering where the
+        // flow's packets never did): check it in full, then remember where it passed.
+        if !source_ok(pc.ctx, &pc.pkt, source.mode, source.origin) {
             return spoofed(pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
         }
-        entry.validated_ifindex = pc.ifindex;
+        entry.validated_ifindex = source.origin;
     }
     if pc.pkt.proto == proto::TCP && tcp::needs_step(pc.pkt.tcp_flags, entry.flags) {
         let is_reply = entry.flags & FLOW_FLAG_REPLY != 0;
@@ -210,7 +251,11 @@ fn established(pc: &mut PacketContext, entry: &mut FlowValue) -> i32 {
     if entry.generation == pc.generation
         && (entry.expires_ns == 0 || !is_expired(entry.expires_ns, boot_ns()))
     {
-        if pc.coarse.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        // A closing flow is not kept alive by its packets: it ends a fixed time after it
+        // closed, however much is still sent on it.
+        if entry.flags & FLOW_FLAG_CLOSING == 0
+            && pc.coarse.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_GRANULARITY_NS
+        {
             entry.last_seen_ns = pc.coarse;
         }
         return finish(Verdict::AllowEstablished);
@@ -243,7 +288,7 @@ struct Admission {
 
 /// The admission chain, shared by new flows, re-checks and `tollgate check`: both identities of
 /// the flow in its original direction, the most specific rule, the decision, and the sender
-/// against the ingress interface's binding. `reply`: the packet travels the flow's reply way,
+/// against its origin: the binding of a bound interface, and never `host` from an uplink. `reply`: the packet travels the flow's reply way,
 /// so its sender is the flow's destination.
 #[inline(always)]
 fn admit(pc: &PacketContext, reply: bool) -> Admission {
@@ -255,11 +300,14 @@ fn admit(pc: &PacketContext, reply: bool) -> Admission {
     };
     let (decision, src_id, dst_id) = evaluate(pc, src, dst, dport, boot_ns());
     let sender = if reply { dst_id } else { src_id };
+    // A bound origin admits only its identity; an uplink never the node's own addresses.
+    let spoofed = (pc.source.bound_identity != 0 && sender != pc.source.bound_identity)
+        || (pc.source.mode == MODE_UPLINK && sender == IDENTITY_HOST);
     Admission {
         decision,
         src_id,
         dst_id,
-        spoofed: pc.bound_identity != 0 && sender != pc.bound_identity,
+        spoofed,
     }
 }
 
@@ -279,7 +327,9 @@ fn recheck(pc: &PacketContext, entry: &mut FlowValue) -> i32 {
             entry.generation = pc.generation;
             entry.expires_ns = d.expires_ns;
             entry.rule_id = d.rule_id;
-            entry.last_seen_ns = pc.coarse;
+            if entry.flags & FLOW_FLAG_CLOSING == 0 {
+                entry.last_seen_ns = pc.coarse;
+            }
             if d.verdict == Verdict::AuditWouldDeny {
                 entry.flags |= FLOW_FLAG_AUDIT;
                 emit(pc, Verdict::AuditWouldDeny, d.rule_id, a.src_id, a.dst_id);
@@ -323,7 +373,11 @@ fn new_flow(pc: &PacketContext) -> i32 {
                     last_seen_ns: pc.coarse,
                     rule_id: d.rule_id,
                     flags,
-                    validated_ifindex: if pc.reverse_path { pc.ifindex } else { 0 },
+                    validated_ifindex: if pc.source.mode != MODE_NONE {
+                        pc.source.origin
+                    } else {
+                        0
+                    },
                     _pad: 0,
                 };
                 // If the LRU map cannot take the entry the packet still passes (the policy allowed
@@ -363,8 +417,13 @@ fn check(ctx: &TcContext) -> CheckResult {
     };
     // SAFETY: the context pointer is valid for the whole program run.
     let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
-    let validate = mark & CHECK_MARK_VALIDATE_SOURCE != 0;
-    let sc = source_check(validate, ifindex, slot_of(generation));
+    // As arriving on `ifindex` when the agent asks for source validation; otherwise as one of
+    // the node's own packets, which are not checked.
+    let origin = if mark & CHECK_MARK_VALIDATE_SOURCE != 0 {
+        ifindex
+    } else {
+        0
+    };
     let key = flow_key(&pkt);
     let pc = PacketContext {
         ctx,
@@ -374,10 +433,9 @@ fn check(ctx: &TcContext) -> CheckResult {
         key,
         generation,
         coarse: 0,
-        reverse_path: sc.reverse_path,
-        bound_identity: sc.bound_identity,
+        source: source_check(origin, slot_of(generation)),
     };
-    if pc.reverse_path && !reverse_path_ok(ctx, &pc.pkt, ifindex) {
+    if pc.source.mode != MODE_NONE && !source_ok(ctx, &pc.pkt, pc.source.mode, origin) {
         return CheckResult {
             generation,
             ..only(Verdict::DropSpoofed)

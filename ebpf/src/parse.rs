@@ -320,10 +320,10 @@ fn parse_l4(b: Bounds, l4: usize, ttl: u8, pkt: &mut Packet) -> Result<(), Parse
         proto::ICMPV6 => {
             let icmp = header::<8>(b, l4)?;
             let (t, code) = (icmp[0], icmp[1]);
+            pkt.icmp_type = t;
             if is_link_local_control(t, code, ttl) {
                 return Err(ParseError::LinkLocalControl);
             }
-            pkt.icmp_type = t;
             pkt.icmp_id = raw16(icmp[4], icmp[5]);
         }
         // Other protocols (ESP, GRE, SCTP, no-next-header, ...) carry no ports we match on:

@@ -1,12 +1,24 @@
-//! Source validation at ingress: is this packet's source address one that may arrive on this
-//! interface?
+//! Source validation: may this packet's source address come from the interface by which the
+//! packet entered the node?
 //!
-//! `TG_INTERFACES` says per interface whether it is an uplink (exempt: `world` arrives there
-//! with any source) and which identity it is bound to. On every other interface the route back
-//! to the source must leave through the interface the packet came in on: a strict reverse-path
-//! check with the kernel's own FIB (`bpf_fib_lookup`), IPv4 and IPv6 alike, independent of the
-//! node's rp_filter setting (which IPv6 does not have at all). The binding is checked where the
-//! source identity is resolved anyway (new flows and re-checks, in `main.rs`).
+//! The interface a packet entered by is `skb->ifindex` at an ingress hook and
+//! `skb->ingress_ifindex` at an egress hook (0 for the node's own packets, which are not
+//! checked). Checking at egress too means a packet from an interface that has no program yet (a
+//! pod's veth in the second before the agent attaches to it) or no longer has one is still
+//! checked before it reaches a workload. `TG_INTERFACES[origin]` says how:
+//!
+//! - **workload-facing** (an entry without `INTERFACE_FLAG_UPLINK`, or no entry at all): the
+//!   route back to the source must leave through the origin (strict reverse path, through the
+//!   kernel's own FIB with `bpf_fib_lookup`, IPv4 and IPv6, whatever the node's rp_filter says);
+//!   an IPv6 link-local source is never valid here (it has no identity, and ND/MLD are handled
+//!   apart); and if the interface is bound to an identity, the source must be of that identity
+//!   (checked where identities are resolved, in `main.rs`);
+//! - **uplink**: traffic from `world` arrives with any source, except one that belongs to this
+//!   node's workloads (its route back leaves through a workload-facing interface) or to the node
+//!   itself (identity `host`, checked where identities are resolved).
+//!
+//! A conntrack entry remembers the origin its direction last passed (`validated_ifindex`), so
+//! only the first packet of each direction pays for the FIB lookup.
 
 use aya_ebpf::{
     bindings::{
@@ -26,69 +38,101 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// ifindex → settings of that interface. No entry: a workload-facing, unbound interface (the
-/// safe default for an interface the agent has not described yet). Written by the agent before
-/// it attaches to an interface, and on every policy swap (the binding is per slot).
+/// safe default for an interface the agent has not described yet). Written by the agent for
+/// every enforced interface and every uplink, and on every policy swap (the binding is per
+/// slot).
 #[map(name = "TG_INTERFACES")]
 pub static INTERFACES: HashMap<u32, InterfaceValue> =
     HashMap::pinned(capacity::INTERFACE_ENTRIES, 0);
 
-/// How the packet's source must be checked on this hook.
+/// No check: the node's own packet.
+pub const MODE_NONE: u8 = 0;
+/// Workload-facing origin: strict reverse path, no link-local sources.
+pub const MODE_STRICT: u8 = 1;
+/// Uplink origin: anything but the node's workloads and the node itself.
+pub const MODE_UPLINK: u8 = 2;
+
+/// How the packet's source must be checked.
+#[derive(Clone, Copy)]
 pub struct SourceCheck {
-    /// The reverse-path check applies (ingress on a workload-facing interface).
-    pub reverse_path: bool,
-    /// The identity the interface is bound to in the live slot, or 0.
+    /// `MODE_*`.
+    pub mode: u8,
+    /// The interface the packet entered by (0 with `MODE_NONE`).
+    pub origin: u32,
+    /// The identity the origin is bound to in the live slot, or 0.
     pub bound_identity: u32,
 }
 
+/// How to check a packet that entered by `origin` (0: the node's own packet).
 #[inline(always)]
-pub fn source_check(ingress: bool, ifindex: u32, slot: u32) -> SourceCheck {
-    if !ingress {
+pub fn source_check(origin: u32, slot: u32) -> SourceCheck {
+    if origin == 0 {
         return SourceCheck {
-            reverse_path: false,
+            mode: MODE_NONE,
+            origin: 0,
             bound_identity: 0,
         };
     }
-    match INTERFACES.get_ptr(&ifindex) {
-        // SAFETY: the map value lives as long as the entry and is only read here. The agent
-        // replaces whole entries (one update), so the read sees the old value or the new one.
+    match INTERFACES.get_ptr(&origin) {
         Some(v) => {
+            // SAFETY: the map value lives as long as the entry and is only read here. The agent
+            // replaces whole entries (one update), so the read sees the old value or the new one.
             let v = unsafe { &*v };
             if v.flags & INTERFACE_FLAG_UPLINK != 0 {
                 SourceCheck {
-                    reverse_path: false,
+                    mode: MODE_UPLINK,
+                    origin,
                     bound_identity: 0,
                 }
             } else {
                 SourceCheck {
-                    reverse_path: true,
+                    mode: MODE_STRICT,
+                    origin,
                     bound_identity: v.bound_in(slot),
                 }
             }
         }
         None => SourceCheck {
-            reverse_path: true,
+            mode: MODE_STRICT,
+            origin,
             bound_identity: 0,
         },
     }
 }
 
-/// Does the route back to the packet's source leave through `ifindex`?
+/// Whether IPv6 address `a` is `::`. Spelled out: an array comparison becomes a `bcmp` call,
+/// which BPF does not have (bpf-linker crashed with SIGSEGV on it).
+#[inline(always)]
+fn is_unspecified(a: &[u8; 16]) -> bool {
+    let mut any = 0u8;
+    for b in a {
+        any |= *b;
+    }
+    any == 0
+}
+
+/// Whether IPv6 address `a` is link-local (fe80::/10).
+#[inline(always)]
+pub fn is_link_local(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
+/// Does the packet's source pass `mode`'s check for a packet that entered by `origin`? (The
+/// binding is checked by the caller, which resolves identities anyway.)
 ///
-/// IPv6 link-local sources are not looked up: every interface has a route for fe80::/64, so the
-/// FIB cannot say which link one belongs to, and the kernel never forwards a packet with a
-/// link-local source off its link; such packets are decided by policy like any other. Anything
-/// the FIB cannot route back (no route, a local address of the node, forwarding disabled on the
-/// interface) fails the check: an unverifiable source is treated as spoofed.
 /// A BPF-to-BPF call of its own, so the 64-byte FIB request lives in its own stack frame.
 #[inline(never)]
-pub fn reverse_path_ok(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> bool {
-    if pkt.family == 6 && pkt.saddr[0] == 0xfe && pkt.saddr[1] & 0xc0 == 0x80 {
-        return true;
+pub fn source_ok(ctx: &TcContext, pkt: &Packet, mode: u8, origin: u32) -> bool {
+    if pkt.family == 6 && is_link_local(&pkt.saddr) {
+        // fe80::/64 is routed on every interface, so the FIB cannot place it. From a workload it
+        // has no identity and can only be a way around one; an uplink's neighbours (routers)
+        // legitimately use it.
+        return mode == MODE_UPLINK;
     }
     // SAFETY: bpf_fib_lookup is a plain C struct of integers and unions of integers; all zero
     // is a valid (empty) request.
     let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.ifindex = ifindex;
+    params.ifindex = origin;
     // The reverse path: destination = our source, source = our destination, as the kernel's own
     // fib_validate_source asks it.
     if pkt.family == 4 {
@@ -100,7 +144,13 @@ pub fn reverse_path_ok(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> bool {
     } else {
         params.family = AF_INET6;
         params.__bindgen_anon_4.ipv6_dst = words(&pkt.saddr);
-        params.__bindgen_anon_3.ipv6_src = words(&pkt.daddr);
+        // The lookup's source only serves source-specific routes, which never key on a
+        // link-local or multicast address; and with one of the node's own link-local addresses
+        // as source the lookup fails outright (a pod's neighbour advertisement to its router's
+        // link-local address was dropped as spoofed).
+        if !is_link_local(&pkt.daddr) && pkt.daddr[0] != 0xff {
+            params.__bindgen_anon_3.ipv6_src = words(&pkt.daddr);
+        }
     }
     // SAFETY: `ctx.skb.skb` is the program's context pointer; `params` is a valid, writable
     // bpf_fib_lookup of the size passed.
@@ -114,8 +164,66 @@ pub fn reverse_path_ok(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> bool {
     };
     // SKIP_NEIGH (Linux 6.5): no neighbour entry is needed to name the egress interface. The
     // kernel fills in `ifindex` before any neighbour step, so NO_NEIGH names it as well.
-    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64)
-        && params.ifindex == ifindex
+    let routed = rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64;
+    if mode == MODE_STRICT {
+        // Anything the FIB cannot route back out of the origin (another interface, no route, a
+        // local address of the node, forwarding disabled on the origin) is unverifiable:
+        // treated as spoofed.
+        return routed && params.ifindex == origin;
+    }
+    // Uplink: refuse addresses routed to a workload-facing interface; anything else (the
+    // internet, other nodes' pods) is world. The FIB answers NOT_FWDED both for "no route" and
+    // for the node's own addresses, so those are told apart later: a packet from an uplink may
+    // not have a source of identity `host` (see `admit` in main.rs). With forwarding disabled
+    // on the uplink the FIB answers nothing; nothing is forwarded to a workload then either.
+    if !routed {
+        return true;
+    }
+    match INTERFACES.get_ptr(&params.ifindex) {
+        Some(v) => {
+            // SAFETY: as in `source_check`.
+            let flags = unsafe { (*v).flags };
+            flags & INTERFACE_FLAG_UPLINK != 0
+        }
+        // Not described: not a workload interface the agent enforces (a tunnel, a bridge).
+        None => true,
+    }
+}
+
+/// What to do with link-local control traffic (see `link_control`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LinkControl {
+    Pass,
+    Spoofed,
+    /// Passes if its source is of the origin's bound identity.
+    CheckBinding,
+}
+
+/// Neighbour discovery and MLD from the link (hop limit 255 / 1) pass without policy, but not
+/// without a look at their source when they come from a workload: with a forged global source
+/// an ND-shaped message would otherwise carry another identity through the node.
+/// - the unspecified source (`::`, duplicate address detection) only toward multicast;
+/// - a link-local source: fine (it cannot leave the link);
+/// - any other source: the strict check, and the binding if the origin is bound.
+#[inline(always)]
+pub fn link_control(ctx: &TcContext, pkt: &Packet, check: &SourceCheck) -> LinkControl {
+    if check.mode != MODE_STRICT || is_link_local(&pkt.saddr) {
+        return LinkControl::Pass;
+    }
+    if is_unspecified(&pkt.saddr) {
+        return if pkt.daddr[0] == 0xff {
+            LinkControl::Pass
+        } else {
+            LinkControl::Spoofed
+        };
+    }
+    if !source_ok(ctx, pkt, MODE_STRICT, check.origin) {
+        LinkControl::Spoofed
+    } else if check.bound_identity != 0 {
+        LinkControl::CheckBinding
+    } else {
+        LinkControl::Pass
+    }
 }
 
 #[inline(always)]

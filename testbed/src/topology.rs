@@ -50,6 +50,8 @@ pub struct Topology {
     /// Dropped after the workloads (field order): their veth peers go with them.
     pub workloads: Vec<Workload>,
     pub node: NetNs,
+    prefix: String,
+    options: TopologyOptions,
 }
 
 impl Topology {
@@ -73,69 +75,78 @@ impl Topology {
         let mut topo = Topology {
             workloads: Vec::new(),
             node,
+            prefix: prefix.to_string(),
+            options,
         };
-        for (i, name) in workloads.iter().enumerate() {
-            let subnet = (i + 1) as u8;
-            let host_if = format!("tg-{name}");
-            if host_if.len() > 15 {
-                bail!("interface name {host_if} longer than 15 characters");
-            }
-            let ns = NetNs::new(&format!("{prefix}-{name}"))?;
-            quiet_ipv6(&ns)?;
-            let node = topo.node.name().to_string();
-            crate::netns::ip(&[
-                "-n",
-                &node,
-                "link",
-                "add",
-                &host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])?;
-            let v4 = Ipv4Addr::new(10, 200, subnet, 2);
-            let v6: Ipv6Addr = format!("fd00:200:{subnet:x}::2").parse()?;
-            let gw4 = format!("10.200.{subnet}.1");
-            let gw6 = format!("fd00:200:{subnet:x}::1");
-            let n = &["-n", node.as_str()];
-            let w = &["-n", ns.name()];
-            let ipn = |args: &[&str]| crate::netns::ip(&[n.as_slice(), args].concat());
-            let ipw = |args: &[&str]| crate::netns::ip(&[w.as_slice(), args].concat());
-            ipn(&["addr", "add", &format!("{gw4}/24"), "dev", &host_if])?;
-            ipn(&[
-                "addr",
-                "add",
-                &format!("{gw6}/64"),
-                "dev",
-                &host_if,
-                "nodad",
-            ])?;
-            let mtu = options.mtu.to_string();
-            ipn(&["link", "set", &host_if, "mtu", &mtu])?;
-            ipw(&["link", "set", "eth0", "mtu", &mtu])?;
-            if !options.offloads {
-                disable_offloads(&topo.node, &host_if)?;
-                disable_offloads(&ns, "eth0")?;
-            }
-            ipn(&["link", "set", &host_if, "up"])?;
-            ipw(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-            ipw(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
-            ipw(&["link", "set", "eth0", "up"])?;
-            ipw(&["route", "add", "default", "via", &gw4])?;
-            ipw(&["-6", "route", "add", "default", "via", &gw6])?;
-            topo.workloads.push(Workload {
-                name: name.to_string(),
-                ns,
-                v4,
-                v6,
-                host_if,
-            });
+        for name in workloads {
+            topo.add_workload(name)?;
         }
         Ok(topo)
+    }
+
+    /// Adds workload `name` behind a new veth `tg-<name>`, in the next subnet (`i + 1` for the
+    /// `i`-th workload). Works while an agent runs, as a pod created on a live node.
+    pub fn add_workload(&mut self, name: &str) -> Result<&Workload> {
+        let subnet = (self.workloads.len() + 1) as u8;
+        let host_if = format!("tg-{name}");
+        if host_if.len() > 15 {
+            bail!("interface name {host_if} longer than 15 characters");
+        }
+        let ns = NetNs::new(&format!("{}-{name}", self.prefix))?;
+        quiet_ipv6(&ns)?;
+        let node = self.node.name().to_string();
+        crate::netns::ip(&[
+            "-n",
+            &node,
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        let v4 = Ipv4Addr::new(10, 200, subnet, 2);
+        let v6: Ipv6Addr = format!("fd00:200:{subnet:x}::2").parse()?;
+        let gw4 = format!("10.200.{subnet}.1");
+        let gw6 = format!("fd00:200:{subnet:x}::1");
+        let n = &["-n", node.as_str()];
+        let w = &["-n", ns.name()];
+        let ipn = |args: &[&str]| crate::netns::ip(&[n.as_slice(), args].concat());
+        let ipw = |args: &[&str]| crate::netns::ip(&[w.as_slice(), args].concat());
+        ipn(&["addr", "add", &format!("{gw4}/24"), "dev", &host_if])?;
+        ipn(&[
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        let mtu = self.options.mtu.to_string();
+        ipn(&["link", "set", &host_if, "mtu", &mtu])?;
+        ipw(&["link", "set", "eth0", "mtu", &mtu])?;
+        if !self.options.offloads {
+            disable_offloads(&self.node, &host_if)?;
+            disable_offloads(&ns, "eth0")?;
+        }
+        ipn(&["link", "set", &host_if, "up"])?;
+        ipw(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        ipw(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ipw(&["link", "set", "eth0", "up"])?;
+        ipw(&["route", "add", "default", "via", &gw4])?;
+        ipw(&["-6", "route", "add", "default", "via", &gw6])?;
+        self.workloads.push(Workload {
+            name: name.to_string(),
+            ns,
+            v4,
+            v6,
+            host_if,
+        });
+        Ok(self.workloads.last().expect("just pushed"))
     }
 
     pub fn workload(&self, name: &str) -> &Workload {

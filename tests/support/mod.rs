@@ -94,14 +94,25 @@ impl DatapathFixture {
 
     /// Compiles and installs `yaml` as the next generation (no host addresses).
     pub fn apply(&mut self, yaml: &str) {
-        self.apply_with_interfaces(yaml, &[]);
+        self.apply_with_interfaces(yaml, &[], &[]);
     }
 
-    /// Like `apply`, writing the bindings of `interfaces` (name, ifindex) for the new slot.
-    pub fn apply_with_interfaces(&mut self, yaml: &str, interfaces: &[(String, u32)]) {
+    /// Like `apply`, writing the bindings of `interfaces` (name, ifindex) for the new slot, with
+    /// `host_addrs` as the node's addresses (identity `host`).
+    pub fn apply_with_interfaces(
+        &mut self,
+        yaml: &str,
+        interfaces: &[(String, u32)],
+        host_addrs: &[std::net::IpAddr],
+    ) {
         let policy = parse_policy(yaml, "test.yaml").expect("test policy is valid");
         let generation = self.datapath.next_generation().unwrap();
-        let compiled = compile_policy(&policy, slot_of(generation), &ClockReading::now(), &[]);
+        let compiled = compile_policy(
+            &policy,
+            slot_of(generation),
+            &ClockReading::now(),
+            host_addrs,
+        );
         self.datapath
             .install(&compiled, generation, interfaces)
             .expect("install");
@@ -210,6 +221,8 @@ impl DatapathFixture {
 pub struct SkbContext {
     /// The device the packet is on (0: `lo`).
     pub ifindex: u32,
+    /// The device the packet was received on (`skb->skb_iif`; 0: the node's own packet).
+    pub ingress_ifindex: u32,
     /// GSO segment size and count: the skb is marked as a GSO packet.
     pub gso_size: u32,
     pub gso_segs: u32,
@@ -218,10 +231,13 @@ pub struct SkbContext {
 impl SkbContext {
     /// `struct __sk_buff` up to `gso_size` (uapi/linux/bpf.h, stable layout).
     fn bytes(&self) -> Vec<u8> {
+        const INGRESS_IFINDEX: usize = 36;
         const IFINDEX: usize = 40;
         const GSO_SEGS: usize = 164;
         const GSO_SIZE: usize = 176;
         let mut b = vec![0u8; GSO_SIZE + 4];
+        b[INGRESS_IFINDEX..INGRESS_IFINDEX + 4]
+            .copy_from_slice(&self.ingress_ifindex.to_ne_bytes());
         b[IFINDEX..IFINDEX + 4].copy_from_slice(&self.ifindex.to_ne_bytes());
         b[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&self.gso_segs.to_ne_bytes());
         b[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&self.gso_size.to_ne_bytes());
