@@ -28,6 +28,7 @@ use crate::{
     },
     datapath::Datapath,
     host::host_addresses,
+    linkwatch::LinkEvents,
     loader::{self, Attachment, InterfaceSelector, Loaded},
     paths::PinLayout,
     pinlock::PinLock,
@@ -492,10 +493,34 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let events = tokio::spawn(read_events(agent.clone()));
     let rescan = {
         let agent = agent.clone();
+        // Link notifications make a new interface enforced at once; the periodic rescan stays,
+        // for what netlink does not announce (a link pin removed behind the agent's back) and
+        // in case the socket cannot be had.
+        let mut links = match LinkEvents::open() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "no link notifications; rescanning every second only");
+                None
+            }
+        };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(RESCAN_INTERVAL);
             loop {
-                tick.tick().await;
+                let link_changed = async {
+                    match links.as_mut() {
+                        Some(l) => l.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    r = link_changed => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "link notifications failed; rescanning every second only");
+                            links = None;
+                        }
+                    }
+                }
                 let a = agent.clone();
                 if let Err(e) = tokio::task::spawn_blocking(move || a.rescan())
                     .await
