@@ -313,10 +313,6 @@ impl Datapath {
             .with_context(|| format!("binding interface {ifindex} in {}", map_names::INTERFACES))
     }
 
-    /// What `TG_INTERFACES` says about `ifindex`.
-    pub fn interface(&self, ifindex: u32) -> Option<InterfaceValue> {
-        self.interfaces.get(&ifindex, 0).ok()
-    }
 
     /// Forgets an interface that is no longer enforced (or no longer exists).
     pub fn forget_interface(&mut self, ifindex: u32) {
