@@ -825,7 +825,7 @@ fn spoof_fixture(name: &str) -> (DatapathFixture, RoutedNs) {
     let mut f = DatapathFixture::new(name);
     for ifindex in [net.d0, net.d1] {
         f.datapath
-            .write_interface(ifindex, false, [Some(0), Some(0)])
+            .write_interface(ifindex, false, Some(false), [Some(0), Some(0)])
             .unwrap();
     }
     let interfaces = [("d0".to_string(), net.d0), ("d1".to_string(), net.d1)];
@@ -939,7 +939,7 @@ fn an_unclaimed_address_on_a_bound_interface_is_spoofed() {
 fn an_uplink_accepts_any_source() {
     let (mut f, net) = spoof_fixture("spoof_uplink");
     f.datapath
-        .write_interface(net.d0, true, [None, None])
+        .write_interface(net.d0, true, None, [None, None])
         .unwrap();
     let _inside = EnterNetNs::new(&net.ns);
     // An address this node does not route to any of its interfaces: the outside world.
@@ -954,7 +954,7 @@ fn an_uplink_accepts_any_source() {
 fn an_uplink_refuses_the_addresses_of_the_nodes_workloads_and_of_the_node() {
     let (mut f, net) = spoof_fixture("spoof_uplink_local");
     f.datapath
-        .write_interface(net.d0, true, [None, None])
+        .write_interface(net.d0, true, None, [None, None])
         .unwrap();
     let _inside = EnterNetNs::new(&net.ns);
     for src in [
@@ -1025,6 +1025,64 @@ fn egress_applies_the_binding_of_the_interface_a_packet_came_in_by() {
     assert_eq!(
         run_egress_counting(&f, net.d1, net.d0, &squatted, Verdict::DropSpoofed),
         (TC_ACT_SHOT, true)
+    );
+}
+
+#[test]
+fn packets_checked_at_their_origins_ingress_are_not_checked_again_after_nat() {
+    let (mut f, net) = spoof_fixture("spoof_after_nat");
+    // d1 has its ingress program: what came in there was checked before the node's NAT.
+    f.datapath
+        .write_interface(net.d1, false, Some(true), [None, None])
+        .unwrap();
+    let _inside = EnterNetNs::new(&net.ns);
+    // A service's DNAT reply: pod-b answers a ClusterIP client; after un-DNAT the source is
+    // the service address, which routes nowhere. Leaving by d0 toward pod-a.
+    let dnat_reply = PacketSpec::tcp("10.200.99.10", 80, "10.200.50.2", 8080).build();
+    let (action, spoofed) =
+        run_egress_counting(&f, net.d0, net.d1, &dnat_reply, Verdict::DropSpoofed);
+    assert!(
+        !spoofed,
+        "a DNAT reply from an enforced interface counted as spoofed"
+    );
+    let _ = action;
+}
+
+#[test]
+fn what_the_nodes_nat_writes_passes_from_an_interface_without_a_program() {
+    let (f, net) = spoof_fixture("spoof_nat_noprog");
+    let _inside = EnterNetNs::new(&net.ns);
+    // Masqueraded by the node (source: the node's address) or a DNAT reply (a service address
+    // that routes nowhere), from d2, which has no program: not spoofed; policy decides.
+    for src in ["10.200.60.1", "10.200.99.10"] {
+        let pkt = PacketSpec::tcp(src, 80, "10.200.60.2", 8081).build();
+        let (_, spoofed) = run_egress_counting(&f, net.d1, net.d2, &pkt, Verdict::DropSpoofed);
+        assert!(!spoofed, "{src} from d2 counted as spoofed");
+    }
+    // Another pod's address still is.
+    let forged = PacketSpec::tcp("10.200.50.2", 80, "10.200.60.2", 8081).build();
+    assert_eq!(
+        run_egress_counting(&f, net.d1, net.d2, &forged, Verdict::DropSpoofed),
+        (TC_ACT_SHOT, true)
+    );
+}
+
+#[test]
+fn an_nd_shaped_message_toward_the_world_is_decided_by_policy() {
+    let (f, net) = spoof_fixture("nd_exfil");
+    let _inside = EnterNetNs::new(&net.ns);
+    // pod-a's own address, hop limit 255, code 0, toward an address the node would forward:
+    // not neighbour discovery but data; no rule lets pod-a send ICMPv6 to world.
+    let pkt = nd("fd00:200:50::2", "fd00:200:99::1", 135);
+    assert_eq!(
+        run_on_counting(&f, net.d0, &pkt, Verdict::DenyDefault),
+        (TC_ACT_SHOT, true)
+    );
+    // Toward the node's own global address it is ND (unicast reachability probes).
+    let to_router = nd("fd00:200:50::2", "fd00:200:50::1", 135);
+    assert_eq!(
+        run_on_counting(&f, net.d0, &to_router, Verdict::PassNonIp),
+        (TC_ACT_OK, true)
     );
 }
 

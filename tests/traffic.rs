@@ -762,3 +762,78 @@ fn a_pod_created_while_the_agent_runs_gets_its_binding_ipv4() {
 fn a_pod_created_while_the_agent_runs_gets_its_binding_ipv6() {
     new_pod_gets_its_binding("late6", true);
 }
+
+// ---- NAT on the node ---------------------------------------------------------------------------
+
+/// A service address in front of orders, as kube-proxy's nftables mode makes one: the node
+/// DNATs 10.200.60.10:80 / [fd00:200:60::10]:80 to orders:8080. The reply leaves toward
+/// frontend with the service address as source (netfilter undoes the DNAT before the egress
+/// hook): it came in by tg-orders, where it was checked before the NAT, and must pass.
+fn service_reply_after_dnat_passes(short: &str, v6: bool) {
+    let policy = POLICY.replace(
+        "    - name: world-to-orders\n",
+        "    - name: frontend-to-services\n      from: frontend\n      to: world\n      ports:\n        - { port: 80, protocol: TCP }\n    - name: world-to-orders\n",
+    );
+    assert_ne!(policy, POLICY);
+    let env = Env::new(short, TopologyOptions::default(), &policy);
+    serve_tcp(&env, "orders", v6, 8080);
+    let rules = "table inet tgsvc {
+  chain pre {
+    type nat hook prerouting priority -100;
+    ip daddr 10.200.60.10 tcp dport 80 dnat ip to 10.200.2.2:8080
+    ip6 daddr fd00:200:60::10 tcp dport 80 dnat ip6 to [fd00:200:2::2]:8080
+  }
+}
+";
+    let mut nft = env
+        .topo
+        .node
+        .exec(&["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (is nftables installed?)");
+    use std::io::Write as _;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft rules");
+    // A real node has a default route (here: toward the intruder's veth, standing in for the
+    // uplink), so the service address routes out of an interface other than tg-orders.
+    for args in [
+        &["route", "add", "default", "via", "10.200.3.2"][..],
+        &["-6", "route", "add", "default", "via", "fd00:200:3::2"][..],
+    ] {
+        env.topo
+            .node
+            .exec_checked(&[&["ip"][..], args].concat())
+            .unwrap();
+    }
+    let service: IpAddr = if v6 {
+        "fd00:200:60::10".parse().unwrap()
+    } else {
+        "10.200.60.10".parse().unwrap()
+    };
+    let spoofed = env.verdict_count("drop_spoofed");
+    assert!(
+        tcp_reachable(env.ns("frontend"), service, 80),
+        "frontend -> service (DNAT to orders) failed"
+    );
+    assert_eq!(
+        env.verdict_count("drop_spoofed"),
+        spoofed,
+        "a DNAT reply was taken for spoofed:\n{}",
+        env.agent.log_text()
+    );
+}
+
+#[test]
+fn a_service_reply_after_dnat_passes_ipv4() {
+    service_reply_after_dnat_passes("dnat4", false);
+}
+
+#[test]
+fn a_service_reply_after_dnat_passes_ipv6() {
+    service_reply_after_dnat_passes("dnat6", true);
+}

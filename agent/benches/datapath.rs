@@ -110,7 +110,7 @@ impl Bench {
         // measure the same path as before it existed (the reverse-path lookup is measured with
         // real traffic).
         datapath
-            .write_interface(1, true, [Some(0), Some(0)])
+            .write_interface(1, true, Some(true), [Some(0), Some(0)])
             .unwrap();
         let events = RingBuf::try_from(
             Map::from_map_data(MapData::from_pin(layout.map(map_names::EVENTS)).unwrap()).unwrap(),

@@ -120,13 +120,21 @@ impl Agent {
         let mut datapath = Datapath::open(&layout)?;
         let interfaces = selected_interfaces(&config.selector)?;
         let passive_uplinks = passive_uplinks(&config, &interfaces)?;
-        for (name, ifindex) in interfaces.iter().chain(&passive_uplinks) {
-            // Bindings are left as they are: the next install writes its slot's, and the live
-            // slot belongs to the policy the previous agent installed.
-            datapath.write_interface(*ifindex, config.is_uplink(name), [None, None])?;
+        // Bindings are left as they are: the next install writes its slot's, and the live slot
+        // belongs to the policy the previous agent installed. So is `enforced`: a link adopted
+        // from the previous agent has been checking at ingress all along.
+        for (name, ifindex) in &interfaces {
+            datapath.write_interface(*ifindex, config.is_uplink(name), None, [None, None])?;
+        }
+        for (_, ifindex) in &passive_uplinks {
+            datapath.write_interface(*ifindex, true, Some(false), [None, None])?;
         }
         let (names, generation) = install(&mut datapath, &policy, &interfaces)?;
         let reconciled = loaded.reconcile(&interfaces)?;
+        // Attached (or adopted): checked at their ingress from now on.
+        for (name, ifindex) in &interfaces {
+            datapath.write_interface(*ifindex, config.is_uplink(name), Some(true), [None, None])?;
+        }
         forget_other_interfaces(&mut datapath, &interfaces, &passive_uplinks);
         let attachments = reconciled.attachments;
         tracing::info!(
@@ -302,7 +310,7 @@ impl Agent {
         for (_, ifindex) in &passive_uplinks {
             if !st.passive_uplinks.iter().any(|(_, i)| i == ifindex) {
                 st.datapath
-                    .write_interface(*ifindex, true, [Some(0), Some(0)])?;
+                    .write_interface(*ifindex, true, Some(false), [Some(0), Some(0)])?;
             }
         }
         let live_slot = slot_of(st.generation);
@@ -313,10 +321,25 @@ impl Agent {
             // New (or renamed, or a new interface on a reused ifindex): a fresh entry.
             let mut bound = [Some(0); 2];
             bound[live_slot as usize] = Some(st.live_names().bound_identity(name));
-            st.datapath
-                .write_interface(*ifindex, self.config.is_uplink(name), bound)?;
+            st.datapath.write_interface(
+                *ifindex,
+                self.config.is_uplink(name),
+                Some(false),
+                bound,
+            )?;
         }
         let reconciled = st.loaded.reconcile(&wanted)?;
+        for (name, ifindex) in &wanted {
+            if !st.interfaces.iter().any(|(n, i)| n == name && i == ifindex) {
+                // Attached now: checked at its ingress from here on.
+                st.datapath.write_interface(
+                    *ifindex,
+                    self.config.is_uplink(name),
+                    Some(true),
+                    [None, None],
+                )?;
+            }
+        }
         forget_other_interfaces(&mut st.datapath, &wanted, &passive_uplinks);
         st.passive_uplinks = passive_uplinks;
         if !reconciled.restored.is_empty() {

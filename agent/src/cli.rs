@@ -74,9 +74,9 @@ pub struct AgentArgs {
     /// Directory on bpffs where programs, links and maps are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
-    /// Enforced interfaces that are uplinks (comma-separated names or globs): traffic from
-    /// `world` arrives there with any source address, so they skip source validation. Every
-    /// other enforced interface is workload-facing.
+    /// The node's uplinks (comma-separated names or globs), enforced or not: traffic from
+    /// `world` arrives there with any source address but the node's own and its pods'. Every
+    /// other interface is workload-facing (strict source validation).
     #[arg(long, conflicts_with = "uninstall")]
     pub uplinks: Option<String>,
     /// Detach every program and remove every pin under --bpffs, then exit.

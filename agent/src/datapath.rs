@@ -10,10 +10,14 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray,
 };
 use tollgate_common::{
-    capacity, flow::v4_mapped, identity::IdentityId, interface::INTERFACE_FLAG_UPLINK, map_names,
-    slot_of, verdict::COUNTER_SLOTS, FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6,
-    IdentityValue, InterfaceValue, RuleKey, RuleValue, SlotConfig, ABI_VERSION,
-    ACTIVE_GENERATION_INDEX, SLOT_COUNT,
+    capacity,
+    flow::v4_mapped,
+    identity::IdentityId,
+    interface::{INTERFACE_FLAG_ENFORCED, INTERFACE_FLAG_UPLINK},
+    map_names, slot_of,
+    verdict::COUNTER_SLOTS,
+    FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue, InterfaceValue, RuleKey,
+    RuleValue, SlotConfig, ABI_VERSION, ACTIVE_GENERATION_INDEX, SLOT_COUNT,
 };
 
 use crate::{paths::PinLayout, policy::CompiledPolicy};
@@ -278,18 +282,23 @@ impl Datapath {
         Ok(())
     }
 
-    /// Describes an interface (before a program is attached to it, and whenever its settings
-    /// change): uplink or workload-facing, and its binding per slot. `None` keeps that slot's
-    /// binding as it is (0 for a new entry), so an adopting agent never unbinds the live slot
-    /// of the policy it has not replaced yet.
+    /// Describes an interface (before a program is attached to it, once it is, and whenever
+    /// its settings change): uplink or workload-facing, whether Tollgate's ingress program runs
+    /// there (`enforced`), and its binding per slot. `None` keeps that part as it is (not
+    /// enforced and unbound for a new entry), so an adopting agent neither unbinds the live slot
+    /// of the policy it has not replaced yet nor turns off, for a moment, the checks at ingress
+    /// that `enforced` promises.
     pub fn write_interface(
         &mut self,
         ifindex: u32,
         uplink: bool,
+        enforced: Option<bool>,
         bound: [Option<IdentityId>; SLOT_COUNT as usize],
     ) -> Result<()> {
         let mut value = self.interfaces.get(&ifindex, 0).unwrap_or_default();
-        value.flags = if uplink { INTERFACE_FLAG_UPLINK } else { 0 };
+        let enforced = enforced.unwrap_or(value.flags & INTERFACE_FLAG_ENFORCED != 0);
+        value.flags = if uplink { INTERFACE_FLAG_UPLINK } else { 0 }
+            | if enforced { INTERFACE_FLAG_ENFORCED } else { 0 };
         for (slot, b) in bound.into_iter().enumerate() {
             if let Some(b) = b {
                 value.bound_identity[slot] = b;
@@ -312,7 +321,6 @@ impl Datapath {
             .insert(ifindex, value, 0)
             .with_context(|| format!("binding interface {ifindex} in {}", map_names::INTERFACES))
     }
-
 
     /// Forgets an interface that is no longer enforced (or no longer exists).
     pub fn forget_interface(&mut self, ifindex: u32) {

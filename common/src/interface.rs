@@ -1,16 +1,23 @@
 //! Per-interface settings: `TG_INTERFACES` is a hash from ifindex to [`InterfaceValue`], written
 //! by the agent before it attaches to an interface and on every policy swap.
 //!
-//! Source validation happens at ingress. On a workload-facing interface (the default, and what
-//! an interface without an entry is treated as) a packet's source must route back out of the
-//! interface it arrived on (strict reverse path, `bpf_fib_lookup`), and if the interface is bound
-//! to an identity, the source must belong to that identity. An uplink
-//! (`INTERFACE_FLAG_UPLINK`) carries traffic from `world` with any source and skips both checks.
+//! A packet's source is validated against the interface it entered the node by (see
+//! `ebpf/src/source.rs`): on a workload-facing interface (the default, and what an interface
+//! without an entry is treated as) it must route back out of that interface (strict reverse
+//! path, `bpf_fib_lookup`), and if the interface is bound to an identity, belong to that
+//! identity. An uplink (`INTERFACE_FLAG_UPLINK`) carries traffic from `world` with any source
+//! but the node's own and its workloads'.
 
 use crate::{identity::IdentityId, SLOT_COUNT};
 
-/// Traffic from `world` arrives here with any source address: no source validation.
+/// Traffic from `world` arrives here with any source address (only the node's own and its
+/// workloads' addresses are refused).
 pub const INTERFACE_FLAG_UPLINK: u32 = 1 << 0;
+/// Tollgate's ingress program is attached here: packets from this interface were validated at
+/// its ingress, before any NAT of the node rewrote them, and are not checked again where they
+/// leave (where a DNAT reply or a masqueraded packet would no longer look like it came from
+/// here).
+pub const INTERFACE_FLAG_ENFORCED: u32 = 1 << 1;
 
 /// Value of `TG_INTERFACES` (key: ifindex as `u32`).
 #[repr(C)]

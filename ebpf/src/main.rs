@@ -43,7 +43,8 @@ use crate::{
         ICMP_ECHO_REQUEST,
     },
     source::{
-        link_control, source_check, source_ok, LinkControl, SourceCheck, MODE_NONE, MODE_UPLINK,
+        is_link_local, link_control, source_check, source_ok, LinkControl, SourceCheck, MODE_NONE,
+        MODE_STRICT, MODE_STRICT_AFTER_NAT, MODE_UPLINK,
     },
 };
 
@@ -127,11 +128,16 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     } else {
         ingress_ifindex
     };
+    let ingress = dir == direction::INGRESS;
     let mut pkt = Packet::EMPTY;
     match parse(ctx, &mut pkt) {
         Ok(()) => {}
         Err(ParseError::LinkLocalControl) => {
-            return link_local_control(ctx, dir, ifindex, origin, pkt)
+            if let Some(action) = link_local_control(ctx, dir, ifindex, origin, &pkt) {
+                return action;
+            }
+            // From a workload toward an address the node would forward: an ICMPv6 message
+            // like any other, for policy to decide.
         }
         Err(e) => return finish(e.verdict()),
     }
@@ -151,7 +157,7 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         // checked.
         // SAFETY: a helper without arguments or side effects.
         coarse: unsafe { bpf_ktime_get_coarse_ns() },
-        source: source_check(origin, slot_of(generation)),
+        source: source_check(origin, slot_of(generation), ingress),
     };
 
     if let Some(entry) = CONNTRACK.get_ptr_mut(&pc.key) {
@@ -176,32 +182,53 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     new_flow(&pc)
 }
 
-/// IPv6 neighbour discovery and MLD from the link: no policy, but their source is checked when
-/// they come from a workload (see `source::link_control`).
+/// IPv6 neighbour discovery and MLD from the link: no policy, but when they come from a
+/// workload their source is checked (see `source::link_control`), and they pass without policy
+/// only toward what the node does not forward: a link-local or multicast address, or the node
+/// itself. `None`: toward anything else, an ICMPv6 message like any other (else a pod could
+/// send data anywhere in ND-shaped packets).
 #[inline(always)]
-fn link_local_control(ctx: &TcContext, dir: u8, ifindex: u32, origin: u32, pkt: Packet) -> i32 {
+fn link_local_control(
+    ctx: &TcContext,
+    dir: u8,
+    ifindex: u32,
+    origin: u32,
+    pkt: &Packet,
+) -> Option<i32> {
     let generation = live_generation().unwrap_or(0);
     let slot = slot_of(generation);
-    let source = source_check(origin, slot);
-    let passes = match link_control(ctx, &pkt, &source) {
+    let source = source_check(origin, slot, dir == direction::INGRESS);
+    let passes = match link_control(ctx, pkt, &source) {
         LinkControl::Pass => true,
         LinkControl::Spoofed => false,
         LinkControl::CheckBinding => identity_of(6, slot, &pkt.saddr) == source.bound_identity,
     };
-    if passes {
-        return finish(Verdict::PassNonIp);
+    if !passes {
+        let pc = PacketContext {
+            ctx,
+            dir,
+            ifindex,
+            key: flow_key(pkt),
+            pkt: *pkt,
+            generation,
+            coarse: 0,
+            source,
+        };
+        return Some(spoofed(
+            &pc,
+            EVENT_IDENTITY_UNRESOLVED,
+            EVENT_IDENTITY_UNRESOLVED,
+        ));
     }
-    let pc = PacketContext {
-        ctx,
-        dir,
-        ifindex,
-        key: flow_key(&pkt),
-        pkt,
-        generation,
-        coarse: 0,
-        source,
-    };
-    spoofed(&pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED)
+    let from_workload = source.mode == MODE_STRICT || source.mode == MODE_STRICT_AFTER_NAT;
+    if from_workload
+        && !is_link_local(&pkt.daddr)
+        && pkt.daddr[0] != 0xff
+        && (generation == 0 || identity_of(6, slot, &pkt.daddr) != IDENTITY_HOST)
+    {
+        return None;
+    }
+    Some(finish(Verdict::PassNonIp))
 }
 
 /// A packet that matched a live conntrack entry.
@@ -433,7 +460,7 @@ fn check(ctx: &TcContext) -> CheckResult {
         key,
         generation,
         coarse: 0,
-        source: source_check(origin, slot_of(generation)),
+        source: source_check(origin, slot_of(generation), true),
     };
     if pc.source.mode != MODE_NONE && !source_ok(ctx, &pc.pkt, pc.source.mode, origin) {
         return CheckResult {

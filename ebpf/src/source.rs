@@ -3,9 +3,13 @@
 //!
 //! The interface a packet entered by is `skb->ifindex` at an ingress hook and
 //! `skb->ingress_ifindex` at an egress hook (0 for the node's own packets, which are not
-//! checked). Checking at egress too means a packet from an interface that has no program yet (a
-//! pod's veth in the second before the agent attaches to it) or no longer has one is still
-//! checked before it reaches a workload. `TG_INTERFACES[origin]` says how:
+//! checked). A packet is checked at its origin's ingress when Tollgate's program is attached
+//! there (`INTERFACE_FLAG_ENFORCED`), before any NAT of the node rewrites it. A packet from an
+//! interface without a program (a pod's veth in the moment before the agent attaches to it, or
+//! created while no agent runs) is checked where it leaves toward a workload instead: strictly,
+//! except that the node's own and unroutable addresses pass there, because that is what the
+//! node's NAT writes (a masqueraded packet, a service's DNAT reply). `TG_INTERFACES[origin]`
+//! says how:
 //!
 //! - **workload-facing** (an entry without `INTERFACE_FLAG_UPLINK`, or no entry at all): the
 //!   route back to the source must leave through the origin (strict reverse path, through the
@@ -22,15 +26,19 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibLookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH,
+        bpf_fib_lookup as FibLookup, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
     },
     helpers::bpf_fib_lookup,
     macros::map,
     maps::HashMap,
     programs::TcContext,
 };
-use tollgate_common::{capacity, interface::INTERFACE_FLAG_UPLINK, InterfaceValue};
+use tollgate_common::{
+    capacity,
+    interface::{INTERFACE_FLAG_ENFORCED, INTERFACE_FLAG_UPLINK},
+    InterfaceValue,
+};
 
 use crate::parse::Packet;
 
@@ -45,12 +53,15 @@ const AF_INET6: u8 = 10;
 pub static INTERFACES: HashMap<u32, InterfaceValue> =
     HashMap::pinned(capacity::INTERFACE_ENTRIES, 0);
 
-/// No check: the node's own packet.
+/// No check: the node's own packet, or one checked at its origin's ingress already.
 pub const MODE_NONE: u8 = 0;
-/// Workload-facing origin: strict reverse path, no link-local sources.
+/// Workload-facing origin, at its ingress: strict reverse path, no link-local sources.
 pub const MODE_STRICT: u8 = 1;
-/// Uplink origin: anything but the node's workloads and the node itself.
+/// Uplink origin, at its ingress: anything but the node's workloads and the node itself.
 pub const MODE_UPLINK: u8 = 2;
+/// Workload-facing origin without a program, where the packet leaves: strict, but the node's
+/// own and unroutable addresses pass (what the node's NAT writes).
+pub const MODE_STRICT_AFTER_NAT: u8 = 3;
 
 /// How the packet's source must be checked.
 #[derive(Clone, Copy)]
@@ -63,39 +74,44 @@ pub struct SourceCheck {
     pub bound_identity: u32,
 }
 
-/// How to check a packet that entered by `origin` (0: the node's own packet).
+/// How to check a packet that entered by `origin` (0: the node's own packet), at an ingress
+/// hook (`ingress`) or where it leaves.
 #[inline(always)]
-pub fn source_check(origin: u32, slot: u32) -> SourceCheck {
+pub fn source_check(origin: u32, slot: u32, ingress: bool) -> SourceCheck {
+    let none = SourceCheck {
+        mode: MODE_NONE,
+        origin: 0,
+        bound_identity: 0,
+    };
     if origin == 0 {
-        return SourceCheck {
-            mode: MODE_NONE,
-            origin: 0,
-            bound_identity: 0,
-        };
+        return none;
     }
-    match INTERFACES.get_ptr(&origin) {
-        Some(v) => {
-            // SAFETY: the map value lives as long as the entry and is only read here. The agent
-            // replaces whole entries (one update), so the read sees the old value or the new one.
-            let v = unsafe { &*v };
-            if v.flags & INTERFACE_FLAG_UPLINK != 0 {
-                SourceCheck {
-                    mode: MODE_UPLINK,
-                    origin,
-                    bound_identity: 0,
-                }
-            } else {
-                SourceCheck {
-                    mode: MODE_STRICT,
-                    origin,
-                    bound_identity: v.bound_in(slot),
-                }
-            }
+    let (flags, bound_identity) = match INTERFACES.get_ptr(&origin) {
+        // SAFETY: the map value lives as long as the entry and is only read here. The agent
+        // replaces whole entries (one update), so the read sees the old value or the new one.
+        Some(v) => unsafe { ((*v).flags, (*v).bound_in(slot)) },
+        None => (0, 0),
+    };
+    let mode = if ingress {
+        if flags & INTERFACE_FLAG_UPLINK != 0 {
+            MODE_UPLINK
+        } else {
+            MODE_STRICT
         }
-        None => SourceCheck {
-            mode: MODE_STRICT,
-            origin,
-            bound_identity: 0,
+    } else if flags & (INTERFACE_FLAG_UPLINK | INTERFACE_FLAG_ENFORCED) != 0 {
+        // Checked at that interface's ingress (an uplink without a program is world, whatever
+        // its source: only its own ingress sees it before the node's NAT).
+        return none;
+    } else {
+        MODE_STRICT_AFTER_NAT
+    };
+    SourceCheck {
+        mode,
+        origin,
+        bound_identity: if mode == MODE_UPLINK {
+            0
+        } else {
+            bound_identity
         },
     }
 }
@@ -125,8 +141,8 @@ pub fn is_link_local(a: &[u8; 16]) -> bool {
 pub fn source_ok(ctx: &TcContext, pkt: &Packet, mode: u8, origin: u32) -> bool {
     if pkt.family == 6 && is_link_local(&pkt.saddr) {
         // fe80::/64 is routed on every interface, so the FIB cannot place it. From a workload it
-        // has no identity and can only be a way around one; an uplink's neighbours (routers)
-        // legitimately use it.
+        // has no identity and can only be a way around one (and the node never forwards it);
+        // an uplink's neighbours (routers) legitimately use it.
         return mode == MODE_UPLINK;
     }
     // SAFETY: bpf_fib_lookup is a plain C struct of integers and unions of integers; all zero
@@ -171,6 +187,12 @@ pub fn source_ok(ctx: &TcContext, pkt: &Packet, mode: u8, origin: u32) -> bool {
         // treated as spoofed.
         return routed && params.ifindex == origin;
     }
+    if mode == MODE_STRICT_AFTER_NAT {
+        // After the node's NAT the source may be the node's own address (masquerade) or a
+        // service address with no route (a DNAT reply): the FIB says NOT_FWDED for both. What
+        // it must not be is an address routed out of another interface: another pod's.
+        return (routed && params.ifindex == origin) || rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64;
+    }
     // Uplink: refuse addresses routed to a workload-facing interface; anything else (the
     // internet, other nodes' pods) is world. The FIB answers NOT_FWDED both for "no route" and
     // for the node's own addresses, so those are told apart later: a packet from an uplink may
@@ -207,7 +229,9 @@ pub enum LinkControl {
 /// - any other source: the strict check, and the binding if the origin is bound.
 #[inline(always)]
 pub fn link_control(ctx: &TcContext, pkt: &Packet, check: &SourceCheck) -> LinkControl {
-    if check.mode != MODE_STRICT || is_link_local(&pkt.saddr) {
+    if (check.mode != MODE_STRICT && check.mode != MODE_STRICT_AFTER_NAT)
+        || is_link_local(&pkt.saddr)
+    {
         return LinkControl::Pass;
     }
     if is_unspecified(&pkt.saddr) {
@@ -217,7 +241,7 @@ pub fn link_control(ctx: &TcContext, pkt: &Packet, check: &SourceCheck) -> LinkC
             LinkControl::Spoofed
         };
     }
-    if !source_ok(ctx, pkt, MODE_STRICT, check.origin) {
+    if !source_ok(ctx, pkt, check.mode, check.origin) {
         LinkControl::Spoofed
     } else if check.bound_identity != 0 {
         LinkControl::CheckBinding

@@ -81,7 +81,7 @@ impl DatapathFixture {
         // validation, so it is an uplink here; the source validation tests describe their own
         // interfaces.
         datapath
-            .write_interface(LOOPBACK_IFINDEX, true, [Some(0), Some(0)])
+            .write_interface(LOOPBACK_IFINDEX, true, Some(true), [Some(0), Some(0)])
             .expect("describe lo");
         Self {
             loaded,
