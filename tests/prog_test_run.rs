@@ -1029,6 +1029,46 @@ fn egress_applies_the_binding_of_the_interface_a_packet_came_in_by() {
 }
 
 #[test]
+fn an_uplink_refuses_a_node_address_that_a_declared_identity_claims() {
+    let net = RoutedNs::new("uplink_claimed_node");
+    let mut f = DatapathFixture::new("uplink_claimed_node");
+    // pod-b's identity covers its whole subnet, the node's d1 address included.
+    let policy = SPOOF_POLICY
+        .replace(
+            r#"cidrs: ["10.200.60.2/32", "fd00:200:60::2/128"]"#,
+            r#"cidrs: ["10.200.60.0/24", "fd00:200:60::/64"]"#,
+        )
+        .replace(
+            "{ name: world-to-b, from: world, to: pod-b, ports: [{ port: 8081, protocol: TCP }] }",
+            "{ name: world-to-b, from: world, to: pod-b, ports: [{ port: 8081, protocol: TCP }] }
+    - { name: b-to-b, from: pod-b, to: pod-b, ports: [{ protocol: TCP }] }",
+        );
+    assert_ne!(policy, SPOOF_POLICY);
+    f.datapath
+        .write_interface(net.d0, true, Some(true), [Some(0), Some(0)])
+        .unwrap();
+    let node: Vec<std::net::IpAddr> = ["10.200.60.1", "fd00:200:60::1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    f.apply_with_interfaces(&policy, &[], &node);
+    let _inside = EnterNetNs::new(&net.ns);
+    // From the uplink d0: the node's own address is refused although it is pod-b's identity,
+    // which pod-b -> pod-b would otherwise allow.
+    for (src, dst) in [
+        ("10.200.60.1", "10.200.60.2"),
+        ("fd00:200:60::1", "fd00:200:60::2"),
+    ] {
+        let pkt = PacketSpec::tcp(src, 40000, dst, 22).build();
+        assert_eq!(
+            run_on_counting(&f, net.d0, &pkt, Verdict::DropSpoofed),
+            (TC_ACT_SHOT, true),
+            "{src} from an uplink"
+        );
+    }
+}
+
+#[test]
 fn packets_checked_at_their_origins_ingress_are_not_checked_again_after_nat() {
     let (mut f, net) = spoof_fixture("spoof_after_nat");
     // d1 has its ingress program: what came in there was checked before the node's NAT.

@@ -39,11 +39,23 @@ pub struct IdentityKeyV6 {
 }
 const _: () = assert!(core::mem::size_of::<IdentityKeyV6>() == 20);
 
+/// The entry is an address of the node itself, inside a declared identity's CIDR (which keeps
+/// its identity): like `host`, it may not arrive from an uplink.
+pub const IDENTITY_FLAG_NODE_ADDRESS: u32 = 1 << 0;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityValue {
     pub id: IdentityId,
-    /// Reserved for per-identity settings (audit mode, limit id); zero for now.
+    /// `IDENTITY_FLAG_*`; room for per-identity settings (audit mode, limit id).
     pub flags: u32,
+}
+
+impl IdentityValue {
+    /// Is the address this entry covers one of the node's own?
+    #[inline(always)]
+    pub fn is_node_address(&self) -> bool {
+        self.id == IDENTITY_HOST || self.flags & IDENTITY_FLAG_NODE_ADDRESS != 0
+    }
 }
 const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);

@@ -23,15 +23,15 @@ use tollgate_common::{
         event_kind, EVENT_IDENTITY_UNRESOLVED, FLOW_FLAG_AUDIT, FLOW_FLAG_CLOSING,
         FLOW_FLAG_FIN_SEEN, FLOW_FLAG_REPLY, FLOW_FLAG_SYN_SENT,
     },
-    identity::{IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS},
+    identity::{IDENTITY_WORLD, SLOT_PREFIX_BITS},
     proto,
     rule::RULE_FULL_PREFIX_BITS,
     slot_of,
     tcp::{self, TcpStep},
     time::is_expired,
     verdict::COUNTER_EVENTS_LOST,
-    CheckResult, Decision, FlowEvent, FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6, RuleKey,
-    Verdict, CHECK_MARK_VALIDATE_SOURCE,
+    CheckResult, Decision, FlowEvent, FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6,
+    IdentityValue, RuleKey, Verdict, CHECK_MARK_VALIDATE_SOURCE,
 };
 
 use crate::{
@@ -224,7 +224,8 @@ fn link_local_control(
     if from_workload
         && !is_link_local(&pkt.daddr)
         && pkt.daddr[0] != 0xff
-        && (generation == 0 || identity_of(6, slot, &pkt.daddr) != IDENTITY_HOST)
+        && (generation == 0
+            || !identity_entry(6, slot, &pkt.daddr).is_some_and(|v| v.is_node_address()))
     {
         return None;
     }
@@ -327,9 +328,12 @@ fn admit(pc: &PacketContext, reply: bool) -> Admission {
     };
     let (decision, src_id, dst_id) = evaluate(pc, src, dst, dport, boot_ns());
     let sender = if reply { dst_id } else { src_id };
-    // A bound origin admits only its identity; an uplink never the node's own addresses.
+    // A bound origin admits only its identity; an uplink never the node's own addresses
+    // (`host`, or a node address a declared identity claims, marked in its entry).
     let spoofed = (pc.source.bound_identity != 0 && sender != pc.source.bound_identity)
-        || (pc.source.mode == MODE_UPLINK && sender == IDENTITY_HOST);
+        || (pc.source.mode == MODE_UPLINK
+            && identity_entry(pkt.family, slot_of(pc.generation), &pkt.saddr)
+                .is_some_and(|v| v.is_node_address()));
     Admission {
         decision,
         src_id,
@@ -522,7 +526,15 @@ fn evaluate(
 
 #[inline(always)]
 fn identity_of(family: u8, slot: u32, addr: &[u8; 16]) -> u32 {
-    let found = if family == 4 {
+    identity_entry(family, slot, addr).map_or(IDENTITY_WORLD, |v| v.id)
+}
+
+/// The identity entry covering `addr` in `slot`, if any. A reference into the map: a 12-byte
+/// `Option<IdentityValue>` returned by value made the verifier refuse the program ("R5
+/// !read_ok": BPF returns in R0 alone).
+#[inline(always)]
+fn identity_entry(family: u8, slot: u32, addr: &[u8; 16]) -> Option<&'static IdentityValue> {
+    if family == 4 {
         let key = Key::new(
             SLOT_PREFIX_BITS + 32,
             IdentityKeyV4 {
@@ -530,12 +542,11 @@ fn identity_of(family: u8, slot: u32, addr: &[u8; 16]) -> u32 {
                 addr: [addr[12], addr[13], addr[14], addr[15]],
             },
         );
-        IDENTITY_V4.get(&key).map(|v| v.id)
+        IDENTITY_V4.get(&key)
     } else {
         let key = Key::new(SLOT_PREFIX_BITS + 128, IdentityKeyV6 { slot, addr: *addr });
-        IDENTITY_V6.get(&key).map(|v| v.id)
-    };
-    found.unwrap_or(IDENTITY_WORLD)
+        IDENTITY_V6.get(&key)
+    }
 }
 
 /// Echo requests and replies are tracked; other ICMP messages (errors, timestamps) are decided

@@ -17,7 +17,10 @@ use std::{
 
 use ipnet::IpNet;
 use tollgate_common::{
-    identity::{IdentityId, IDENTITY_FIRST_USER, IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS},
+    identity::{
+        IdentityId, IDENTITY_FIRST_USER, IDENTITY_FLAG_NODE_ADDRESS, IDENTITY_HOST, IDENTITY_WORLD,
+        SLOT_PREFIX_BITS,
+    },
     ports::for_each_prefix,
     rule::{
         RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_ID_NONE, RULE_PAIR_PREFIX_BITS,
@@ -246,25 +249,66 @@ fn identity_entries(
         if !seen_host.insert(*addr) {
             continue;
         }
+        let covered = match addr {
+            IpAddr::V4(a) => is_covered(&covered_v4, u32::from(*a).into()),
+            IpAddr::V6(a) => is_covered(&covered_v6, u128::from(*a)),
+        };
+        // A node address nobody claims is `host`. One a declared identity claims keeps that
+        // identity, but gets an entry of its own marked as the node's: the datapath refuses it
+        // from an uplink, as it refuses `host`.
+        let value = if covered {
+            match claiming_identity(policy, *addr) {
+                Some(id) => IdentityValue {
+                    id,
+                    flags: IDENTITY_FLAG_NODE_ADDRESS,
+                },
+                None => continue,
+            }
+        } else {
+            host
+        };
         match addr {
-            IpAddr::V4(a) if !is_covered(&covered_v4, u32::from(*a).into()) => {
+            IpAddr::V4(a) => {
                 let key = IdentityKeyV4 {
                     slot,
                     addr: a.octets(),
                 };
-                v4.push((SLOT_PREFIX_BITS + 32, key, host));
+                upsert(&mut v4, (SLOT_PREFIX_BITS + 32, key, value));
             }
-            IpAddr::V6(a) if !is_covered(&covered_v6, u128::from(*a)) => {
+            IpAddr::V6(a) => {
                 let key = IdentityKeyV6 {
                     slot,
                     addr: a.octets(),
                 };
-                v6.push((SLOT_PREFIX_BITS + 128, key, host));
+                upsert(&mut v6, (SLOT_PREFIX_BITS + 128, key, value));
             }
-            _ => {}
         }
     }
     (v4, v6)
+}
+
+/// The declared identity whose CIDR contains `addr` (at most one, by validation).
+fn claiming_identity(policy: &Policy, addr: IpAddr) -> Option<IdentityId> {
+    policy
+        .identities
+        .iter()
+        .position(|i| i.cidrs.iter().any(|net| net.contains(&addr)))
+        .map(|i| IDENTITY_FIRST_USER + i as u32)
+}
+
+/// Adds `entry`, or, where an entry with the same key and prefix exists (an identity that
+/// lists the node's address itself), marks that one with `entry`'s flags.
+fn upsert<K: PartialEq>(
+    entries: &mut Vec<(u32, K, IdentityValue)>,
+    entry: (u32, K, IdentityValue),
+) {
+    match entries
+        .iter_mut()
+        .find(|(prefix, key, _)| *prefix == entry.0 && *key == entry.1)
+    {
+        Some(existing) => existing.2.flags |= entry.2.flags,
+        None => entries.push(entry),
+    }
 }
 
 /// Sorted, disjoint, non-adjacent-merged union of inclusive ranges.

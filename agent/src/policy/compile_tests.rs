@@ -431,6 +431,34 @@ fn identity_lookup_resolves_addresses() {
 }
 
 #[test]
+fn node_addresses_an_identity_claims_keep_it_and_are_marked_as_the_nodes() {
+    use tollgate_common::identity::IDENTITY_FLAG_NODE_ADDRESS;
+    // 10.0.1.5 lies in a's 10.0.1.0/24; 10.0.3.1 is c's own /32.
+    let host_addrs: Vec<IpAddr> = ["10.0.1.5", "10.0.3.1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let c = compile_policy(&policy_with("enforce", &[]), 0, &CLOCK, &host_addrs);
+    let mut marked: Vec<_> = c
+        .identities_v4
+        .iter()
+        .filter(|e| e.2.flags & IDENTITY_FLAG_NODE_ADDRESS != 0)
+        .map(|e| (e.0, e.1.addr, e.2.id))
+        .collect();
+    marked.sort();
+    assert_eq!(marked, [(64, [10, 0, 1, 5], A), (64, [10, 0, 3, 1], C)]);
+    // One entry per key: c's own /32 was marked, not doubled.
+    let c_entries = c
+        .identities_v4
+        .iter()
+        .filter(|e| e.1.addr == [10, 0, 3, 1])
+        .count();
+    assert_eq!(c_entries, 1);
+    assert_eq!(identity_v4(&c, Ipv4Addr::new(10, 0, 1, 5)), A);
+    assert_eq!(identity_v4(&c, Ipv4Addr::new(10, 0, 1, 6)), A);
+}
+
+#[test]
 fn host_addresses_claimed_by_an_identity_are_left_out() {
     let host_addrs: Vec<IpAddr> = [
         "10.0.1.5",
