@@ -25,7 +25,7 @@ use tollgate_common::{
     },
     identity::{IDENTITY_WORLD, SLOT_PREFIX_BITS},
     proto,
-    rule::RULE_FULL_PREFIX_BITS,
+    rule::{RULE_FULL_PREFIX_BITS, RULE_ID_NONE},
     slot_of,
     tcp::{self, TcpStep},
     time::is_expired,
@@ -133,7 +133,8 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     match parse(ctx, &mut pkt) {
         Ok(()) => {}
         Err(ParseError::LinkLocalControl) => {
-            if let Some(action) = link_local_control(ctx, dir, ifindex, origin, &pkt) {
+            let action = link_local_control(ctx, dir, ifindex, origin, &pkt);
+            if action != DECIDE_BY_POLICY {
                 return action;
             }
             // From a workload toward an address the node would forward: an ICMPv6 message
@@ -185,16 +186,13 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
 /// IPv6 neighbour discovery and MLD from the link: no policy, but when they come from a
 /// workload their source is checked (see `source::link_control`), and they pass without policy
 /// only toward what the node does not forward: a link-local or multicast address, or the node
-/// itself. `None`: toward anything else, an ICMPv6 message like any other (else a pod could
-/// send data anywhere in ND-shaped packets).
+/// itself. `DECIDE_BY_POLICY`: toward anything else, an ICMPv6 message like any other (else a
+/// pod could send data anywhere in ND-shaped packets).
+///
+/// Inlined: as a call of its own its frame sat above `source_ok`'s in one chain, past the
+/// 512-byte stack of the opt-level-2 build.
 #[inline(always)]
-fn link_local_control(
-    ctx: &TcContext,
-    dir: u8,
-    ifindex: u32,
-    origin: u32,
-    pkt: &Packet,
-) -> Option<i32> {
+fn link_local_control(ctx: &TcContext, dir: u8, ifindex: u32, origin: u32, pkt: &Packet) -> i32 {
     let generation = live_generation().unwrap_or(0);
     let slot = slot_of(generation);
     let source = source_check(origin, slot, dir == direction::INGRESS);
@@ -214,11 +212,7 @@ fn link_local_control(
             coarse: 0,
             source,
         };
-        return Some(spoofed(
-            &pc,
-            EVENT_IDENTITY_UNRESOLVED,
-            EVENT_IDENTITY_UNRESOLVED,
-        ));
+        return spoofed(&pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
     }
     let from_workload = source.mode == MODE_STRICT || source.mode == MODE_STRICT_AFTER_NAT;
     if from_workload
@@ -227,10 +221,14 @@ fn link_local_control(
         && (generation == 0
             || !identity_entry(6, slot, &pkt.daddr).is_some_and(|v| v.is_node_address()))
     {
-        return None;
+        return DECIDE_BY_POLICY;
     }
-    Some(finish(Verdict::PassNonIp))
+    finish(Verdict::PassNonIp)
 }
+
+/// `link_local_control`'s answer when the message is to be decided like any other packet; no TC
+/// action has this value.
+const DECIDE_BY_POLICY: i32 = i32::MIN;
 
 /// A packet that matched a live conntrack entry.
 #[inline(always)]
@@ -320,24 +318,26 @@ struct Admission {
 /// so its sender is the flow's destination.
 #[inline(always)]
 fn admit(pc: &PacketContext, reply: bool) -> Admission {
-    let pkt = &pc.pkt;
-    let (src, dst, dport) = if reply {
-        (&pkt.daddr, &pkt.saddr, pkt.sport)
-    } else {
-        (&pkt.saddr, &pkt.daddr, pkt.dport)
+    let mut e = Evaluation {
+        decision: Decision {
+            verdict: Verdict::DenyDefault,
+            rule_id: RULE_ID_NONE,
+            expires_ns: 0,
+        },
+        src_id: IDENTITY_WORLD,
+        dst_id: IDENTITY_WORLD,
+        sender_is_node: false,
     };
-    let (decision, src_id, dst_id) = evaluate(pc, src, dst, dport, boot_ns());
-    let sender = if reply { dst_id } else { src_id };
+    evaluate(pc, reply, &mut e);
+    let sender = if reply { e.dst_id } else { e.src_id };
     // A bound origin admits only its identity; an uplink never the node's own addresses
     // (`host`, or a node address a declared identity claims, marked in its entry).
     let spoofed = (pc.source.bound_identity != 0 && sender != pc.source.bound_identity)
-        || (pc.source.mode == MODE_UPLINK
-            && identity_entry(pkt.family, slot_of(pc.generation), &pkt.saddr)
-                .is_some_and(|v| v.is_node_address()));
+        || (pc.source.mode == MODE_UPLINK && e.sender_is_node);
     Admission {
-        decision,
-        src_id,
-        dst_id,
+        decision: e.decision,
+        src_id: e.src_id,
+        dst_id: e.dst_id,
         spoofed,
     }
 }
@@ -494,34 +494,52 @@ fn spoofed(pc: &PacketContext, src_id: u32, dst_id: u32) -> i32 {
     finish(Verdict::DropSpoofed)
 }
 
-/// Resolves both identities and the most specific rule in the active slot, then decides.
-#[inline(always)]
-fn evaluate(
-    pc: &PacketContext,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    dport_be: u16,
-    now: u64,
-) -> (Decision, u32, u32) {
+/// What the identity and rule lookups found for a flow.
+struct Evaluation {
+    decision: Decision,
+    src_id: u32,
+    dst_id: u32,
+    /// The packet's sender is one of the node's own addresses.
+    sender_is_node: bool,
+}
+
+/// Resolves both identities of the flow (in its original direction; `reply`: the packet travels
+/// the reply way) and the most specific rule in the live slot, then decides, into `out`.
+///
+/// A BPF-to-BPF call of its own: the LPM keys of three lookups, inlined at every caller, made the
+/// classifier's frame so large that the opt-level-2 build's call chain passed the 512-byte stack.
+/// The result goes to a caller-owned struct because BPF calls cannot return aggregates.
+#[inline(never)]
+fn evaluate(pc: &PacketContext, reply: bool, out: &mut Evaluation) {
+    let pkt = &pc.pkt;
+    let (src, dst, dport_be) = if reply {
+        (&pkt.daddr, &pkt.saddr, pkt.sport)
+    } else {
+        (&pkt.saddr, &pkt.daddr, pkt.dport)
+    };
     let slot = slot_of(pc.generation);
-    let family = pc.pkt.family;
-    let l4proto = pc.pkt.proto;
-    let src_id = identity_of(family, slot, src);
-    let dst_id = identity_of(family, slot, dst);
-    let port = match l4proto {
+    let src_entry = identity_entry(pkt.family, slot, src);
+    let dst_entry = identity_entry(pkt.family, slot, dst);
+    let src_id = src_entry.map_or(IDENTITY_WORLD, |v| v.id);
+    let dst_id = dst_entry.map_or(IDENTITY_WORLD, |v| v.id);
+    let sender = if reply { dst_entry } else { src_entry };
+    let port = match pkt.proto {
         proto::TCP | proto::UDP => u16::from_be(dport_be),
         _ => 0,
     };
     let rule_key = Key::new(
         RULE_FULL_PREFIX_BITS,
-        RuleKey::new(slot, src_id, dst_id, l4proto, port),
+        RuleKey::new(slot, src_id, dst_id, pkt.proto, port),
     );
     let entry = RULES.get(&rule_key);
     let policy_flags = match SLOT_CONFIG.get(slot) {
         Some(c) => c.flags,
         None => 0,
     };
-    (decide(entry, policy_flags, now), src_id, dst_id)
+    out.decision = decide(entry, policy_flags, boot_ns());
+    out.src_id = src_id;
+    out.dst_id = dst_id;
+    out.sender_is_node = sender.is_some_and(|v| v.is_node_address());
 }
 
 #[inline(always)]
