@@ -763,3 +763,37 @@ fn status_answers_with_1100_idle_connections_at_a_1024_descriptor_limit() {
         "{accept_warnings} accept warnings logged"
     );
 }
+
+#[test]
+fn an_l3_device_matching_the_interfaces_is_left_alone_with_a_warning() {
+    support::require_root();
+    let prefix = format!("tg{}-l3dev", std::process::id() % 100_000);
+    let topo = Topology::new(&prefix, &["frontend", "orders"]).expect("topology");
+    // A tun device, no Ethernet header: the classifiers would misread every packet on it.
+    topo.node
+        .exec_checked(&["ip", "tuntap", "add", "dev", "tg-tun0", "mode", "tun"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, SHOP).unwrap();
+    let agent = AgentProcess::start(
+        Path::new(BINARY),
+        &topo.node,
+        "tg-*",
+        &policy,
+        dir.path(),
+        &support::test_pin_dir("ns-l3dev"),
+    )
+    .expect("agent starts");
+    let out = agent.cli(&["status", "--json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = status["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["interface"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&"tg-tun0"), "{names:?}");
+    assert_eq!(names.len(), 4, "both veths, both directions: {names:?}");
+    assert!(agent.log_text().contains("without Ethernet framing"));
+}

@@ -1108,6 +1108,53 @@ fn what_the_nodes_nat_writes_passes_from_an_interface_without_a_program() {
 }
 
 #[test]
+fn a_flow_let_through_after_nat_is_checked_in_full_once_its_origin_is_enforced() {
+    let (mut f, net) = spoof_fixture("after_nat_not_cached");
+    let _inside = EnterNetNs::new(&net.ns);
+    // From d2 (no program yet) an address that routes nowhere passes where it leaves (it may
+    // be a service's DNAT reply) and `world` may reach pod-b:8081...
+    let spec = PacketSpec::udp("10.200.99.10", 53, "10.200.60.2", 8081);
+    let udp = spec.build();
+    let world_udp = SPOOF_POLICY.replace(
+        "{ name: world-to-b, from: world, to: pod-b, ports: [{ port: 8081, protocol: TCP }] }",
+        "{ name: world-to-b, from: world, to: pod-b, ports: [{ port: 8081, protocol: TCP }, { port: 8081, protocol: UDP }] }",
+    );
+    let interfaces = [("d0".to_string(), net.d0), ("d1".to_string(), net.d1)];
+    f.apply_with_interfaces(&world_udp, &interfaces, &[]);
+    assert_eq!(
+        run_egress_counting(&f, net.d1, net.d2, &udp, Verdict::AllowNew),
+        (TC_ACT_OK, true)
+    );
+    // ...but that relaxed check is not remembered,
+    assert_eq!(f.flow(&key_of(&spec)).unwrap().validated_ifindex, 0);
+    // so once d2 has its program, the strict check at its ingress sees the flow's next packet.
+    f.datapath
+        .write_interface(net.d2, false, Some(true), [Some(0), Some(0)])
+        .unwrap();
+    assert_eq!(
+        run_on_counting(&f, net.d2, &udp, Verdict::DropSpoofed),
+        (TC_ACT_SHOT, true)
+    );
+}
+
+#[test]
+fn an_ipv6_node_address_from_an_interface_without_a_program_is_spoofed() {
+    let (f, net) = spoof_fixture("after_nat_v6_node");
+    let _inside = EnterNetNs::new(&net.ns);
+    // IPv6 has no martian-source check in the kernel: the node's address from d2 is refused.
+    let v6 = PacketSpec::tcp("fd00:200:60::1", 40300, "fd00:200:60::2", 22).build();
+    assert_eq!(
+        run_egress_counting(&f, net.d1, net.d2, &v6, Verdict::DropSpoofed),
+        (TC_ACT_SHOT, true)
+    );
+    // IPv4's is the kernel's (accept_local); here the node's address passes as masquerade
+    // writes it, and policy decides.
+    let v4 = PacketSpec::tcp("10.200.60.1", 40301, "10.200.60.2", 22).build();
+    let (_, spoofed) = run_egress_counting(&f, net.d1, net.d2, &v4, Verdict::DropSpoofed);
+    assert!(!spoofed);
+}
+
+#[test]
 fn an_nd_shaped_message_toward_the_world_is_decided_by_policy() {
     let (f, net) = spoof_fixture("nd_exfil");
     let _inside = EnterNetNs::new(&net.ns);

@@ -73,6 +73,8 @@ struct State {
     attachments: Vec<Attachment>,
     /// Links found unpinned or detached and attached again, since start.
     links_restored: u64,
+    /// Selected interfaces the classifiers cannot enforce (L3 devices), already warned about.
+    not_enforced: Vec<String>,
     events_read: u64,
 }
 
@@ -118,7 +120,8 @@ impl Agent {
         let adopting = loader::is_installed(&layout);
         let mut loaded = loader::load(&layout)?;
         let mut datapath = Datapath::open(&layout)?;
-        let interfaces = selected_interfaces(&config.selector)?;
+        let (interfaces, not_enforced) = enforceable_interfaces(&config.selector)?;
+        warn_not_enforced(&not_enforced);
         let passive_uplinks = passive_uplinks(&config, &interfaces)?;
         // Bindings are left as they are: the next install writes its slot's, and the live slot
         // belongs to the policy the previous agent installed. So is `enforced`: a link adopted
@@ -158,6 +161,7 @@ impl Agent {
                 passive_uplinks,
                 attachments,
                 links_restored: 0,
+                not_enforced,
                 events_read: 0,
             }),
             _lock: lock,
@@ -304,9 +308,16 @@ impl Agent {
     /// Brings the enforced interfaces in line with what exists now: describes and attaches to
     /// new ones, attaches again where a link was lost, forgets vanished ones.
     fn rescan(&self) -> Result<()> {
-        let wanted = selected_interfaces(&self.config.selector)?;
+        let (wanted, not_enforced) = enforceable_interfaces(&self.config.selector)?;
         let passive_uplinks = passive_uplinks(&self.config, &wanted)?;
         let mut st = self.lock();
+        let newly: Vec<String> = not_enforced
+            .iter()
+            .filter(|n| !st.not_enforced.contains(n))
+            .cloned()
+            .collect();
+        warn_not_enforced(&newly);
+        st.not_enforced = not_enforced;
         for (_, ifindex) in &passive_uplinks {
             if !st.passive_uplinks.iter().any(|(_, i)| i == ifindex) {
                 st.datapath
@@ -424,6 +435,27 @@ fn selected_interfaces(selector: &InterfaceSelector) -> Result<Vec<(String, u32)
         .into_iter()
         .filter(|(name, _)| selector.matches(name))
         .collect())
+}
+
+/// Interfaces as (name, ifindex).
+type Interfaces = Vec<(String, u32)>;
+
+/// The selected interfaces the classifiers can enforce (Ethernet-like), and the names of those
+/// they cannot (L3 devices: tun, WireGuard, GRE), which are left alone.
+fn enforceable_interfaces(selector: &InterfaceSelector) -> Result<(Interfaces, Vec<String>)> {
+    let (enforceable, l3): (Vec<_>, Vec<_>) = selected_interfaces(selector)?
+        .into_iter()
+        .partition(|(name, _)| loader::is_ethernet(name));
+    Ok((enforceable, l3.into_iter().map(|(name, _)| name).collect()))
+}
+
+fn warn_not_enforced(names: &[String]) {
+    if !names.is_empty() {
+        tracing::warn!(
+            interfaces = ?names,
+            "not enforcing interfaces without Ethernet framing (L3 devices are not supported yet); packets from them are checked where they leave toward a pod"
+        );
+    }
 }
 
 /// Interfaces `--uplinks` selects that `--interfaces` does not.

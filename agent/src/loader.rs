@@ -153,6 +153,34 @@ fn is_on_bpffs(path: &Path) -> Result<bool> {
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
+/// Does interface `name` carry Ethernet frames (ARPHRD_ETHER: veths, NICs, bridges, bonds)?
+/// The classifiers parse an Ethernet header first; on an L3 device (tun, WireGuard, GRE) they
+/// would misread every packet, so the agent does not attach there.
+pub fn is_ethernet(name: &str) -> bool {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    let bytes = cname.as_bytes_with_nul();
+    // SAFETY: an ifreq is plain data; all zero is valid. The name (with its NUL) is copied in
+    // only if it fits, the socket is closed right after the ioctl, which writes within `req`.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        if bytes.len() > req.ifr_name.len() {
+            return false;
+        }
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        libc::close(fd);
+        rc == 0 && req.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER
+    }
+}
+
 /// Fails unless `path` (or the closest existing parent) is on a bpf filesystem.
 pub fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
     let mut probe: &Path = &layout.root;
@@ -421,6 +449,13 @@ pub fn link_attached_to(pin: &Path) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_is_not_ethernet() {
+        assert!(!is_ethernet("lo"));
+        assert!(!is_ethernet("no-such-if"));
+        assert!(!is_ethernet("a-name-far-too-long-for-linux"));
+    }
 
     #[test]
     fn uninstall_refuses_a_directory_that_is_not_on_bpffs() {

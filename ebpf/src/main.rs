@@ -240,7 +240,11 @@ fn established(pc: &mut PacketContext, entry: &mut FlowValue) -> i32 {
         if !source_ok(pc.ctx, &pc.pkt, source.mode, source.origin) {
             return spoofed(pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
         }
-        entry.validated_ifindex = source.origin;
+        // The relaxed check after NAT is not remembered: once the origin gets its program, the
+        // strict check at its ingress must see the flow's next packet.
+        if source.mode != MODE_STRICT_AFTER_NAT {
+            entry.validated_ifindex = source.origin;
+        }
     }
     if pc.pkt.proto == proto::TCP && tcp::needs_step(pc.pkt.tcp_flags, entry.flags) {
         let is_reply = entry.flags & FLOW_FLAG_REPLY != 0;
@@ -332,8 +336,13 @@ fn admit(pc: &PacketContext, reply: bool) -> Admission {
     let sender = if reply { e.dst_id } else { e.src_id };
     // A bound origin admits only its identity; an uplink never the node's own addresses
     // (`host`, or a node address a declared identity claims, marked in its entry).
+    // After NAT (an origin without a program) the node's own addresses are what masquerade
+    // writes, but for IPv6, which has no martian-source check of its own in the kernel, a pod
+    // could claim them there: refused (IPv6 masquerade into pods from such an interface is not
+    // supported).
     let spoofed = (pc.source.bound_identity != 0 && sender != pc.source.bound_identity)
-        || (pc.source.mode == MODE_UPLINK && e.sender_is_node);
+        || (pc.source.mode == MODE_UPLINK && e.sender_is_node)
+        || (pc.source.mode == MODE_STRICT_AFTER_NAT && pc.pkt.family == 6 && e.sender_is_node);
     Admission {
         decision: e.decision,
         src_id: e.src_id,
@@ -404,7 +413,10 @@ fn new_flow(pc: &PacketContext) -> i32 {
                     last_seen_ns: pc.coarse,
                     rule_id: d.rule_id,
                     flags,
-                    validated_ifindex: if pc.source.mode != MODE_NONE {
+                    // Remembered only for a full check (see `established`).
+                    validated_ifindex: if pc.source.mode == MODE_STRICT
+                        || pc.source.mode == MODE_UPLINK
+                    {
                         pc.source.origin
                     } else {
                         0

@@ -146,6 +146,19 @@ fn raw16(b0: u8, b1: u8) -> u16 {
 #[inline(never)]
 pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<(), ParseError> {
     match parse_headers(ctx, pkt) {
+        Err(ParseError::NotIp) => {
+            // The kernel says IP but there is no Ethernet header in front of it (an L3 device:
+            // tun, WireGuard, GRE). Read as Ethernet it would pass as "not IP", unchecked; the
+            // agent does not attach to such devices, and should a program end up on one anyway,
+            // its IP is dropped, never passed.
+            // SAFETY: the context pointer is valid for the whole program run.
+            let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+            if protocol == ETH_P_IP || protocol == ETH_P_IPV6 {
+                Err(ParseError::Malformed)
+            } else {
+                Err(ParseError::NotIp)
+            }
+        }
         Err(ParseError::NotLinear) => {
             // Make the headers linear (a copy of at most PULL_BYTES, never the whole payload)
             // and start again: pulling invalidates every packet pointer taken so far.
