@@ -19,10 +19,12 @@
 //!   (checked where identities are resolved, in `main.rs`);
 //! - **uplink**: traffic from `world` arrives with any source, except one that belongs to this
 //!   node's workloads (its route back leaves through a workload-facing interface) or to the node
-//!   itself (identity `host`, checked where identities are resolved).
+//!   itself (identity `host`, or a node address marked in a declared identity's entries; checked
+//!   where identities are resolved).
 //!
-//! A conntrack entry remembers the origin its direction last passed (`validated_ifindex`), so
-//! only the first packet of each direction pays for the FIB lookup.
+//! A conntrack entry remembers the origin whose full check its direction last passed
+//! (`validated_ifindex`; the relaxed check after NAT is never remembered), so only the first
+//! packet of each direction pays for the FIB lookup.
 
 use aya_ebpf::{
     bindings::{
