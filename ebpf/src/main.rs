@@ -112,9 +112,30 @@ struct PacketContext<'a> {
     generation: u64,
     /// CLOCK_MONOTONIC (coarse), for idle tracking.
     coarse: u64,
-    /// How the source is validated: against the interface the packet entered by.
+    /// The interface the packet entered the node by (0: the node's own packet).
+    origin: u32,
+    ingress: bool,
+    /// How the source is validated, from `TG_INTERFACES[origin]`; read only when needed
+    /// (`load_source`): a packet of an established flow validated at this origin needs none.
     source: SourceCheck,
+    source_known: bool,
 }
+
+/// Reads how this packet's source is to be validated, once.
+#[inline(always)]
+fn load_source(pc: &mut PacketContext) {
+    if !pc.source_known {
+        pc.source = source_check(pc.origin, slot_of(pc.generation), pc.ingress);
+        pc.source_known = true;
+    }
+}
+
+/// A `SourceCheck` that checks nothing, before the real one is read.
+const NO_SOURCE_CHECK: SourceCheck = SourceCheck {
+    mode: MODE_NONE,
+    origin: 0,
+    bound_identity: 0,
+};
 
 #[inline(always)]
 fn classify(ctx: &TcContext, dir: u8) -> i32 {
@@ -158,7 +179,10 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         // checked.
         // SAFETY: a helper without arguments or side effects.
         coarse: unsafe { bpf_ktime_get_coarse_ns() },
-        source: source_check(origin, slot_of(generation), ingress),
+        origin,
+        ingress,
+        source: NO_SOURCE_CHECK,
+        source_known: false,
     };
 
     if let Some(entry) = CONNTRACK.get_ptr_mut(&pc.key) {
@@ -177,6 +201,7 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
         let _ = CONNTRACK.remove(&pc.key);
     }
 
+    load_source(&mut pc);
     if pc.source.mode != MODE_NONE && !source_ok(pc.ctx, &pc.pkt, pc.source.mode, origin) {
         return spoofed(&pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
     }
@@ -210,7 +235,10 @@ fn link_local_control(ctx: &TcContext, dir: u8, ifindex: u32, origin: u32, pkt: 
             pkt: *pkt,
             generation,
             coarse: 0,
+            origin,
+            ingress: dir == direction::INGRESS,
             source,
+            source_known: true,
         };
         return spoofed(&pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
     }
@@ -233,17 +261,18 @@ const DECIDE_BY_POLICY: i32 = i32::MIN;
 /// A packet that matched a live conntrack entry.
 #[inline(always)]
 fn established(pc: &mut PacketContext, entry: &mut FlowValue) -> i32 {
-    let source = pc.source;
-    if source.mode != MODE_NONE && entry.validated_ifindex != source.origin {
+    if pc.origin != 0 && entry.validated_ifindex != pc.origin {
         // The first packet of this direction from this origin (or one entering where the
-        // flow's packets never did): check it in full, then remember where it passed.
-        if !source_ok(pc.ctx, &pc.pkt, source.mode, source.origin) {
+        // flow's packets never did): check it in full, then remember the origin.
+        load_source(pc);
+        let source = pc.source;
+        if source.mode != MODE_NONE && !source_ok(pc.ctx, &pc.pkt, source.mode, source.origin) {
             return spoofed(pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
         }
         // The relaxed check after NAT is not remembered: once the origin gets its program, the
         // strict check at its ingress must see the flow's next packet.
         if source.mode != MODE_STRICT_AFTER_NAT {
-            entry.validated_ifindex = source.origin;
+            entry.validated_ifindex = pc.origin;
         }
     }
     if pc.pkt.proto == proto::TCP && tcp::needs_step(pc.pkt.tcp_flags, entry.flags) {
@@ -252,7 +281,10 @@ fn established(pc: &mut PacketContext, entry: &mut FlowValue) -> i32 {
             TcpStep::Pass => {}
             // Not part of this flow (a SYN the other way, or on a closing flow): policy decides
             // it, and if it is allowed its entries replace these.
-            TcpStep::NewFlow => return new_flow(pc),
+            TcpStep::NewFlow => {
+                load_source(pc);
+                return new_flow(pc);
+            }
             TcpStep::Answered => {
                 entry.flags &= !FLOW_FLAG_SYN_SENT;
                 update_twin(pc, is_reply, 0, FLOW_FLAG_SYN_SENT);
@@ -290,6 +322,7 @@ fn established(pc: &mut PacketContext, entry: &mut FlowValue) -> i32 {
         }
         return finish(Verdict::AllowEstablished);
     }
+    load_source(pc);
     recheck(pc, entry)
 }
 
@@ -413,13 +446,11 @@ fn new_flow(pc: &PacketContext) -> i32 {
                     last_seen_ns: pc.coarse,
                     rule_id: d.rule_id,
                     flags,
-                    // Remembered only for a full check (see `established`).
-                    validated_ifindex: if pc.source.mode == MODE_STRICT
-                        || pc.source.mode == MODE_UPLINK
-                    {
-                        pc.source.origin
-                    } else {
+                    // Not remembered after the relaxed check (see `established`).
+                    validated_ifindex: if pc.source.mode == MODE_STRICT_AFTER_NAT {
                         0
+                    } else {
+                        pc.origin
                     },
                     _pad: 0,
                 };
@@ -476,7 +507,10 @@ fn check(ctx: &TcContext) -> CheckResult {
         key,
         generation,
         coarse: 0,
+        origin,
+        ingress: true,
         source: source_check(origin, slot_of(generation), true),
+        source_known: true,
     };
     if pc.source.mode != MODE_NONE && !source_ok(ctx, &pc.pkt, pc.source.mode, origin) {
         return CheckResult {
