@@ -113,6 +113,26 @@ impl Env {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// `tollgate check` of TCP `from` -> `to`:8080, with `extra` arguments.
+    fn check_tcp_8080(&self, from: &str, to: &str, extra: &[&str]) -> std::process::Output {
+        let args = [
+            &[
+                "check",
+                "--from",
+                from,
+                "--to",
+                to,
+                "--port",
+                "8080",
+                "--protocol",
+                "tcp",
+            ][..],
+            extra,
+        ]
+        .concat();
+        self.agent.cli(&args).unwrap()
+    }
+
     fn verdict_count(&self, name: &str) -> u64 {
         let s = self.status_json();
         s["verdicts"]
@@ -325,36 +345,10 @@ fn two_agents_enforce_their_own_policies_side_by_side() {
 #[test]
 fn check_names_the_deciding_rule_and_exits_3_on_deny() {
     let env = Env::new("check", SHOP);
-    let allow = env
-        .agent
-        .cli(&[
-            "check",
-            "--from",
-            "10.200.1.2",
-            "--to",
-            "10.200.2.2",
-            "--port",
-            "8080",
-            "--protocol",
-            "tcp",
-        ])
-        .unwrap();
+    let allow = env.check_tcp_8080("10.200.1.2", "10.200.2.2", &[]);
     assert_eq!(allow.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&allow.stdout).contains("frontend-to-orders"));
-    let deny = env
-        .agent
-        .cli(&[
-            "check",
-            "--from",
-            "10.200.2.2",
-            "--to",
-            "10.200.1.2",
-            "--port",
-            "8080",
-            "--protocol",
-            "tcp",
-        ])
-        .unwrap();
+    let deny = env.check_tcp_8080("10.200.2.2", "10.200.1.2", &[]);
     assert_eq!(deny.status.code(), Some(3));
     let out = String::from_utf8_lossy(&deny.stdout);
     assert!(
@@ -569,21 +563,7 @@ fn events_of_a_generation_the_agent_does_not_know_are_not_given_its_names() {
 #[test]
 fn check_answers_what_the_kernel_would_for_mapped_and_mixed_addresses() {
     let env = Env::new("check-fam", SHOP);
-    let check = |from: &str, to: &str| {
-        env.agent
-            .cli(&[
-                "check",
-                "--from",
-                from,
-                "--to",
-                to,
-                "--port",
-                "8080",
-                "--protocol",
-                "tcp",
-            ])
-            .unwrap()
-    };
+    let check = |from: &str, to: &str| env.check_tcp_8080(from, to, &[]);
     // ::ffff:10.200.1.2 is an IPv6 source on the wire: not frontend, so world, so denied.
     let mapped = check("::ffff:10.200.1.2", "fd00:200:2::2");
     assert_eq!(mapped.status.code(), Some(3));
@@ -597,21 +577,7 @@ fn check_answers_what_the_kernel_would_for_mapped_and_mixed_addresses() {
 fn check_with_an_interface_validates_the_source_as_the_datapath_does() {
     let env = Env::new("check-if", SHOP);
     let check = |interface: &str| {
-        env.agent
-            .cli(&[
-                "check",
-                "--from",
-                "10.200.1.2",
-                "--to",
-                "10.200.2.2",
-                "--port",
-                "8080",
-                "--protocol",
-                "tcp",
-                "--interface",
-                interface,
-            ])
-            .unwrap()
+        env.check_tcp_8080("10.200.1.2", "10.200.2.2", &["--interface", interface])
     };
     let home = check("tg-frontend");
     assert_eq!(home.status.code(), Some(0), "{:?}", home);
