@@ -10,14 +10,16 @@ use aya::maps::{
     Array, HashMap, Map, MapData, PerCpuArray,
 };
 use tollgate_common::{
-    capacity,
     flow::v4_mapped,
-    identity::IdentityId,
+    identity::{is_exact_identity, IdentityId},
     interface::{INTERFACE_FLAG_ENFORCED, INTERFACE_FLAG_UPLINK},
-    map_names, slot_of,
+    map_names, maps,
+    rule::is_exact_rule,
+    slot_of,
     verdict::COUNTER_SLOTS,
-    FlowKey, FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue, InterfaceValue, RuleKey,
-    RuleValue, SlotConfig, ABI_VERSION, ACTIVE_GENERATION_INDEX, SLOT_COUNT,
+    FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue, InterfaceValue,
+    RuleKey, RuleValue, SlotConfig, ABI_VERSION, ACTIVE_ABI_INDEX, ACTIVE_GENERATION_INDEX,
+    SLOT_COUNT,
 };
 
 use crate::{paths::PinLayout, policy::CompiledPolicy};
@@ -30,84 +32,107 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// slot is cleared (at the next swap) is far beyond any such window.
 pub const SLOT_GRACE: Duration = Duration::from_millis(50);
 
-/// Expected shape of every map: (name, key size, value size, max entries). A pinned map that
-/// differs was made by an incompatible build and must not be adopted.
-pub fn expected_map_shapes() -> [(&'static str, u32, u32, u32); 10] {
-    use std::mem::size_of;
-    let lpm = |k: usize| (k + 4) as u32;
-    [
-        (map_names::ACTIVE, 4, 8, 1),
-        (
-            map_names::SLOT_CONFIG,
-            4,
-            size_of::<SlotConfig>() as u32,
-            SLOT_COUNT,
-        ),
-        (
-            map_names::IDENTITY_V4,
-            lpm(size_of::<IdentityKeyV4>()),
-            size_of::<IdentityValue>() as u32,
-            capacity::IDENTITY_ENTRIES,
-        ),
-        (
-            map_names::IDENTITY_V6,
-            lpm(size_of::<IdentityKeyV6>()),
-            size_of::<IdentityValue>() as u32,
-            capacity::IDENTITY_ENTRIES,
-        ),
-        (
-            map_names::RULES,
-            lpm(size_of::<RuleKey>()),
-            size_of::<RuleValue>() as u32,
-            capacity::RULE_ENTRIES,
-        ),
-        (
-            map_names::CONNTRACK,
-            size_of::<FlowKey>() as u32,
-            size_of::<FlowValue>() as u32,
-            capacity::CONNTRACK_ENTRIES,
-        ),
-        (map_names::COUNTERS, 4, 8, COUNTER_SLOTS),
-        (map_names::EVENTS, 0, 0, capacity::EVENTS_BYTES),
-        (
-            map_names::INTERFACES,
-            4,
-            size_of::<InterfaceValue>() as u32,
-            capacity::INTERFACE_ENTRIES,
-        ),
-        (
-            map_names::CHECK,
-            4,
-            size_of::<tollgate_common::CheckResult>() as u32,
-            1,
-        ),
-    ]
-}
-
-/// Refuses pinned maps whose shape differs from what this build expects.
+/// Refuses pinned maps this build cannot use: made for another ABI version (`TG_ACTIVE[ACTIVE_ABI_INDEX]`), or of
+/// another kind, key or value size, flags or capacity than the registry (`tollgate_common::maps`)
+/// states. Maps sized at load (conntrack) keep whatever capacity they were made with.
 pub fn check_pinned_maps(layout: &PinLayout) -> Result<()> {
-    for (name, key, value, max) in expected_map_shapes() {
-        let path = layout.map(name);
+    let way_out = |what: String| {
+        anyhow!(
+            "{what}; this agent speaks ABI version {ABI_VERSION}. Run `tollgate agent \
+             --uninstall --bpffs {}` and start again (the datapath then enforces nothing until \
+             the new agent has applied its policy, and tracked flows are forgotten)",
+            layout.root.display()
+        )
+    };
+    let pinned_any = maps::ALL.iter().any(|s| layout.map(s.name).exists());
+    if !pinned_any {
+        return Ok(());
+    }
+    for spec in &maps::ALL {
+        let path = layout.map(spec.name);
         if !path.exists() {
             continue;
         }
         let data = MapData::from_pin(&path)
             .with_context(|| format!("opening pinned map {}", path.display()))?;
         let info = data.info()?;
-        if (info.key_size(), info.value_size(), info.max_entries()) != (key, value, max) {
-            bail!(
-                "pinned map {} was created by an incompatible tollgate build (key {} value {} \
-                 entries {}, expected {key} {value} {max}); run `tollgate agent --uninstall \
-                 --bpffs {}` first",
+        let kind = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let capacity_ok = spec.sized_at_load || info.max_entries() == spec.max_entries;
+        if kind != spec.kind.bpf_map_type()
+            || info.key_size() != spec.key_size
+            || info.value_size() != spec.value_size
+            || info.map_flags() != spec.flags
+            || !capacity_ok
+        {
+            return Err(way_out(format!(
+                "pinned map {} was created by an incompatible tollgate build (type {kind} key {} \
+                 value {} flags {:#x} entries {}; expected type {} key {} value {} flags {:#x} \
+                 entries {})",
                 path.display(),
                 info.key_size(),
                 info.value_size(),
+                info.map_flags(),
                 info.max_entries(),
-                layout.root.display()
+                spec.kind.bpf_map_type(),
+                spec.key_size,
+                spec.value_size,
+                spec.flags,
+                spec.max_entries,
+            )));
+        }
+    }
+    let active: Array<MapData, u64> = pinned(layout, map_names::ACTIVE)?.try_into()?;
+    let abi = active.get(&ACTIVE_ABI_INDEX, 0)?;
+    let generation = active.get(&ACTIVE_GENERATION_INDEX, 0)?;
+    // 0 with no policy ever applied: made by this build, which crashed before stamping them.
+    if abi != u64::from(ABI_VERSION) && !(abi == 0 && generation == 0) {
+        return Err(way_out(format!(
+            "the maps pinned under {} were made for ABI version {abi}",
+            layout.maps().display()
+        )));
+    }
+    Ok(())
+}
+
+/// Records this build's ABI version in freshly created maps (`TG_ACTIVE[ACTIVE_ABI_INDEX]`
+/// still zero). Maps that already carry a version were checked by `check_pinned_maps`.
+pub fn stamp_abi_version(layout: &PinLayout) -> Result<()> {
+    let mut active: Array<MapData, u64> = pinned(layout, map_names::ACTIVE)?.try_into()?;
+    if active.get(&ACTIVE_ABI_INDEX, 0)? == 0 {
+        active.set(ACTIVE_ABI_INDEX, u64::from(ABI_VERSION), 0)?;
+    }
+    Ok(())
+}
+
+/// Checks a freshly loaded object's maps against the registry: the object has exactly the maps
+/// the registry lists, and (all pinned by name) each has the registry's shape. An object and an
+/// agent that disagree about a map are caught at load, not by a misread value.
+pub fn check_object_maps<'a>(
+    layout: &PinLayout,
+    object_maps: impl Iterator<Item = &'a str>,
+) -> Result<()> {
+    let mut seen = Vec::new();
+    for name in object_maps {
+        // The object's constants (tables the compiler placed in read-only data): per load and
+        // never written, so not part of the pinned state. Writable global data would be state
+        // lost on every restart, and is refused below like any unlisted map.
+        if name.starts_with(".rodata") {
+            continue;
+        }
+        if maps::by_name(name).is_none() {
+            bail!("the eBPF object has a map {name} that tollgate_common::maps does not list");
+        }
+        seen.push(name.to_owned());
+    }
+    for spec in &maps::ALL {
+        if !seen.iter().any(|n| n == spec.name) || !layout.map(spec.name).exists() {
+            bail!(
+                "the eBPF object lacks map {} (or it was not pinned)",
+                spec.name
             );
         }
     }
-    Ok(())
+    check_pinned_maps(layout)
 }
 
 fn pinned(layout: &PinLayout, name: &str) -> Result<Map> {
@@ -121,10 +146,14 @@ fn pinned(layout: &PinLayout, name: &str) -> Result<Map> {
 pub struct Datapath {
     active: Array<MapData, u64>,
     slot_config: Array<MapData, SlotConfig>,
+    addr_id_v4: HashMap<MapData, IdentityKeyV4, IdentityValue>,
+    addr_id_v6: HashMap<MapData, IdentityKeyV6, IdentityValue>,
     identity_v4: LpmTrie<MapData, IdentityKeyV4, IdentityValue>,
     identity_v6: LpmTrie<MapData, IdentityKeyV6, IdentityValue>,
+    rules_exact: HashMap<MapData, RuleKey, RuleValue>,
     rules: LpmTrie<MapData, RuleKey, RuleValue>,
-    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    conntrack_v4: HashMap<MapData, FlowKeyV4, FlowValue>,
+    conntrack_v6: HashMap<MapData, FlowKey, FlowValue>,
     counters: PerCpuArray<MapData, u64>,
     interfaces: HashMap<MapData, u32, InterfaceValue>,
     check: Array<MapData, tollgate_common::CheckResult>,
@@ -147,10 +176,14 @@ impl Datapath {
         Ok(Self {
             active: pinned(layout, map_names::ACTIVE)?.try_into()?,
             slot_config: pinned(layout, map_names::SLOT_CONFIG)?.try_into()?,
+            addr_id_v4: pinned(layout, map_names::IDENTITY_V4_EXACT)?.try_into()?,
+            addr_id_v6: pinned(layout, map_names::IDENTITY_V6_EXACT)?.try_into()?,
             identity_v4: pinned(layout, map_names::IDENTITY_V4)?.try_into()?,
             identity_v6: pinned(layout, map_names::IDENTITY_V6)?.try_into()?,
+            rules_exact: pinned(layout, map_names::RULES_EXACT)?.try_into()?,
             rules: pinned(layout, map_names::RULES)?.try_into()?,
-            conntrack: pinned(layout, map_names::CONNTRACK)?.try_into()?,
+            conntrack_v4: pinned(layout, map_names::CONNTRACK_V4)?.try_into()?,
+            conntrack_v6: pinned(layout, map_names::CONNTRACK_V6)?.try_into()?,
             counters: pinned(layout, map_names::COUNTERS)?.try_into()?,
             interfaces: pinned(layout, map_names::INTERFACES)?.try_into()?,
             check: pinned(layout, map_names::CHECK)?.try_into()?,
@@ -205,36 +238,49 @@ impl Datapath {
         }
         // One walk per map finds both the stale entries of this slot and how many the live
         // slot uses, so a policy too big for what is left is refused before anything changes.
+        let (stale_x4, live_x4) = split_hash_by_slot(&self.addr_id_v4, slot);
+        let (stale_x6, live_x6) = split_hash_by_slot(&self.addr_id_v6, slot);
         let (stale_v4, live_v4) = split_by_slot(&self.identity_v4, slot);
         let (stale_v6, live_v6) = split_by_slot(&self.identity_v6, slot);
+        let (stale_rx, live_rx) = split_hash_by_slot(&self.rules_exact, slot);
         let (stale_rules, live_rules) = split_by_slot(&self.rules, slot);
-        for (what, needed, live, capacity) in [
-            (
-                "IPv4 identity",
-                policy.identities_v4.len(),
-                live_v4,
-                capacity::IDENTITY_ENTRIES,
-            ),
-            (
-                "IPv6 identity",
-                policy.identities_v6.len(),
-                live_v6,
-                capacity::IDENTITY_ENTRIES,
-            ),
-            (
-                "rule",
-                policy.rules.len(),
-                live_rules,
-                capacity::RULE_ENTRIES,
-            ),
+        let count = |n: usize, exact: bool, v: &mut [usize; 2]| v[usize::from(!exact)] += n;
+        let mut need_v4 = [0usize; 2];
+        for (prefix, _, _) in &policy.identities_v4 {
+            count(1, is_exact_identity(4, *prefix), &mut need_v4);
+        }
+        let mut need_v6 = [0usize; 2];
+        for (prefix, _, _) in &policy.identities_v6 {
+            count(1, is_exact_identity(6, *prefix), &mut need_v6);
+        }
+        let mut need_rules = [0usize; 2];
+        for (prefix, _, _) in &policy.rules {
+            count(1, is_exact_rule(*prefix), &mut need_rules);
+        }
+        for (spec, needed, live) in [
+            (&maps::IDENTITY_V4_EXACT, need_v4[0], live_x4),
+            (&maps::IDENTITY_V4, need_v4[1], live_v4),
+            (&maps::IDENTITY_V6_EXACT, need_v6[0], live_x6),
+            (&maps::IDENTITY_V6, need_v6[1], live_v6),
+            (&maps::RULES_EXACT, need_rules[0], live_rx),
+            (&maps::RULES, need_rules[1], live_rules),
         ] {
-            if needed + live > capacity as usize {
+            let capacity = spec.max_entries as usize;
+            if needed + live > capacity {
                 bail!(
-                    "the policy needs {needed} {what} entries, but the map holds {capacity} for \
-                     both policy slots and the live policy uses {live}; at most {} fit",
-                    capacity as usize - live
+                    "the policy needs {needed} entries in {} ({}), but the map holds {capacity} \
+                     for both policy slots and the live policy uses {live}; at most {} fit",
+                    spec.name,
+                    spec.what,
+                    capacity - live
                 );
             }
+        }
+        for k in stale_x4 {
+            let _ = self.addr_id_v4.remove(&k);
+        }
+        for k in stale_x6 {
+            let _ = self.addr_id_v6.remove(&k);
         }
         for k in stale_v4 {
             let _ = self.identity_v4.remove(&k);
@@ -242,28 +288,35 @@ impl Datapath {
         for k in stale_v6 {
             let _ = self.identity_v6.remove(&k);
         }
+        for k in stale_rx {
+            let _ = self.rules_exact.remove(&k);
+        }
         for k in stale_rules {
             let _ = self.rules.remove(&k);
         }
         for (prefix, key, value) in &policy.identities_v4 {
-            self.identity_v4
-                .insert(&Key::new(*prefix, *key), value, 0)
-                .context("writing an IPv4 identity entry")?;
+            if is_exact_identity(4, *prefix) {
+                self.addr_id_v4.insert(key, value, 0)
+            } else {
+                self.identity_v4.insert(&Key::new(*prefix, *key), value, 0)
+            }
+            .context("writing an IPv4 identity entry")?;
         }
         for (prefix, key, value) in &policy.identities_v6 {
-            self.identity_v6
-                .insert(&Key::new(*prefix, *key), value, 0)
-                .context("writing an IPv6 identity entry")?;
+            if is_exact_identity(6, *prefix) {
+                self.addr_id_v6.insert(key, value, 0)
+            } else {
+                self.identity_v6.insert(&Key::new(*prefix, *key), value, 0)
+            }
+            .context("writing an IPv6 identity entry")?;
         }
         for (prefix, key, value) in &policy.rules {
-            self.rules
-                .insert(&Key::new(*prefix, *key), value, 0)
-                .map_err(|e| {
-                    anyhow!(
-                        "writing a rule entry ({e}); the rule map holds {} entries for both slots",
-                        capacity::RULE_ENTRIES
-                    )
-                })?;
+            if is_exact_rule(*prefix) {
+                self.rules_exact.insert(key, value, 0)
+            } else {
+                self.rules.insert(&Key::new(*prefix, *key), value, 0)
+            }
+            .context("writing a rule entry")?;
         }
         for (name, ifindex) in interfaces {
             self.set_binding(*ifindex, slot, policy.bound_identity(name))?;
@@ -273,7 +326,7 @@ impl Datapath {
             SlotConfig {
                 generation,
                 flags: policy.flags,
-                abi_version: ABI_VERSION,
+                lookup_flags: policy.lookup_flags(),
             },
             0,
         )?;
@@ -345,33 +398,52 @@ impl Datapath {
     /// Forgets every tracked flow: their next packets are decided as new flows. (Benchmarks use
     /// it to measure the new-flow path repeatedly.)
     pub fn clear_conntrack(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self.conntrack.keys().filter_map(|k| k.ok()).collect();
+        let keys: Vec<FlowKeyV4> = self.conntrack_v4.keys().filter_map(|k| k.ok()).collect();
         for k in keys {
-            let _ = self.conntrack.remove(&k);
+            let _ = self.conntrack_v4.remove(&k);
+        }
+        let keys: Vec<FlowKey> = self.conntrack_v6.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = self.conntrack_v6.remove(&k);
         }
         Ok(())
     }
 
-    /// The conntrack entry of `key`, if any.
+    /// The conntrack entry of `key` (IPv4 addresses IPv4-mapped), if any.
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
-        self.conntrack.get(key, 0).ok()
+        if key.family == 4 {
+            self.conntrack_v4.get(&key.to_v4(), 0).ok()
+        } else {
+            self.conntrack_v6.get(key, 0).ok()
+        }
     }
 
     /// Overwrites a conntrack entry (tests age entries with it).
     pub fn set_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
-        Ok(self.conntrack.insert(key, value, 0)?)
+        if key.family == 4 {
+            self.conntrack_v4.insert(key.to_v4(), value, 0)?;
+        } else {
+            self.conntrack_v6.insert(key, value, 0)?;
+        }
+        Ok(())
     }
 
-    /// Tracked flow entries (two per flow). Walks the map; for status, not for hot paths.
+    /// Tracked flow entries (two per flow), both families. Walks the maps; for status, not for
+    /// hot paths.
     pub fn conntrack_entries(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
+        self.conntrack_v4.keys().filter(|k| k.is_ok()).count()
+            + self.conntrack_v6.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// Policy entries of `slot`, both kinds of map together.
     pub fn usage(&self, slot: u32) -> MapUsage {
         MapUsage {
-            identities_v4: keys_in_slot(&self.identity_v4, slot).len(),
-            identities_v6: keys_in_slot(&self.identity_v6, slot).len(),
-            rules: keys_in_slot(&self.rules, slot).len(),
+            identities_v4: keys_in_slot(&self.identity_v4, slot).len()
+                + split_hash_by_slot(&self.addr_id_v4, slot).0.len(),
+            identities_v6: keys_in_slot(&self.identity_v6, slot).len()
+                + split_hash_by_slot(&self.addr_id_v6, slot).0.len(),
+            rules: keys_in_slot(&self.rules, slot).len()
+                + split_hash_by_slot(&self.rules_exact, slot).0.len(),
         }
     }
 
@@ -429,6 +501,24 @@ fn split_by_slot<K: aya::Pod + SlotKey, V: aya::Pod>(
         .filter_map(|k| k.ok())
         .filter(|k| {
             let in_slot = k.data().slot() == slot;
+            other += usize::from(!in_slot);
+            in_slot
+        })
+        .collect();
+    (mine, other)
+}
+
+/// Every key of hash map `map` in `slot`, and how many keys the other slot has.
+fn split_hash_by_slot<K: aya::Pod + SlotKey, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    slot: u32,
+) -> (Vec<K>, usize) {
+    let mut other = 0;
+    let mine = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| {
+            let in_slot = k.slot() == slot;
             other += usize::from(!in_slot);
             in_slot
         })

@@ -26,10 +26,10 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use tollgate_common::{map_names, program_names};
+use tollgate_common::{map_names, maps, program_names};
 
 use crate::{
-    datapath::{check_pinned_maps, OBJECT},
+    datapath::{check_object_maps, check_pinned_maps, stamp_abi_version, OBJECT},
     paths::PinLayout,
     pinlock::PinLock,
 };
@@ -211,19 +211,64 @@ pub struct Loaded {
     handled: std::collections::BTreeMap<PathBuf, bool>,
 }
 
+/// How to create maps that do not exist yet.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of each conntrack map (IPv4 and IPv6), in entries (two per flow). Maps that
+    /// are pinned already keep the capacity they were made with.
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_entries: maps::capacity::CONNTRACK_ENTRIES,
+        }
+    }
+}
+
 /// Loads the embedded object against the maps pinned under `layout` (creating and pinning any
 /// that are missing) and loads and pins both classifiers.
 pub fn load(layout: &PinLayout) -> Result<Loaded> {
-    load_object(layout, OBJECT)
+    load_with(layout, &LoadOptions::default())
 }
 
-pub fn load_object(layout: &PinLayout, object: &[u8]) -> Result<Loaded> {
+pub fn load_with(layout: &PinLayout, options: &LoadOptions) -> Result<Loaded> {
+    load_object(layout, OBJECT, options)
+}
+
+pub fn load_object(layout: &PinLayout, object: &[u8], options: &LoadOptions) -> Result<Loaded> {
     ensure_bpffs(layout)?;
     check_pinned_maps(layout)?;
+    let conntrack = options.conntrack_entries;
+    if !(maps::capacity::CONNTRACK_MIN..=maps::capacity::CONNTRACK_MAX).contains(&conntrack) {
+        bail!(
+            "--conntrack-entries {conntrack}: must be between {} and {}",
+            maps::capacity::CONNTRACK_MIN,
+            maps::capacity::CONNTRACK_MAX
+        );
+    }
+    for spec in [&maps::CONNTRACK_V4, &maps::CONNTRACK_V6] {
+        if let Some(pinned) = pinned_capacity(layout, spec.name) {
+            if pinned != conntrack {
+                tracing::warn!(
+                    map = spec.name,
+                    pinned,
+                    requested = conntrack,
+                    "conntrack map is pinned with another capacity and keeps it; uninstall \
+                     (forgetting tracked flows) to resize"
+                );
+            }
+        }
+    }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(layout.maps())
+        .map_max_entries(maps::CONNTRACK_V4.name, conntrack)
+        .map_max_entries(maps::CONNTRACK_V6.name, conntrack)
         .load(object)
         .context("loading the eBPF object")?;
+    check_object_maps(layout, ebpf.maps().map(|(name, _)| name))?;
+    stamp_abi_version(layout)?;
     for dir in Direction::BOTH {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(dir.program())
@@ -390,6 +435,12 @@ pub fn uninstall(layout: &PinLayout) -> Result<Vec<PathBuf>> {
             .with_context(|| format!("removing {}", layout.root.display()))?;
     }
     Ok(removed)
+}
+
+/// The capacity of the map pinned as `name`, if it is.
+pub fn pinned_capacity(layout: &PinLayout, name: &str) -> Option<u32> {
+    let data = aya::maps::MapData::from_pin(layout.map(name)).ok()?;
+    Some(data.info().ok()?.max_entries())
 }
 
 /// True if a datapath is pinned under `layout` (some link or map exists).

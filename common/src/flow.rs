@@ -1,14 +1,20 @@
 //! Connection tracking and flow events.
 //!
-//! `TG_CONNTRACK` is an LRU hash keyed by the 5-tuple as seen on the wire. Admitting a flow
-//! writes two entries: the original direction and the reply direction (`FLOW_FLAG_REPLY`), so
-//! either direction costs one lookup. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`)
-//! so both families share one map. For ICMP echo the "ports" are the echo identifier and the
-//! ICMP type expected in that direction, so a reply matches only the reply entry and a fresh
-//! echo request in the other direction is a new flow.
+//! `TG_CONNTRACK_V4` and `TG_CONNTRACK_V6` are LRU hashes keyed by the 5-tuple as seen on the
+//! wire: IPv4 flows under a compact 16-byte key ([`FlowKeyV4`]), IPv6 flows under the 40-byte
+//! [`FlowKey`]. Admitting a flow writes two entries: the original direction and the reply
+//! direction (`FLOW_FLAG_REPLY`), so either direction costs one lookup. For ICMP echo the
+//! "ports" are the echo identifier and the ICMP type expected in that direction, so a reply
+//! matches only the reply entry and a fresh echo request in the other direction is a new flow.
+//!
+//! [`FlowKey`] is also the family-independent form the agent and tests use (IPv4 addresses
+//! IPv4-mapped, `::ffff:a.b.c.d`); [`FlowKey::to_v4`] gives the IPv4 map's key.
 
-/// Key of `TG_CONNTRACK`.
-#[repr(C)]
+/// Key of `TG_CONNTRACK_V6`, and the family-independent form of a flow's key (IPv4 addresses
+/// IPv4-mapped). 8-byte aligned (its size is a multiple of 8, so the layout is unchanged): with
+/// the alignment of its byte arrays the eBPF build zeroed and copied it byte by byte through a
+/// `memset`/`memcpy` call on every packet.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub saddr: [u8; 16],
@@ -38,7 +44,44 @@ impl FlowKey {
             _pad: [0; 2],
         }
     }
+
+    /// The `TG_CONNTRACK_V4` key of an IPv4 flow (whose addresses are IPv4-mapped here).
+    #[inline(always)]
+    pub const fn to_v4(&self) -> FlowKeyV4 {
+        FlowKeyV4 {
+            saddr: [
+                self.saddr[12],
+                self.saddr[13],
+                self.saddr[14],
+                self.saddr[15],
+            ],
+            daddr: [
+                self.daddr[12],
+                self.daddr[13],
+                self.daddr[14],
+                self.daddr[15],
+            ],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
 }
+
+/// Key of `TG_CONNTRACK_V4`: the IPv4 5-tuple in 16 bytes (hashing and comparing it costs less
+/// than the 40-byte key IPv6 needs). Fields as in [`FlowKey`]; aligned like it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
 
 /// This entry is the reply direction of a flow admitted the other way.
 pub const FLOW_FLAG_REPLY: u32 = 1 << 0;
@@ -113,12 +156,16 @@ pub struct FlowEvent {
     /// `direction::*`.
     pub direction: u8,
     pub _pad: u8,
+    /// Events of the same edge (addresses, protocol, destination port, verdict) the sampler
+    /// suppressed on this CPU since the previous one it let through (see `sampler`).
+    pub suppressed: u32,
+    pub _pad2: u32,
 }
 
 /// An identity id in a `FlowEvent` that the datapath did not resolve (a spoofed packet is
 /// dropped before its identities are looked up).
 pub const EVENT_IDENTITY_UNRESOLVED: u32 = 0;
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 80);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 88);
 
 /// Writes an IPv4 address as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
 #[inline(always)]

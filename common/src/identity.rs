@@ -21,6 +21,14 @@ pub const IDENTITY_FIRST_USER: IdentityId = 256;
 /// Bits of the slot prefix in front of the address.
 pub const SLOT_PREFIX_BITS: u32 = 32;
 
+/// Where an identity entry of `prefix_len` (slot bits included) lives: a single address goes to
+/// the exact map (`TG_ADDR_ID_V4`/`_V6`), which the datapath reads before the CIDR trie. Sound
+/// because validation refuses a single address of one identity inside another's CIDR, so the
+/// exact entry is always the longest match.
+pub const fn is_exact_identity(family: u8, prefix_len: u32) -> bool {
+    prefix_len == SLOT_PREFIX_BITS + if family == 4 { 32 } else { 128 }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct IdentityKeyV4 {

@@ -12,50 +12,51 @@ pub mod decision;
 pub mod flow;
 pub mod identity;
 pub mod interface;
+pub mod maps;
 pub mod ports;
 pub mod rule;
+pub mod sampler;
 pub mod tcp;
 pub mod time;
 pub mod verdict;
 
 pub use decision::{decide, Decision};
-pub use flow::{FlowEvent, FlowKey, FlowValue};
+pub use flow::{FlowEvent, FlowKey, FlowKeyV4, FlowValue};
 pub use identity::{IdentityKeyV4, IdentityKeyV6, IdentityValue};
 pub use interface::InterfaceValue;
+pub use maps::capacity;
 pub use rule::{RuleKey, RuleValue};
+pub use sampler::{sample, SamplerSlot, SAMPLER_SLOTS};
 pub use verdict::Verdict;
 
-/// Bumped whenever a map layout or a map's meaning changes. A restarting agent refuses to adopt
-/// pinned maps written by a different ABI version instead of misreading them.
-pub const ABI_VERSION: u32 = 2;
+/// Bumped whenever a map layout or a map's meaning changes. It is written to
+/// `TG_ACTIVE[ACTIVE_ABI_INDEX]` when the maps are created; a starting agent refuses to adopt pinned maps of another ABI version
+/// instead of misreading them (the way out: `tollgate agent --uninstall`, then start).
+///
+/// 3: exact-match identity and rule maps beside the LPM tries, conntrack split by address
+/// family, the ABI version in `TG_ACTIVE`, the deny-event sampler, `SlotConfig::lookup_flags`.
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of the maps as they appear in the object file and as pin file names under
-/// `<bpffs>/maps/`.
+/// `<bpffs>/maps/`, taken from the registry in [`maps`].
 pub mod map_names {
-    pub const ACTIVE: &str = "TG_ACTIVE";
-    pub const SLOT_CONFIG: &str = "TG_SLOT_CONFIG";
-    pub const IDENTITY_V4: &str = "TG_IDENTITY_V4";
-    pub const IDENTITY_V6: &str = "TG_IDENTITY_V6";
-    pub const RULES: &str = "TG_RULES";
-    pub const CONNTRACK: &str = "TG_CONNTRACK";
-    pub const COUNTERS: &str = "TG_COUNTERS";
-    pub const EVENTS: &str = "TG_EVENTS";
-    pub const INTERFACES: &str = "TG_INTERFACES";
-    pub const CHECK: &str = "TG_CHECK";
+    use crate::maps;
 
-    /// Every map the agent pins, adopts and removes on uninstall.
-    pub const ALL: [&str; 10] = [
-        ACTIVE,
-        SLOT_CONFIG,
-        IDENTITY_V4,
-        IDENTITY_V6,
-        RULES,
-        CONNTRACK,
-        COUNTERS,
-        EVENTS,
-        INTERFACES,
-        CHECK,
-    ];
+    pub const ACTIVE: &str = maps::ACTIVE.name;
+    pub const SLOT_CONFIG: &str = maps::SLOT_CONFIG.name;
+    pub const IDENTITY_V4_EXACT: &str = maps::IDENTITY_V4_EXACT.name;
+    pub const IDENTITY_V6_EXACT: &str = maps::IDENTITY_V6_EXACT.name;
+    pub const IDENTITY_V4: &str = maps::IDENTITY_V4.name;
+    pub const IDENTITY_V6: &str = maps::IDENTITY_V6.name;
+    pub const RULES_EXACT: &str = maps::RULES_EXACT.name;
+    pub const RULES: &str = maps::RULES.name;
+    pub const CONNTRACK_V4: &str = maps::CONNTRACK_V4.name;
+    pub const CONNTRACK_V6: &str = maps::CONNTRACK_V6.name;
+    pub const COUNTERS: &str = maps::COUNTERS.name;
+    pub const EVENTS: &str = maps::EVENTS.name;
+    pub const EVENT_SAMPLER: &str = maps::EVENT_SAMPLER.name;
+    pub const INTERFACES: &str = maps::INTERFACES.name;
+    pub const CHECK: &str = maps::CHECK.name;
 }
 
 /// Program (function) names in the object file.
@@ -65,29 +66,22 @@ pub mod program_names {
     /// A classifier that only returns `TC_ACT_OK`: the baseline of `cargo xtask bench`. The
     /// agent never loads it.
     pub const TC_BASELINE: &str = "tollgate_baseline";
+    /// Benchmark floors (`cargo xtask bench`): the header parse alone, and the parse plus one
+    /// conntrack lookup. Never loaded by the agent.
+    pub const FLOOR_PARSE: &str = "tollgate_floor_parse";
+    pub const FLOOR_LOOKUP: &str = "tollgate_floor_lookup";
     /// `tollgate check`: never attached; the agent runs it with BPF_PROG_TEST_RUN on a packet it
     /// crafts, and it writes the decision to `TG_CHECK`.
     pub const TC_CHECK: &str = "tollgate_check";
 }
 
-/// Map capacities. The agent checks a pinned map against these before adopting it.
-pub mod capacity {
-    /// Identity CIDR entries per address family, both slots together.
-    pub const IDENTITY_ENTRIES: u32 = 131_072;
-    /// Rule entries (port prefixes), both slots together: 100k rules with exact ports in each
-    /// slot, plus room for range expansion.
-    pub const RULE_ENTRIES: u32 = 524_288;
-    /// Tracked flows; an LRU map, the oldest flows are evicted first.
-    pub const CONNTRACK_ENTRIES: u32 = 262_144;
-    /// Ring buffer for flow events, in bytes (a power of two, multiple of the page size).
-    pub const EVENTS_BYTES: u32 = 1 << 20;
-    /// Interfaces with settings (enforced interfaces of the node).
-    pub const INTERFACE_ENTRIES: u32 = 16_384;
-}
-
 /// Key of the single entry in `TG_ACTIVE`, which holds the active policy generation as a `u64`.
 /// Generation 0 means "no policy loaded": every IP packet is denied.
 pub const ACTIVE_GENERATION_INDEX: u32 = 0;
+
+/// Key of the entry in `TG_ACTIVE` that holds the `ABI_VERSION` the maps were created for (0:
+/// not written yet), written once by the agent that creates them.
+pub const ACTIVE_ABI_INDEX: u32 = 1;
 
 /// Two slots: the live policy and the one being built beside it. A generation's slot is its
 /// lowest bit, so flipping `TG_ACTIVE` to the next generation switches slot with one 8-byte
@@ -107,13 +101,21 @@ pub struct SlotConfig {
     pub generation: u64,
     /// `POLICY_FLAG_*`.
     pub flags: u32,
-    /// `ABI_VERSION` of the agent that wrote the slot.
-    pub abi_version: u32,
+    /// `LOOKUP_*`: which prefix maps hold entries of this slot. A lookup that misses the exact
+    /// map skips a trie this slot has nothing in.
+    pub lookup_flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<SlotConfig>() == 16);
 
 /// The policy's `mode: audit`: a default deny becomes a would-deny (counted, reported, passed).
 pub const POLICY_FLAG_AUDIT: u32 = 1 << 0;
+
+/// `SlotConfig::lookup_flags`: the slot has IPv4 identity CIDRs in `TG_IDENTITY_V4`.
+pub const LOOKUP_IDENTITY_V4_CIDRS: u32 = 1 << 0;
+/// The slot has IPv6 identity CIDRs in `TG_IDENTITY_V6`.
+pub const LOOKUP_IDENTITY_V6_CIDRS: u32 = 1 << 1;
+/// The slot has rules on port prefixes (ranges, any port, any protocol) in `TG_RULES`.
+pub const LOOKUP_RULE_PREFIXES: u32 = 1 << 2;
 
 /// What `tollgate_check` decided, in `TG_CHECK[0]`. The agent runs one check at a time and
 /// clears the entry to `CHECK_PENDING` first, so a run that wrote nothing is noticed.
@@ -176,9 +178,11 @@ mod pod {
         RuleKey,
         RuleValue,
         FlowKey,
+        FlowKeyV4,
         FlowValue,
         FlowEvent,
         InterfaceValue,
         CheckResult,
+        SamplerSlot,
     );
 }

@@ -23,6 +23,14 @@ pub const RULE_PROTO_PREFIX_BITS: u32 = RULE_PAIR_PREFIX_BITS + 8;
 /// A fully specified key (exact port).
 pub const RULE_FULL_PREFIX_BITS: u32 = RULE_PROTO_PREFIX_BITS + 16;
 
+/// Where a rule entry of `prefix_len` lives: an exact port goes to `TG_RULES_EXACT`, which the
+/// datapath reads before the prefix trie. Sound because the compiler never lets two entries of
+/// one pair and protocol overlap and an exact port is the longest prefix there is: a hit in the
+/// exact map is what the trie would have answered.
+pub const fn is_exact_rule(prefix_len: u32) -> bool {
+    prefix_len == RULE_FULL_PREFIX_BITS
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleKey {

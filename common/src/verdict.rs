@@ -88,5 +88,7 @@ impl Verdict {
 
 /// `TG_COUNTERS` is a per-CPU array: one packet counter per verdict, then the counters below.
 pub const COUNTER_EVENTS_LOST: u32 = VERDICT_COUNT;
+/// Deny events the sampler held back (see `sampler`); exact, unlike the per-event counts.
+pub const COUNTER_EVENTS_SUPPRESSED: u32 = VERDICT_COUNT + 1;
 /// Number of entries in `TG_COUNTERS`.
-pub const COUNTER_SLOTS: u32 = VERDICT_COUNT + 1;
+pub const COUNTER_SLOTS: u32 = VERDICT_COUNT + 2;

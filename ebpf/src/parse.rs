@@ -68,7 +68,12 @@ impl ParseError {
 }
 
 /// The fields policy and conntrack need, IPv4 addresses IPv4-mapped.
+///
+/// 8-byte aligned so that initialising and copying it compiles to word stores: with the
+/// alignment of its byte arrays, LLVM called a byte-by-byte `memset`/`memcpy` instead (about
+/// 400 instructions per packet before this and the same on `FlowKey`).
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Packet {
     pub family: u8,
     pub proto: u8,

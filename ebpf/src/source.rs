@@ -37,9 +37,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tollgate_common::{
-    capacity,
     interface::{INTERFACE_FLAG_ENFORCED, INTERFACE_FLAG_UPLINK},
-    InterfaceValue,
+    maps, InterfaceValue,
 };
 
 use crate::parse::Packet;
@@ -52,8 +51,8 @@ const AF_INET6: u8 = 10;
 /// every enforced interface and every uplink, and on every policy swap (the binding is per
 /// slot).
 #[map(name = "TG_INTERFACES")]
-pub static INTERFACES: HashMap<u32, InterfaceValue> =
-    HashMap::pinned(capacity::INTERFACE_ENTRIES, 0);
+static INTERFACES: HashMap<u32, InterfaceValue> =
+    HashMap::pinned(maps::INTERFACES.max_entries, maps::INTERFACES.flags);
 
 /// No check: the node's own packet, or one checked at its origin's ingress already.
 pub const MODE_NONE: u8 = 0;
@@ -116,6 +115,27 @@ pub fn source_check(origin: u32, slot: u32, ingress: bool) -> SourceCheck {
             bound_identity
         },
     }
+}
+
+/// Whether the flow's sender, whose identity the policy lookup resolved (`sender_id`, and
+/// whether the address is one of the node's own), may send from this packet's origin:
+/// - a bound origin admits only its identity;
+/// - an uplink never the node's own addresses (`host`, or a node address a declared identity
+///   claims, marked in its entry);
+/// - after NAT (an origin without a program) the node's own addresses are what masquerade
+///   writes, but for IPv6, which has no martian-source check of its own in the kernel, a pod
+///   could claim them there: refused (IPv6 masquerade into pods from such an interface is not
+///   supported).
+#[inline(always)]
+pub fn sender_allowed(
+    check: &SourceCheck,
+    family: u8,
+    sender_id: u32,
+    sender_is_node: bool,
+) -> bool {
+    !((check.bound_identity != 0 && sender_id != check.bound_identity)
+        || (check.mode == MODE_UPLINK && sender_is_node)
+        || (check.mode == MODE_STRICT_AFTER_NAT && family == 6 && sender_is_node))
 }
 
 /// Whether IPv6 address `a` is `::`. Spelled out: an array comparison becomes a `bcmp` call,

@@ -75,7 +75,8 @@ impl DatapathFixture {
         // A previous run killed half-way may have left this exact directory behind.
         let _ = loader::uninstall(&layout);
         let pins = PinDirGuard(layout.clone());
-        let loaded = loader::load_object(&layout, object).expect("load datapath");
+        let loaded = loader::load_object(&layout, object, &loader::LoadOptions::default())
+            .expect("load datapath");
         let mut datapath = Datapath::open(&layout).expect("open maps");
         // The test runner delivers packets on `lo`. Policy tests are not about source
         // validation, so it is an uplink here; the source validation tests describe their own

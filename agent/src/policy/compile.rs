@@ -18,16 +18,17 @@ use std::{
 use ipnet::IpNet;
 use tollgate_common::{
     identity::{
-        IdentityId, IDENTITY_FIRST_USER, IDENTITY_FLAG_NODE_ADDRESS, IDENTITY_HOST, IDENTITY_WORLD,
-        SLOT_PREFIX_BITS,
+        is_exact_identity, IdentityId, IDENTITY_FIRST_USER, IDENTITY_FLAG_NODE_ADDRESS,
+        IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS,
     },
     ports::for_each_prefix,
     rule::{
-        RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_ID_NONE, RULE_PAIR_PREFIX_BITS,
-        RULE_PROTO_PREFIX_BITS,
+        is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_ID_NONE,
+        RULE_PAIR_PREFIX_BITS, RULE_PROTO_PREFIX_BITS,
     },
     time::{wall_to_boot_ns, NEVER},
-    IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, POLICY_FLAG_AUDIT,
+    IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, LOOKUP_IDENTITY_V4_CIDRS,
+    LOOKUP_IDENTITY_V6_CIDRS, LOOKUP_RULE_PREFIXES, POLICY_FLAG_AUDIT,
 };
 
 use super::{validate::net_range, Mode, Policy, Protocol};
@@ -96,6 +97,35 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    /// `LOOKUP_*`: which prefix tries this policy has entries in. Entries go to the exact maps
+    /// or the tries by their prefix length (`is_exact_identity`, `is_exact_rule`), and the
+    /// datapath skips a trie this says is empty.
+    pub fn lookup_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self
+            .identities_v4
+            .iter()
+            .any(|(prefix, _, _)| !is_exact_identity(4, *prefix))
+        {
+            flags |= LOOKUP_IDENTITY_V4_CIDRS;
+        }
+        if self
+            .identities_v6
+            .iter()
+            .any(|(prefix, _, _)| !is_exact_identity(6, *prefix))
+        {
+            flags |= LOOKUP_IDENTITY_V6_CIDRS;
+        }
+        if self
+            .rules
+            .iter()
+            .any(|(prefix, _, _)| !is_exact_rule(*prefix))
+        {
+            flags |= LOOKUP_RULE_PREFIXES;
+        }
+        flags
+    }
+
     /// The identity interface `name` is bound to, or 0 when it is not bound.
     pub fn bound_identity(&self, name: &str) -> IdentityId {
         self.names.bound_identity(name)
