@@ -755,6 +755,18 @@ fn leading_byte_order_mark_is_dropped() {
 }
 
 #[test]
+fn owned_text_becomes_the_source_text_without_its_byte_order_mark() {
+    let p = parse_policy_owned(format!("\u{feff}{SHOP}"), "policy.yaml").unwrap();
+    assert_eq!(p.source_text, SHOP);
+    let e = parse_policy_owned(
+        format!("\u{feff}{}", edit("kind: Policy", "kind: Nope")),
+        "p",
+    )
+    .unwrap_err();
+    assert_eq!(e.line, Some(2));
+}
+
+#[test]
 fn deep_flow_nesting_is_refused_before_yaml_parsing() {
     // serde_yaml took tens of seconds over this; the nesting check answers at once.
     let e = error(&"[".repeat(100_000));

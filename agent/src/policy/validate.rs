@@ -32,9 +32,10 @@ const RESERVED_IDENTITIES: [&str; 2] = ["host", "world"];
 /// can declare thousands.
 const KNOWN_NAMES_SHOWN: usize = 20;
 
-pub(super) fn validate(doc: model::Document, source_text: &str) -> Result<Policy, Vec<Issue>> {
+/// The policy has no `source_text` yet: the caller owns the text and moves it in.
+pub(super) fn validate(doc: model::Document) -> Result<Policy, Vec<Issue>> {
     let mut v = Validator::default();
-    let policy = v.document(doc, source_text);
+    let policy = v.document(doc);
     if v.issues.is_empty() {
         Ok(policy)
     } else {
@@ -95,13 +96,13 @@ impl Validator {
         );
     }
 
-    fn document(&mut self, doc: model::Document, source_text: &str) -> Policy {
+    fn document(&mut self, doc: model::Document) -> Policy {
         let mut policy = Policy {
             name: String::new(),
             mode: Mode::Enforce,
             identities: Vec::new(),
             rules: Vec::new(),
-            source_text: source_text.to_owned(),
+            source_text: String::new(),
         };
         if doc.api_version.is_none()
             && doc.kind.is_none()
@@ -133,7 +134,10 @@ impl Validator {
             policy.mode = mode;
         }
         policy.identities = self.identities(spec.identities.unwrap_or_default());
-        policy.rules = self.rules(spec.rules.unwrap_or_default(), &policy.identities);
+        policy.rules = self.rules(
+            spec.rules.unwrap_or_default().into_vec(),
+            &policy.identities,
+        );
         if let Some(Present) = spec.rate_limits {
             self.not_supported_yet(At::Path("spec.rateLimits"));
         }
@@ -389,7 +393,7 @@ impl Validator {
         for (i, entry) in entries.into_iter().enumerate() {
             let at = list.item(i);
             let name_path = at.field("name");
-            let name = self.dns_label(name_path, entry.name);
+            let name = self.dns_label(name_path, entry.name.map(String::from));
             if let Some(first) = duplicate_of.get(&i) {
                 self.issue(
                     name_path,
@@ -397,22 +401,22 @@ impl Validator {
                 );
             }
 
-            let mut endpoint = |v: &mut Self, field: &'static str, value: Option<String>| {
+            let mut endpoint = |v: &mut Self, field: &'static str, value: Option<Box<str>>| {
                 let path = at.field(field);
                 let Some(value) = v.required(path, value) else {
                     return String::new();
                 };
-                if !known.contains(value.as_str()) {
+                if !known.contains(&*value) {
                     let list = known_list.get_or_insert_with(|| known_names(identities));
                     v.issue(path, format!("unknown identity {value:?} (known: {list})"));
                 }
-                value
+                String::from(value)
             };
             let from = endpoint(self, "from", entry.from);
             let to = endpoint(self, "to", entry.to);
 
             let ports_path = at.field("ports");
-            let mut ports = Vec::new();
+            let mut ports = Vec::with_capacity(entry.ports.as_ref().map_or(0, |l| l.len()));
             match entry.ports {
                 None => self.issue(
                     ports_path,
@@ -423,7 +427,7 @@ impl Validator {
                     "must list at least one entry (a rule without ports allows nothing)",
                 ),
                 Some(list) => {
-                    for (j, port) in list.into_iter().enumerate() {
+                    for (j, port) in list.into_vec().into_iter().enumerate() {
                         if let Some(spec) = self.port(ports_path.item(j), port) {
                             ports.push(spec);
                         }
