@@ -9,7 +9,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, Context as _, Result};
@@ -40,6 +40,10 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Generations whose names are kept for the events they may still have in the ring buffer.
 /// Events are read within milliseconds of being written; eight swaps back is far beyond that.
 const NAMED_GENERATIONS: usize = 8;
+/// How long the names of a replaced generation are kept, for the same reason. A 100k-rule
+/// generation's names take 6 MB: eight of them kept for good would be most of the agent's
+/// memory.
+const NAMES_KEPT_AFTER_REPLACED: Duration = Duration::from_secs(60);
 
 pub struct AgentConfig {
     pub selector: InterfaceSelector,
@@ -84,9 +88,7 @@ struct State {
     datapath: Datapath,
     policy: LivePolicy,
     generation: u64,
-    /// Names of the live generation and of the ones before it, newest first, so an event is
-    /// named as the generation that produced it numbered things.
-    names: VecDeque<(u64, Arc<PolicyNames>)>,
+    names: NamedGenerations,
     /// The enforced interfaces (name, ifindex), as described in `TG_INTERFACES`.
     interfaces: Vec<(String, u32)>,
     /// Uplinks (`--uplinks`) that are not enforced: described in `TG_INTERFACES` all the same,
@@ -102,18 +104,85 @@ struct State {
 
 impl State {
     fn live_names(&self) -> &PolicyNames {
-        &self
-            .names
-            .front()
-            .expect("a policy is installed at start")
-            .1
+        self.names.live()
     }
 
     fn names_of(&self, generation: u64) -> Option<&PolicyNames> {
-        self.names
+        self.names.of(generation)
+    }
+}
+
+/// Names of the live generation and of the ones before it, newest first, so an event is named
+/// as the generation that produced it numbered things. At most [`NAMED_GENERATIONS`] are kept,
+/// a replaced one for [`NAMES_KEPT_AFTER_REPLACED`]; a generation whose names equal those of
+/// the one it replaced (the same policy applied again) shares them.
+struct NamedGenerations(VecDeque<NamedGeneration>);
+
+struct NamedGeneration {
+    generation: u64,
+    names: Arc<PolicyNames>,
+    /// When the next generation went live.
+    replaced: Option<Instant>,
+}
+
+impl NamedGenerations {
+    fn new(generation: u64, names: Arc<PolicyNames>) -> Self {
+        Self(VecDeque::from([NamedGeneration {
+            generation,
+            names,
+            replaced: None,
+        }]))
+    }
+
+    fn live(&self) -> &PolicyNames {
+        &self
+            .0
+            .front()
+            .expect("a policy is installed at start")
+            .names
+    }
+
+    fn of(&self, generation: u64) -> Option<&PolicyNames> {
+        self.0
             .iter()
-            .find(|(g, _)| *g == generation)
-            .map(|(_, n)| n.as_ref())
+            .find(|g| g.generation == generation)
+            .map(|g| g.names.as_ref())
+    }
+
+    /// `generation` went live, replacing the live one.
+    fn push(&mut self, generation: u64, names: Arc<PolicyNames>, now: Instant) {
+        let names = match self.0.front_mut() {
+            Some(live) => {
+                live.replaced = Some(now);
+                let same = live.names.rule_names == names.rule_names
+                    && live.names.identity_names == names.identity_names
+                    && live.names.bindings == names.bindings;
+                if same {
+                    Arc::clone(&live.names)
+                } else {
+                    names
+                }
+            }
+            None => names,
+        };
+        self.0.push_front(NamedGeneration {
+            generation,
+            names,
+            replaced: None,
+        });
+        self.0.truncate(NAMED_GENERATIONS);
+        self.forget_expired(now);
+    }
+
+    /// Forgets generations replaced more than [`NAMES_KEPT_AFTER_REPLACED`] before `now`;
+    /// tells whether there were any.
+    fn forget_expired(&mut self, now: Instant) -> bool {
+        let before = self.0.len();
+        self.0.retain(|g| {
+            g.replaced
+                .is_none_or(|at| now.saturating_duration_since(at) < NAMES_KEPT_AFTER_REPLACED)
+        });
+        self.0.len() != before
     }
 }
 
@@ -179,7 +248,7 @@ impl Agent {
                 datapath,
                 policy,
                 generation,
-                names: VecDeque::from([(generation, names)]),
+                names: NamedGenerations::new(generation, names),
                 interfaces,
                 passive_uplinks,
                 attachments,
@@ -202,8 +271,7 @@ impl Agent {
             tracing::info!(policy = %policy.name, generation, rules = policy.rules, "policy applied");
             st.policy = policy;
             st.generation = generation;
-            st.names.push_front((generation, names));
-            st.names.truncate(NAMED_GENERATIONS);
+            st.names.push(generation, names, Instant::now());
             policy_response(&st)
         };
         release_freed_memory();
@@ -330,6 +398,14 @@ impl Agent {
                 .collect(),
             links_restored: st.links_restored,
         })
+    }
+
+    /// Forgets the names of generations replaced long enough ago that none of their events can
+    /// still be waiting, and gives their memory back.
+    fn forget_replaced_names(&self) {
+        if self.lock().names.forget_expired(Instant::now()) {
+            release_freed_memory();
+        }
     }
 
     /// Brings the enforced interfaces in line with what exists now: describes and attaches to
@@ -636,10 +712,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     }
                 }
                 let a = agent.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || a.rescan())
-                    .await
-                    .map_err(|e| anyhow!(e))
-                    .and_then(|r| r)
+                if let Err(e) = tokio::task::spawn_blocking(move || {
+                    a.forget_replaced_names();
+                    a.rescan()
+                })
+                .await
+                .map_err(|e| anyhow!(e))
+                .and_then(|r| r)
                 {
                     tracing::warn!(error = %format!("{e:#}"), "interface rescan failed");
                 }
@@ -724,6 +803,41 @@ mod tests {
             generation: 3,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn replaced_generations_keep_their_names_for_a_while() {
+        let start = Instant::now();
+        let mut named = NamedGenerations::new(1, Arc::new(names()));
+        let other = PolicyNames {
+            rule_names: vec!["other".into()],
+            ..names()
+        };
+        named.push(2, Arc::new(other), start);
+        assert_eq!(named.of(1).unwrap().rule_name(1), "frontend-to-orders");
+        assert_eq!(named.live().rule_name(1), "other");
+        assert!(!named.forget_expired(start + NAMES_KEPT_AFTER_REPLACED / 2));
+        assert!(named.forget_expired(start + NAMES_KEPT_AFTER_REPLACED));
+        assert!(named.of(1).is_none());
+        assert_eq!(named.of(2).unwrap().rule_name(1), "other");
+    }
+
+    #[test]
+    fn at_most_eight_generations_are_named() {
+        let now = Instant::now();
+        let mut named = NamedGenerations::new(1, Arc::new(names()));
+        for generation in 2..=10 {
+            named.push(generation, Arc::new(names()), now);
+        }
+        assert_eq!(named.0.len(), NAMED_GENERATIONS);
+        assert!(named.of(2).is_none() && named.of(3).is_some());
+    }
+
+    #[test]
+    fn equal_names_are_shared_between_generations() {
+        let mut named = NamedGenerations::new(1, Arc::new(names()));
+        named.push(2, Arc::new(names()), Instant::now());
+        assert!(Arc::ptr_eq(&named.0[0].names, &named.0[1].names));
     }
 
     #[test]
