@@ -412,9 +412,25 @@ fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
+/// What a plain scalar is as an integer.
+#[derive(Debug, PartialEq, Eq)]
+enum Int {
+    Fits(i64),
+    /// Written as an integer, beyond what an i64 holds.
+    OutOfRange,
+    NotAnInteger,
+}
+
+fn parse_int(value: &str) -> Option<i64> {
+    match read_int(value) {
+        Int::Fits(i) => Some(i),
+        _ => None,
+    }
+}
+
 /// An integer as serde_yaml 0.9 read one: decimal, or `0x`, `0o`, `0b`, each with an optional
 /// sign. Decimal digits with a leading zero (`0755`) are a string, as in YAML 1.2.
-fn parse_int(value: &str) -> Option<i64> {
+fn read_int(value: &str) -> Int {
     let (negative, unsigned) = match value.as_bytes().first() {
         Some(b'-') => (true, &value[1..]),
         Some(b'+') => (false, &value[1..]),
@@ -430,18 +446,22 @@ fn parse_int(value: &str) -> Option<i64> {
         (10, unsigned)
     };
     // from_str_radix takes a sign of its own; only the one before the prefix counts.
-    if digits.is_empty() || digits.starts_with(['+', '-']) {
-        return None;
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Int::NotAnInteger;
     }
     if radix == 10 && digits.len() > 1 && digits.starts_with('0') {
-        return None;
+        return Int::NotAnInteger;
     }
-    let magnitude = u64::from_str_radix(digits, radix).ok()?;
-    if negative {
-        0i64.checked_sub_unsigned(magnitude)
-    } else {
-        i64::try_from(magnitude).ok()
-    }
+    let fits = u64::from_str_radix(digits, radix)
+        .ok()
+        .and_then(|magnitude| {
+            if negative {
+                0i64.checked_sub_unsigned(magnitude)
+            } else {
+                i64::try_from(magnitude).ok()
+            }
+        });
+    fits.map_or(Int::OutOfRange, Int::Fits)
 }
 
 /// A float as serde_yaml 0.9 read one, for error messages.
@@ -475,11 +495,13 @@ fn unexpected(value: &str, style: TScalarStyle) -> Unexpected<'_> {
         Unexpected::Unit
     } else if let Some(b) = parse_bool(value) {
         Unexpected::Bool(b)
-    } else if let Some(i) = parse_int(value) {
+    } else if let Int::Fits(i) = read_int(value) {
         match u64::try_from(i) {
             Ok(u) => Unexpected::Unsigned(u),
             Err(_) => Unexpected::Signed(i),
         }
+    } else if read_int(value) == Int::OutOfRange {
+        Unexpected::Other("integer")
     } else if let Some(f) = parse_float(value) {
         Unexpected::Float(f)
     } else {
@@ -624,9 +646,12 @@ impl<'de> de::Deserializer<'de> for Node<'_, '_, '_> {
     fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         let (event, _) = self.reader.take()?;
         let result = match &event {
-            Event::Scalar(value, TScalarStyle::Plain, ..) => match parse_int(value) {
-                Some(i) => visitor.visit_i64(i),
-                None => Err(invalid_type(&event, &visitor)),
+            Event::Scalar(value, TScalarStyle::Plain, ..) => match read_int(value) {
+                Int::Fits(i) => visitor.visit_i64(i),
+                Int::OutOfRange => Err(de::Error::custom(format!(
+                    "{value} is out of range for an integer"
+                ))),
+                Int::NotAnInteger => Err(invalid_type(&event, &visitor)),
             },
             _ => Err(invalid_type(&event, &visitor)),
         };
@@ -844,6 +869,8 @@ mod tests {
             ("+-5", None),
             ("--5", None),
             ("1_000", None),
+            ("0xg", None),
+            ("0b102", None),
             ("8080.0", None),
             ("eighty", None),
             ("", None),
@@ -874,6 +901,20 @@ mod tests {
         Item {
             a: Some(a.to_owned()),
         }
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_are_out_of_range_not_floats() {
+        assert_eq!(read_int("99999999999999999999"), Int::OutOfRange);
+        assert_eq!(read_int("-0x8000000000000001"), Int::OutOfRange);
+        assert_eq!(read_int("1e20"), Int::NotAnInteger);
+        let e = doc("port: 99999999999999999999\n").unwrap_err();
+        assert_eq!(
+            e.message,
+            "99999999999999999999 is out of range for an integer"
+        );
+        let e = from_str::<Vec<String>>("99999999999999999999\n").unwrap_err();
+        assert_eq!(e.message, "invalid type: integer, expected a sequence");
     }
 
     #[test]
