@@ -159,7 +159,7 @@ async fn policy_apply(
     State(agent): State<Arc<Agent>>,
     PolicyText(body): PolicyText,
 ) -> Result<Json<PolicyResponse>, ApiError> {
-    blocking(move || agent.apply_text(&body).map(Json)).await
+    blocking(move || agent.apply_text(body).map(Json)).await
 }
 
 /// The body of `PUT /v1/policy`: UTF-8 text of at most [`MAX_POLICY_BYTES`]. axum's `String`

@@ -245,6 +245,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    app::map_large_buffers_apart();
     // Before the runtime starts, so that every thread and descriptor lives under the new limit.
     match rlimit::raise_nofile_limit() {
         Ok(limit) if limit.raised() => tracing::info!(

@@ -5,7 +5,7 @@
 //! only runs when there is an error to report, so a valid 100k-rule policy never pays for it,
 //! and it stops as soon as every path asked for has been found.
 //!
-//! Paths are document paths in serde_yaml's style: `spec.rules[2].to`. A mapping entry is
+//! Paths are document paths as the reader's errors print them: `spec.rules[2].to`. A mapping entry is
 //! at the line of its key (for a block list under `cidrs:` that is the `cidrs:` line, where
 //! "must not be empty" should point); a list item at the line where the item starts.
 
@@ -35,7 +35,7 @@ enum FrameKind {
 
 impl LineIndex {
     /// Finds the lines of `paths` and of their ancestors (see [`Self::line_of`]). Best effort:
-    /// if yaml-rust2 cannot read something serde_yaml accepted, the lines found so far are kept.
+    /// if yaml-rust2 cannot read the text, the lines found so far are kept.
     pub(super) fn build<'a>(text: &str, paths: impl IntoIterator<Item = &'a str>) -> Self {
         let mut wanted: HashSet<&str> = HashSet::new();
         for mut path in paths {
@@ -74,7 +74,7 @@ impl LineIndex {
                 _ => continue,
             }
             match stack.last_mut() {
-                None if seen_root => break, // a second document; serde rejects it anyway
+                None if seen_root => break, // a second document; the reader rejects it anyway
                 None => seen_root = true,
                 Some(Frame {
                     path_len,

@@ -16,13 +16,14 @@ mod locate;
 mod model;
 mod nesting;
 mod validate;
+mod yaml;
 
 #[cfg(test)]
 mod compile_tests;
 #[cfg(test)]
 mod parse_tests;
 
-use std::{io::Read as _, path::Path, time::SystemTime};
+use std::{borrow::Cow, io::Read as _, path::Path, time::SystemTime};
 
 pub use compile::{compile_policy, ClockReading, CompiledPolicy, PolicyNames};
 use tollgate_common::proto;
@@ -235,13 +236,28 @@ impl PolicyError {
 /// One leading byte-order mark is dropped (and is not part of `source_text`); text over
 /// [`MAX_POLICY_BYTES`] or nesting deeper than 32 levels is refused before YAML parsing.
 pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError> {
-    // Editors on Windows start UTF-8 files with a byte-order mark. YAML allows it, but
-    // serde_yaml reads it as content: "more than one document", or a string before `---`.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    parse(Cow::Borrowed(text), source_name)
+}
+
+/// [`parse_policy`] of text the caller hands over: it becomes `source_text` as it is, where
+/// `parse_policy` copies it (10 MB for a 100k-rule policy).
+pub fn parse_policy_owned(text: String, source_name: &str) -> Result<Policy, PolicyError> {
+    parse(Cow::Owned(text), source_name)
+}
+
+fn parse(mut text: Cow<'_, str>, source_name: &str) -> Result<Policy, PolicyError> {
+    // Editors on Windows start UTF-8 files with a byte-order mark. YAML allows it at the
+    // start, but it is not part of what the user wrote (`policy get` returns the text).
+    if text.starts_with('\u{feff}') {
+        match &mut text {
+            Cow::Borrowed(t) => *t = &t['\u{feff}'.len_utf8()..],
+            Cow::Owned(t) => t.replace_range(..'\u{feff}'.len_utf8(), ""),
+        }
+    }
     if text.len() > MAX_POLICY_BYTES {
         return Err(PolicyError::whole_file(source_name, too_large_message()));
     }
-    nesting::check(text).map_err(|e| {
+    nesting::check(&text).map_err(|e| {
         let (line, message) = match e {
             nesting::NestingError::TooDeep { line } => (
                 line,
@@ -255,9 +271,9 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         }
     })?;
     let doc: model::Document =
-        serde_yaml::from_str(text).map_err(|e| from_yaml_error(&e, source_name))?;
-    validate::validate(doc, text).map_err(|issues| {
-        let lines = locate::LineIndex::build(text, issues.iter().map(|i| i.path.as_str()));
+        yaml::from_str(&text).map_err(|e| from_yaml_error(e, source_name))?;
+    let mut policy = validate::validate(doc).map_err(|issues| {
+        let lines = locate::LineIndex::build(&text, issues.iter().map(|i| i.path.as_str()));
         let mut errors: Vec<PolicyError> = issues
             .into_iter()
             .map(|issue| PolicyError {
@@ -273,7 +289,9 @@ pub fn parse_policy(text: &str, source_name: &str) -> Result<Policy, PolicyError
         let mut first = errors.remove(0);
         first.more = errors;
         first
-    })
+    })?;
+    policy.source_text = text.into_owned();
+    Ok(policy)
 }
 
 /// Reads the file (error if unreadable or over [`MAX_POLICY_BYTES`], naming the path) and calls
@@ -284,10 +302,17 @@ pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
         PolicyError::whole_file(&source_name, format!("cannot read the policy: {e}"))
     };
     // One byte over the limit tells "too large" from "exactly the limit" without trusting the
-    // size the file reports: /dev/zero, a pipe and a file still being written have none.
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_POLICY_BYTES as u64 + 1).read_to_end(&mut bytes))
+    // size the file reports: /dev/zero, a pipe and a file still being written have none. The
+    // size is only a hint for the buffer, which would otherwise double its way up, to 16 MB
+    // for a 9 MB policy.
+    let file = std::fs::File::open(path).map_err(cannot_read)?;
+    let hint = file
+        .metadata()
+        .map_or(0, |m| m.len())
+        .min(MAX_POLICY_BYTES as u64);
+    let mut bytes = Vec::with_capacity(hint as usize + 1);
+    file.take(MAX_POLICY_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
         .map_err(cannot_read)?;
     if bytes.len() > MAX_POLICY_BYTES {
         return Err(PolicyError::whole_file(&source_name, too_large_message()));
@@ -299,7 +324,7 @@ pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
             ..PolicyError::whole_file(&source_name, "not UTF-8 text".to_owned())
         }
     })?;
-    parse_policy(&text, &source_name)
+    parse_policy_owned(text, &source_name)
 }
 
 /// `spec.rules[2].to` → `rules[2].to`; `metadata.name` stays; the document itself has no field.
@@ -311,47 +336,26 @@ fn display_field(path: &str) -> Option<String> {
     }
 }
 
-/// serde_yaml's errors read `spec.rules[0]: unknown field `x`, expected ... at line 5 column 7`
-/// (syntax errors have no path, and may go on with `, while parsing ...`). This takes the line
-/// from its location, the field from the path, and keeps the rest as the message.
-fn from_yaml_error(error: &serde_yaml::Error, source_name: &str) -> PolicyError {
-    let mut text = error.to_string();
-    let line = error.location().map(|l| {
-        let at = format!(" at line {} column {}", l.line(), l.column());
-        if let Some(i) = text.find(&at) {
-            text.replace_range(i..i + at.len(), "");
-        }
-        l.line()
-    });
-    let (path, message) = match text.split_once(": ") {
-        Some((path, message)) if looks_like_path(path) => (Some(path), message),
-        _ => (None, text.as_str()),
-    };
-    let mut path = path.map(str::to_owned);
-    // Name the unknown field itself, not just the mapping it appeared in.
-    if let Some(unknown) = message
-        .strip_prefix("unknown field `")
+/// A YAML error names the node's document path; serde's "unknown field `x`" and "duplicate
+/// field `x`" come from the mapping, so the field itself is added to its path.
+fn from_yaml_error(error: yaml::YamlError, source_name: &str) -> PolicyError {
+    let field_named = ["unknown field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| error.message.strip_prefix(prefix))
         .and_then(|rest| rest.split_once('`'))
-        .map(|(name, _)| name)
-    {
-        path = Some(match path {
-            Some(p) => format!("{p}.{unknown}"),
-            None => unknown.to_owned(),
-        });
-    }
+        .map(|(name, _)| name);
+    let path = match (error.path, field_named) {
+        (Some(path), Some(name)) if path.is_empty() => Some(name.to_owned()),
+        (Some(path), Some(name)) => Some(format!("{path}.{name}")),
+        (path, _) => path,
+    };
     PolicyError {
         source_name: source_name.to_owned(),
-        line,
+        line: Some(error.line),
         field: path.as_deref().and_then(display_field),
-        message: plain_type_names(message),
+        message: plain_type_names(&error.message),
         more: Vec::new(),
     }
-}
-
-fn looks_like_path(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"._-[]?".contains(&c))
 }
 
 /// serde names Rust types (`expected i64`, `expected struct Spec`); say what to write instead.

@@ -1,15 +1,19 @@
-//! Refuses deeply nested YAML before serde_yaml reads it. libyaml, under serde_yaml, spends time
-//! quadratic in the depth of flow collections (`[`, `{`) before serde_yaml's own recursion limit
-//! gets a say: a 200 KB file of 100,000 nested `[` kept `tollgate policy validate` busy for
-//! tens of seconds, while no valid policy nests deeper than six levels.
+//! Refuses deeply nested YAML before the policy reader ([`super::yaml`]) sees it. The reader
+//! counts depth too, but yaml-rust2's scanner reads ahead through up to 255 flow levels on a
+//! line (and across lines inside flow collections) before it hands over the first event, and
+//! fails with "recursion limit exceeded" beyond that: only a pass of our own can name the line
+//! that went too deep. (The pass was first written for libyaml, under serde_yaml, which spent
+//! time quadratic in flow depth: a 200 KB file of 100,000 nested `[` kept `tollgate policy
+//! validate` busy for tens of seconds, while no valid policy nests deeper than six levels.)
 //!
 //! The happy path must stay one parse: a 10 MB policy is not read twice. So [`check`] first
-//! makes one pass over the bytes ([`scan`]) that follows flow depth the way
-//! libyaml's tokenizer does (`[` and `{` open, `]` and `}` close, except inside quoted scalars,
+//! makes one pass over the bytes ([`scan`], about 3% of the parse) that follows flow depth the
+//! way a YAML tokenizer does (`[` and `{` open, `]` and `}` close, except inside quoted scalars,
 //! plain scalars, comments and tags), and only when that count goes above [`MAX_DEPTH`] (a
 //! bracket-laden block scalar, say) does it confirm with yaml-rust2's event parser, which stops
 //! at the first level too many. Block (indentation) nesting is not counted by the first pass:
-//! libyaml is fast on it, and the policy size cap bounds it.
+//! yaml-rust2 hands over its events one by one, so the reader's own depth limit stops it at the
+//! right line.
 //!
 //! The first pass keeps no indentation state. In block context (depth 0) it therefore scans
 //! every line afresh: constructs that span lines there (block scalars, multi-line plain or
@@ -29,7 +33,7 @@ pub(super) enum NestingError {
     /// More than [`MAX_DEPTH`] levels.
     TooDeep { line: usize },
     /// The confirming parser could not read the text. The first pass only sends text there
-    /// that already looks too deep, so this is refused too rather than handed to serde_yaml.
+    /// that already looks too deep, so this is refused too rather than handed to the reader.
     Unreadable { line: usize, message: String },
 }
 

@@ -196,6 +196,31 @@ fn unknown_field_is_named_with_its_line() {
 }
 
 #[test]
+fn repeated_field_is_named_with_its_line() {
+    let text = edit(
+        "      to: orders\n",
+        "      to: orders\n      to: frontend\n",
+    );
+    assert_eq!(
+        error(&text).to_string(),
+        format!(
+            "policy.yaml:{}: rules[0].to: duplicate field `to`",
+            line_of(&text, "to: frontend")
+        )
+    );
+}
+
+#[test]
+fn anchors_and_aliases_are_read_as_copies() {
+    let p =
+        parse(
+            &with_rules("    - { name: back, from: orders, to: frontend, ports: *web }\n")
+                .replacen("      ports:\n", "      ports: &web\n", 1),
+        );
+    assert_eq!(p.rules[1].ports, p.rules[0].ports);
+}
+
+#[test]
 fn unknown_top_level_field_is_named() {
     let text = format!("{SHOP}status: {{}}\n");
     assert_error(
@@ -727,6 +752,18 @@ fn leading_byte_order_mark_is_dropped() {
     // Errors still point at the right lines.
     let text = edit("kind: Policy", "kind: Nope");
     assert_error(&format!("\u{feff}{text}"), "kind", 2, "expected \"Policy\"");
+}
+
+#[test]
+fn owned_text_becomes_the_source_text_without_its_byte_order_mark() {
+    let p = parse_policy_owned(format!("\u{feff}{SHOP}"), "policy.yaml").unwrap();
+    assert_eq!(p.source_text, SHOP);
+    let e = parse_policy_owned(
+        format!("\u{feff}{}", edit("kind: Policy", "kind: Nope")),
+        "p",
+    )
+    .unwrap_err();
+    assert_eq!(e.line, Some(2));
 }
 
 #[test]
