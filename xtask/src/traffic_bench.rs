@@ -8,13 +8,18 @@
 //! configuration is measured on a fresh topology: nothing one filter leaves behind (a legacy
 //! iptables table stays hooked until its namespace goes, conntrack entries, TIME_WAIT sockets)
 //! can slow down the next. Configurations are interleaved round by round, in an order rotated
-//! each round, and each is compared with the no-filter baseline of its own round.
+//! each round. Each is paired with a no-filter topology built next to it: every workload runs
+//! on the two back to back, and the ratio is taken within the pair. On a shared machine the
+//! background load changes from one minute to the next (a first version compared with one
+//! baseline per round and saw ratios from 0.5 to 1.3 for the same configuration); a pair
+//! measured seconds apart sees the same background.
 //!
 //! Workloads, each for a fixed time: new TCP connections per second (a few client threads open
 //! and close connections back to back, the server closes each on accept), request/response
 //! transactions per second (one byte each way on one connection, like netperf TCP_RR), bulk
-//! TCP throughput (iperf3). Then, for Tollgate only and in a separate pass, each workload again
-//! with BPF run-time statistics on, to report nanoseconds per run of each attached program.
+//! TCP throughput (iperf3). Then, each round, for Tollgate only and in a pass of its own, each
+//! workload again with BPF run-time statistics on, for nanoseconds per run of each attached
+//! program.
 //!
 //! Cleanup: every namespace, agent, pin directory, iperf3 process and filter is removed in
 //! Drop by the exact name or pid it was created with, also on error, panic or Ctrl-C.
@@ -34,7 +39,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use filter::{Endpoints, Family, Filter, FilterInputs, InstalledFilter, IptablesBackend};
-use report::{HookCost, Results, Sample, Workload};
+use report::{Results, Sample, Workload};
 use tollgate_testbed::{
     load::{self, ClosedPortProbe},
     Topology,
@@ -46,6 +51,8 @@ use crate::{run_command, workspace_root};
 const CONNECTION_WORKERS: usize = 4;
 /// Accepting threads of its server.
 const CONNECTION_ACCEPTORS: usize = 2;
+/// Slices per side of a pair for the in-process workloads.
+const SLICES: usize = 4;
 /// The CPU both ends of the request/response and bulk workloads run on. Left to the
 /// scheduler, the two ends land on the same or on different CPUs from run to run, and in a VM
 /// the cross-CPU wakeup alone makes a 3-7x difference (measured: 55-60k against 8-18k
@@ -86,14 +93,14 @@ struct Options {
 
 const KINDS: [&str; 4] = ["tollgate", "iptables-nft", "iptables-legacy", "nftables"];
 
-const USAGE: &str = "usage: cargo xtask bench --traffic [--rounds N (5)] [--seconds S (2)] \
+const USAGE: &str = "usage: cargo xtask bench --traffic [--rounds N (5)] [--seconds S (1)] \
     [--rules 10,10k,100k] [--filters tollgate,iptables-nft,iptables-legacy,nftables] [--ipv6]";
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             rounds: 5,
-            seconds: 2,
+            seconds: 1,
             rules: vec![10, 10_000, 100_000],
             family: Family::V4,
             kinds: KINDS.iter().map(|k| k.to_string()).collect(),
@@ -219,6 +226,17 @@ pub fn run(args: &[String]) -> Result<()> {
     // SAFETY: installs an async-signal-safe handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
     let started = Instant::now();
+    let load_before = load_average();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if load_before
+        .parse::<f64>()
+        .is_ok_and(|l| l > cpus as f64 / 2.0)
+    {
+        eprintln!(
+            "warning: the machine is busy (load average {load_before} on {cpus} CPUs); the \
+             ratios will be noisy. For figures to record, run on an otherwise idle machine."
+        );
+    }
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let prefix = format!("tgtb{}", std::process::id() % 100_000);
     let workdir = std::env::temp_dir().join(&prefix);
@@ -250,11 +268,13 @@ pub fn run(args: &[String]) -> Result<()> {
         options.family.name()
     );
     println!(
-        "method: {} rounds, configurations interleaved (order rotated each round), each on a \
-         fresh topology; median of the rounds; ratio = median of the per-round ratios to no \
-         filter in the same round",
+        "method: {} rounds, configurations interleaved (order rotated each round); each on a \
+         fresh topology next to a fresh no-filter one, every workload run on both back to back \
+         (order alternating); median = median over the rounds; ratio = median over the rounds \
+         of filter / no filter within the pair, with its range",
         options.rounds
     );
+    println!("load average (1 min) of the machine at start and end: {load_before} / {}: other work on the machine adds noise", load_average());
     println!(
         "N = rules (Tollgate, iptables: the one allowing the measured flows last in iptables) or \
          set elements (nftables: three of them, one per measured port, allow)"
@@ -300,51 +320,52 @@ impl Bench {
             inputs.write_rule_file(f, v4, v6)?;
         }
         let rounds = self.options.rounds;
-        let mut samples = vec![Vec::with_capacity(rounds); filters.len()];
+        let mut results = Results::new(filters.to_vec());
+        let measured = &filters[1..];
         for round in 0..rounds {
-            for k in 0..filters.len() {
+            for k in 0..measured.len() {
                 // Rotated so that no configuration always follows the same one.
-                let c = (k + round) % filters.len();
+                let c = 1 + (k + round) % measured.len();
                 check_interrupted()?;
-                let sample = self
-                    .measure(filters[c], None)
+                let (base, sample) = self
+                    .measure_pair(filters[c], round + k)
                     .with_context(|| format!("round {}: {}", round + 1, filters[c].label()))?;
+                let ratios: Vec<String> = Workload::ALL
+                    .iter()
+                    .map(|w| {
+                        let i = w.index();
+                        format!(
+                            "{} {:.3} ({} / {})",
+                            w.short(),
+                            sample.values[i] / base.values[i],
+                            w.format(sample.values[i]),
+                            w.format(base.values[i])
+                        )
+                    })
+                    .collect();
                 eprintln!(
-                    "round {}/{rounds} {:<22} {:>14} {:>14} {:>14}   (load {:.2} s)",
+                    "round {}/{rounds} {:<22} {}; load {:.2} s",
                     round + 1,
                     filters[c].label(),
-                    Workload::NewConnections.format(sample.values[0]),
-                    Workload::RequestResponse.format(sample.values[1]),
-                    Workload::Bulk.format(sample.values[2]),
+                    ratios.join(", "),
                     sample.load_time.as_secs_f64()
                 );
-                samples[c].push(sample);
+                results.add_pair(c, base, sample);
+            }
+            for &f in filters {
+                let Filter::Tollgate { rules } = f else {
+                    continue;
+                };
+                check_interrupted()?;
+                for (workload, programs) in self
+                    .measure_hook_costs(f)
+                    .with_context(|| format!("round {}: hook costs of {}", round + 1, f.label()))?
+                {
+                    results.add_hook_costs(rules, workload, programs);
+                }
             }
         }
-
-        let mut hook_costs = Vec::new();
-        for &f in filters {
-            let Filter::Tollgate { rules } = f else {
-                continue;
-            };
-            check_interrupted()?;
-            let mut costs = Vec::new();
-            self.measure(f, Some(&mut costs))
-                .with_context(|| format!("hook cost pass: {}", f.label()))?;
-            for (workload, programs) in costs {
-                hook_costs.push(HookCost {
-                    rules,
-                    workload,
-                    programs,
-                });
-            }
-            eprintln!("hook costs measured: {}", f.label());
-        }
-        Ok(Results {
-            filters: filters.to_vec(),
-            samples,
-            hook_costs,
-        })
+        Ok(results)
     }
 
     fn inputs(&self) -> FilterInputs<'_> {
@@ -355,53 +376,160 @@ impl Bench {
         }
     }
 
-    /// One configuration on a fresh topology: install the filter, check it lets the measured
-    /// flow through and drops other traffic, run the three workloads, remove everything. With
-    /// `hook_costs`, BPF statistics are on around each workload and the agent's programs'
-    /// counters for each workload are appended to it.
+    fn duration(&self) -> Duration {
+        Duration::from_secs(self.options.seconds.into())
+    }
+
+    /// `filter` and no filter, each on a fresh topology of its own, both present for the whole
+    /// measurement, so a change in what else the machine does shifts both alike. The two
+    /// in-process workloads alternate between the rigs in `SLICES` slices per side in ABBA
+    /// order (a linear drift cancels); iperf3 cannot run shorter than a second, so bulk runs
+    /// once per side, the order alternating with `parity`. Returns (no filter, filter).
+    fn measure_pair(&self, filter: Filter, parity: usize) -> Result<(Sample, Sample)> {
+        let base = Rig::new(self, Filter::None, &format!("{}b", self.prefix))?;
+        let filtered = Rig::new(self, filter, &format!("{}f", self.prefix))?;
+        let rigs = [&base, &filtered];
+        let mut samples = [Sample::default(), Sample::default()];
+        samples[1].load_time = filtered.filter.load_time;
+        let first = parity % 2;
+        for workload in [Workload::NewConnections, Workload::RequestResponse] {
+            let _servers = [
+                base.start_server(workload)?,
+                filtered.start_server(workload)?,
+            ];
+            let mut rates = [load::Rate::default(), load::Rate::default()];
+            for slice in 0..2 * SLICES {
+                check_interrupted()?;
+                // A B B A A B B A ...
+                let side = first ^ usize::from(matches!(slice % 4, 1 | 2));
+                let rate = rigs[side]
+                    .run_client(workload, self.duration() / SLICES as u32)
+                    .with_context(|| {
+                        format!("{} ({})", workload.short(), rigs[side].filter_kind.label())
+                    })?;
+                rates[side].completed += rate.completed;
+                rates[side].failed += rate.failed;
+                rates[side].elapsed += rate.elapsed;
+            }
+            for (sample, rate) in samples.iter_mut().zip(rates) {
+                if rate.completed == 0 {
+                    bail!(
+                        "{}: nothing completed ({} attempts failed)",
+                        workload.short(),
+                        rate.failed
+                    );
+                }
+                sample.values[workload.index()] = rate.per_second();
+                sample.failed_connections += rate.failed;
+            }
+        }
+        for k in 0..2 {
+            let side = first ^ k;
+            check_interrupted()?;
+            samples[side].values[Workload::Bulk.index()] = rigs[side]
+                .bulk(self.options.seconds)
+                .with_context(|| format!("bulk TCP ({})", rigs[side].filter_kind.label()))?;
+        }
+        let [base_sample, sample] = samples;
+        Ok((base_sample, sample))
+    }
+
+    /// Each workload once more through `filter` (a Tollgate configuration) with BPF run-time
+    /// statistics on around it: the counters each attached program accumulated.
     #[expect(
         clippy::type_complexity,
         reason = "a plain list of per-workload counters"
     )]
-    fn measure(
+    fn measure_hook_costs(
         &self,
         filter: Filter,
-        mut hook_costs: Option<&mut Vec<(Workload, Vec<(String, hook_stats::ProgramCounters)>)>>,
-    ) -> Result<Sample> {
-        let topo = Topology::new(&self.prefix, &["client", "server"])?;
-        let client = topo.workload("client");
-        let server = topo.workload("server");
-        let server_ip: IpAddr = match self.options.family {
+    ) -> Result<Vec<(Workload, Vec<(String, hook_stats::ProgramCounters)>)>> {
+        let rig = Rig::new(self, filter, &format!("{}f", self.prefix))?;
+        let agent = rig
+            .filter
+            .agent()
+            .context("hook costs are measured for Tollgate only")?;
+        let programs = hook_stats::pinned_programs(&agent.bpffs)?;
+        let mut costs = Vec::new();
+        for workload in Workload::ALL {
+            check_interrupted()?;
+            let server = rig.start_server(workload)?;
+            let stats = hook_stats::StatsEnabled::new()?;
+            let before = hook_stats::snapshot(&programs)?;
+            match workload {
+                Workload::Bulk => rig.bulk(self.options.seconds).map(drop),
+                _ => rig.run_client(workload, self.duration()).map(drop),
+            }
+            .with_context(|| workload.short())?;
+            let after = hook_stats::snapshot(&programs)?;
+            drop(stats);
+            drop(server);
+            costs.push((
+                workload,
+                programs
+                    .iter()
+                    .zip(after.iter().zip(&before))
+                    .map(|((name, _), (a, b))| (name.clone(), a.since(*b)))
+                    .collect(),
+            ));
+        }
+        Ok(costs)
+    }
+}
+
+/// One topology (client -- router -- server) with one filter installed in the router and
+/// checked to be in force: the measured flow passes, a SYN no rule allows does not.
+struct Rig {
+    // Fields drop in order: the filter's removal runs commands in the router namespace, so it
+    // goes before the topology.
+    filter: InstalledFilter,
+    topo: Topology,
+    filter_kind: Filter,
+    server_ip: IpAddr,
+}
+
+impl Rig {
+    fn new(bench: &Bench, filter: Filter, prefix: &str) -> Result<Rig> {
+        let topo = Topology::new(prefix, &["client", "server"])?;
+        let (client, server) = (topo.workload("client"), topo.workload("server"));
+        let server_ip: IpAddr = match bench.options.family {
             Family::V4 => server.v4.into(),
             Family::V6 => server.v6.into(),
         };
-        let n = self.agents_started.get();
-        self.agents_started.set(n + 1);
-        let bpffs = Path::new("/sys/fs/bpf").join(format!("{}-{n}", self.prefix));
+        let n = bench.agents_started.get();
+        bench.agents_started.set(n + 1);
+        let bpffs = Path::new("/sys/fs/bpf").join(format!("{}-{n}", bench.prefix));
         let installed = InstalledFilter::install(
             filter,
             &topo.node,
             &format!("{},{}", client.host_if, server.host_if),
-            &self.inputs(),
+            &bench.inputs(),
             &bpffs,
         )?;
-        check_interrupted()?;
-        let programs = match (&hook_costs, installed.agent()) {
-            (Some(_), Some(agent)) => hook_stats::pinned_programs(&agent.bpffs)?,
-            _ => Vec::new(),
+        let rig = Rig {
+            filter: installed,
+            topo,
+            filter_kind: filter,
+            server_ip,
         };
+        check_interrupted()?;
+        rig.check_in_force()
+            .with_context(|| format!("checking {}", filter.label()))?;
+        Ok(rig)
+    }
 
-        let conn_addr = SocketAddr::new(server_ip, filter::CONNECTION_PORT);
-        let conn_server =
-            load::AcceptCloseServer::start(&server.ns, conn_addr, CONNECTION_ACCEPTORS)?;
+    fn check_in_force(&self) -> Result<()> {
+        let (client, server) = (self.topo.workload("client"), self.topo.workload("server"));
+        let conn_addr = SocketAddr::new(self.server_ip, filter::CONNECTION_PORT);
+        let _server = load::AcceptCloseServer::start(&server.ns, conn_addr, 1)?;
         load::accept_close_reachable(&client.ns, conn_addr)
             .context("the filter does not let the measured flow through")?;
         let probe = load::probe_closed_port(
             &client.ns,
-            SocketAddr::new(server_ip, CLOSED_PORT),
+            SocketAddr::new(self.server_ip, CLOSED_PORT),
             CLOSED_PORT_WAIT,
         )?;
-        let expected = match filter {
+        let expected = match self.filter_kind {
             Filter::None => ClosedPortProbe::Refused,
             _ => ClosedPortProbe::Dropped,
         };
@@ -411,76 +539,69 @@ impl Bench {
                  expected {expected:?}: the filter is not in force as configured"
             );
         }
-
-        let duration = Duration::from_secs(self.options.seconds.into());
-        let mut sample = Sample {
-            load_time: installed.load_time,
-            ..Sample::default()
-        };
-        let mut run = |workload: Workload, f: &mut dyn FnMut() -> Result<f64>| -> Result<f64> {
-            check_interrupted()?;
-            let Some(costs) = hook_costs.as_deref_mut() else {
-                return f();
-            };
-            let _stats = hook_stats::StatsEnabled::new()?;
-            let before = hook_stats::snapshot(&programs)?;
-            let value = f()?;
-            let after = hook_stats::snapshot(&programs)?;
-            costs.push((
-                workload,
-                programs
-                    .iter()
-                    .zip(after.iter().zip(&before))
-                    .map(|((name, _), (a, b))| (name.clone(), a.since(*b)))
-                    .collect(),
-            ));
-            Ok(value)
-        };
-
-        let mut failed = 0;
-        sample.values[Workload::NewConnections.index()] =
-            run(Workload::NewConnections, &mut || {
-                let rate =
-                    load::connection_rate(&client.ns, conn_addr, CONNECTION_WORKERS, duration)?;
-                failed = rate.failed;
-                if rate.completed == 0 {
-                    bail!("no connection completed ({} failed)", rate.failed);
-                }
-                Ok(rate.per_second())
-            })
-            .context("new connections")?;
-        sample.failed_connections = failed;
-        drop(conn_server);
-
-        let rr_addr = SocketAddr::new(server_ip, filter::REQUEST_RESPONSE_PORT);
-        let rr_server = load::ByteEchoServer::start(&server.ns, rr_addr, Some(PINNED_CPU))?;
-        sample.values[Workload::RequestResponse.index()] =
-            run(Workload::RequestResponse, &mut || {
-                Ok(
-                    load::request_response_rate(&client.ns, rr_addr, duration, Some(PINNED_CPU))?
-                        .per_second(),
-                )
-            })
-            .context("request/response")?;
-        drop(rr_server);
-
-        sample.values[Workload::Bulk.index()] = run(Workload::Bulk, &mut || {
-            iperf::throughput(
-                &server.ns,
-                &client.ns,
-                server_ip,
-                filter::BULK_PORT,
-                self.options.seconds,
-                PINNED_CPU,
-            )
-        })
-        .context("bulk TCP (iperf3)")?;
-
-        // The filter goes first (it runs commands in the router namespace), then the topology.
-        drop(installed);
-        drop(topo);
-        Ok(sample)
+        Ok(())
     }
+
+    /// The server of an in-process workload (none for bulk: iperf3 brings its own).
+    fn start_server(&self, workload: Workload) -> Result<Option<WorkloadServer>> {
+        let server = self.topo.workload("server");
+        Ok(match workload {
+            Workload::NewConnections => {
+                Some(WorkloadServer::AcceptClose(load::AcceptCloseServer::start(
+                    &server.ns,
+                    SocketAddr::new(self.server_ip, filter::CONNECTION_PORT),
+                    CONNECTION_ACCEPTORS,
+                )?))
+            }
+            Workload::RequestResponse => {
+                Some(WorkloadServer::ByteEcho(load::ByteEchoServer::start(
+                    &server.ns,
+                    SocketAddr::new(self.server_ip, filter::REQUEST_RESPONSE_PORT),
+                    Some(PINNED_CPU),
+                )?))
+            }
+            Workload::Bulk => None,
+        })
+    }
+
+    /// The client of an in-process workload for `duration`, against `start_server`'s server.
+    fn run_client(&self, workload: Workload, duration: Duration) -> Result<load::Rate> {
+        let client = self.topo.workload("client");
+        match workload {
+            Workload::NewConnections => load::connection_rate(
+                &client.ns,
+                SocketAddr::new(self.server_ip, filter::CONNECTION_PORT),
+                CONNECTION_WORKERS,
+                duration,
+            ),
+            Workload::RequestResponse => load::request_response_rate(
+                &client.ns,
+                SocketAddr::new(self.server_ip, filter::REQUEST_RESPONSE_PORT),
+                duration,
+                Some(PINNED_CPU),
+            ),
+            Workload::Bulk => bail!("bulk runs through iperf3"),
+        }
+    }
+
+    /// iperf3 for whole `seconds`: bits per second.
+    fn bulk(&self, seconds: u32) -> Result<f64> {
+        let (client, server) = (self.topo.workload("client"), self.topo.workload("server"));
+        iperf::throughput(
+            &server.ns,
+            &client.ns,
+            self.server_ip,
+            filter::BULK_PORT,
+            seconds,
+            PINNED_CPU,
+        )
+    }
+}
+
+/// A running workload server; stops when dropped.
+enum WorkloadServer {
+    AcceptClose(#[expect(dead_code, reason = "held for its Drop")] load::AcceptCloseServer),
+    ByteEcho(#[expect(dead_code, reason = "held for its Drop")] load::ByteEchoServer),
 }
 
 /// The client and server addresses the testbed gives workloads 1 and 2.
@@ -521,6 +642,14 @@ fn machine() -> String {
         read("/proc/sys/kernel/osrelease"),
         std::env::consts::ARCH
     )
+}
+
+/// The 1-minute load average: how busy the machine was with other work.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn commit() -> String {

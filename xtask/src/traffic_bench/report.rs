@@ -74,24 +74,26 @@ pub struct Sample {
     pub load_time: Duration,
 }
 
-/// Run-time statistics of one program during one workload.
+/// Run-time statistics of Tollgate's programs during one workload, one entry per round.
 #[derive(Clone, Debug)]
 pub struct HookCost {
     pub rules: usize,
     pub workload: Workload,
-    /// Program name (its pin name) and its counters accumulated during the workload.
-    pub programs: Vec<(String, ProgramCounters)>,
+    /// Program name (its pin name) and its counters accumulated during the workload, by round.
+    pub programs: Vec<(String, Vec<ProgramCounters>)>,
 }
 
-/// Everything measured: `samples[c][r]` is configuration `filters[c]` in round `r`;
-/// `filters[0]` is `Filter::None`.
+/// Everything measured. `filters[0]` is `Filter::None`; for every other configuration `c`,
+/// `samples[c][r]` was measured in round `r` back to back with the no-filter run
+/// `baselines[c][r]`. `samples[0]` collects every no-filter run.
 pub struct Results {
     pub filters: Vec<Filter>,
     pub samples: Vec<Vec<Sample>>,
+    pub baselines: Vec<Vec<Sample>>,
     pub hook_costs: Vec<HookCost>,
 }
 
-/// Median of a non-empty set; the mean of the middle two for an even count.
+/// Median of a set; the mean of the middle two for an even count, NaN for none.
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -116,14 +118,64 @@ pub struct Summary {
 }
 
 impl Results {
+    pub fn new(filters: Vec<Filter>) -> Self {
+        let n = filters.len();
+        Self {
+            filters,
+            samples: vec![Vec::new(); n],
+            baselines: vec![Vec::new(); n],
+            hook_costs: Vec::new(),
+        }
+    }
+
+    /// Records configuration `c` and the no-filter run it was paired with.
+    pub fn add_pair(&mut self, c: usize, baseline: Sample, sample: Sample) {
+        self.samples[0].push(baseline);
+        self.baselines[c].push(baseline);
+        self.samples[c].push(sample);
+    }
+
+    pub fn add_hook_costs(
+        &mut self,
+        rules: usize,
+        workload: Workload,
+        programs: Vec<(String, ProgramCounters)>,
+    ) {
+        let entry = match self
+            .hook_costs
+            .iter_mut()
+            .position(|h| h.rules == rules && h.workload == workload)
+        {
+            Some(i) => &mut self.hook_costs[i],
+            None => {
+                self.hook_costs.push(HookCost {
+                    rules,
+                    workload,
+                    programs: Vec::new(),
+                });
+                self.hook_costs.last_mut().expect("just pushed")
+            }
+        };
+        for (name, counters) in programs {
+            match entry.programs.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, rounds)) => rounds.push(counters),
+                None => entry.programs.push((name, vec![counters])),
+            }
+        }
+    }
+
     pub fn summary(&self, config: usize, workload: Workload) -> Summary {
         let i = workload.index();
         let values: Vec<f64> = self.samples[config].iter().map(|s| s.values[i]).collect();
-        let ratios: Vec<f64> = self.samples[config]
-            .iter()
-            .zip(&self.samples[0])
-            .map(|(s, base)| s.values[i] / base.values[i])
-            .collect();
+        let ratios: Vec<f64> = if config == 0 {
+            vec![1.0]
+        } else {
+            self.samples[config]
+                .iter()
+                .zip(&self.baselines[config])
+                .map(|(s, base)| s.values[i] / base.values[i])
+                .collect()
+        };
         Summary {
             median: median(&values),
             ratio: median(&ratios),
@@ -151,12 +203,21 @@ impl Results {
             for (c, filter) in self.filters.iter().enumerate() {
                 let s = self.summary(c, workload);
                 if c == 0 {
+                    // The spread of the no-filter runs shows how noisy the machine was.
+                    let values: Vec<f64> = self.samples[0]
+                        .iter()
+                        .map(|x| x.values[workload.index()])
+                        .collect();
+                    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let _ = writeln!(
                         out,
-                        "  {:<22} {:>16} {:>7.3}",
+                        "  {:<22} {:>16} {:>7.3} {:>13}  (spread of its {} runs / median)",
                         filter.label(),
                         workload.format(s.median),
-                        1.0
+                        1.0,
+                        format!("{:.3}-{:.3}", lo / s.median, hi / s.median),
+                        values.len()
                     );
                     continue;
                 }
@@ -196,7 +257,7 @@ impl Results {
         if baseline_failed > 0 {
             let _ = writeln!(
                 out,
-                "  no filter: {baseline_failed} connection attempts failed or timed out"
+                "  (no filter: {baseline_failed} connection attempts failed or timed out)"
             );
         }
 
@@ -210,9 +271,10 @@ impl Results {
     fn render_hook_costs(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "\nTollgate real-traffic cost per hook: BPF run-time statistics, on only while each \
-             workload ran (a separate pass, so the throughput figures above carry no statistics \
-             overhead); ns per program run (runs)"
+            "\nTollgate real-traffic cost per hook (BPF run-time statistics, on only while each \
+             workload ran, in a pass of its own each round so the ratios above carry no \
+             statistics overhead): median over the rounds of ns per program run (median runs \
+             per workload); a program serves its hook on both veths"
         );
         let names: Vec<&str> = self.hook_costs[0]
             .programs
@@ -231,10 +293,17 @@ impl Results {
                 super::filter::count(cost.rules),
                 cost.workload.short()
             );
-            for (_, counters) in &cost.programs {
-                let cell = match counters.ns_per_run() {
-                    Some(ns) => format!("{ns:.0} ns ({})", thousands(counters.run_cnt)),
-                    None => "not run".to_string(),
+            for (_, rounds) in &cost.programs {
+                let per_run: Vec<f64> = rounds.iter().filter_map(|c| c.ns_per_run()).collect();
+                let runs: Vec<f64> = rounds.iter().map(|c| c.run_cnt as f64).collect();
+                let cell = if per_run.is_empty() {
+                    "not run".to_string()
+                } else {
+                    format!(
+                        "{:.0} ns ({})",
+                        median(&per_run),
+                        thousands(median(&runs) as u64)
+                    )
                 };
                 let _ = write!(out, " {cell:>28}");
             }
@@ -282,34 +351,35 @@ mod tests {
     }
 
     fn results() -> Results {
-        Results {
-            filters: vec![
-                Filter::None,
-                Filter::Tollgate { rules: 10 },
-                Filter::Iptables {
-                    backend: IptablesBackend::Legacy,
-                    rules: 10_000,
-                },
-            ],
-            samples: vec![
-                vec![
-                    sample(1000.0, 100.0, 10e9),
-                    sample(2000.0, 100.0, 10e9),
-                    sample(1000.0, 100.0, 10e9),
-                ],
-                vec![
-                    sample(960.0, 90.0, 10e9),
-                    sample(1980.0, 99.0, 9.9e9),
-                    sample(900.0, 95.0, 9.7e9),
-                ],
-                vec![
-                    sample(500.0, 100.0, 10e9),
-                    sample(1000.0, 100.0, 10e9),
-                    sample(500.0, 100.0, 10e9),
-                ],
-            ],
-            hook_costs: vec![],
+        let mut r = Results::new(vec![
+            Filter::None,
+            Filter::Tollgate { rules: 10 },
+            Filter::Iptables {
+                backend: IptablesBackend::Legacy,
+                rules: 10_000,
+            },
+        ]);
+        // Round 2's baseline is twice as fast.
+        let base = [
+            sample(1000.0, 100.0, 10e9),
+            sample(2000.0, 100.0, 10e9),
+            sample(1000.0, 100.0, 10e9),
+        ];
+        let tollgate = [
+            sample(960.0, 90.0, 10e9),
+            sample(1980.0, 99.0, 9.9e9),
+            sample(900.0, 95.0, 9.7e9),
+        ];
+        let legacy = [
+            sample(500.0, 100.0, 10e9),
+            sample(1000.0, 100.0, 10e9),
+            sample(500.0, 100.0, 10e9),
+        ];
+        for round in 0..3 {
+            r.add_pair(1, base[round], tollgate[round]);
+            r.add_pair(2, base[round], legacy[round]);
         }
+        r
     }
 
     #[test]
@@ -352,6 +422,40 @@ mod tests {
             "{legacy}"
         );
         assert!(text.contains("1,000/s"), "{text}");
+    }
+
+    #[test]
+    fn the_baseline_row_is_the_median_of_every_no_filter_run() {
+        let r = results();
+        assert_eq!(r.samples[0].len(), 6);
+        assert_eq!(r.summary(0, Workload::NewConnections).median, 1000.0);
+    }
+
+    #[test]
+    fn hook_costs_are_collected_per_rules_and_workload_across_rounds() {
+        let mut r = results();
+        let counters = |ns, runs| ProgramCounters {
+            run_time_ns: ns,
+            run_cnt: runs,
+        };
+        for round in 1..=3 {
+            r.add_hook_costs(
+                10,
+                Workload::Bulk,
+                vec![
+                    ("tollgate_ingress".into(), counters(round * 1000, 10)),
+                    ("tollgate_egress".into(), counters(500, 10)),
+                ],
+            );
+        }
+        assert_eq!(r.hook_costs.len(), 1);
+        assert_eq!(r.hook_costs[0].programs[0].1.len(), 3);
+        let text = r.render(&|_| "test".to_string());
+        let row = text.lines().find(|l| l.contains("bulk TCP  ")).unwrap();
+        assert!(
+            row.contains("200 ns (10)") && row.contains("50 ns (10)"),
+            "{row}"
+        );
     }
 
     #[test]
