@@ -252,8 +252,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let result = bench.measure_all(&filters);
     let results = match result {
         Ok(r) => r,
-        Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
-            return Err(e.context("interrupted; everything created was removed"))
+        // What failed first (an iperf3 killed by the same Ctrl-C, say) is no news.
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+            bail!("interrupted; everything the bench created was removed")
         }
         Err(e) => return Err(e),
     };
