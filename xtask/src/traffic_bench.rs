@@ -53,12 +53,24 @@ const CONNECTION_WORKERS: usize = 4;
 const CONNECTION_ACCEPTORS: usize = 2;
 /// Slices per side of a pair for the in-process workloads.
 const SLICES: usize = 4;
-/// The CPU both ends of the request/response and bulk workloads run on. Left to the
-/// scheduler, the two ends land on the same or on different CPUs from run to run, and in a VM
-/// the cross-CPU wakeup alone makes a 3-7x difference (measured: 55-60k against 8-18k
-/// transactions/s), which would swamp any filter's cost. On one CPU, all the work of the path
-/// (both TCP stacks, the router's forwarding and filter) counts against one CPU's time.
-const PINNED_CPU: usize = 0;
+/// The CPU both ends of the request/response and bulk workloads run on: the first this process
+/// may use. Left to the scheduler, the two ends land on the same or on different CPUs from run
+/// to run, and in a VM the cross-CPU wakeup alone makes a 3-7x difference (measured: 55-60k
+/// against 8-18k transactions/s), which would swamp any filter's cost. On one CPU, all the
+/// work of the path (both TCP stacks, the router's forwarding and filter) counts against one
+/// CPU's time.
+fn pinned_cpu() -> usize {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the kernel writes at most the size passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
+        return 0;
+    }
+    // SAFETY: CPU_ISSET reads one bit of a set we own; the index is below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .unwrap_or(0)
+}
 /// A port nobody listens on: a SYN to it is refused by the server's kernel unless a filter
 /// drops it first, which shows whether the filter is in force.
 const CLOSED_PORT: u16 = 7009;
@@ -248,7 +260,9 @@ pub fn run(args: &[String]) -> Result<()> {
         tollgate,
         workdir,
         agents_started: std::cell::Cell::new(0),
+        cpu: pinned_cpu(),
     };
+    let cpu = bench.cpu;
     let result = bench.measure_all(&filters);
     let results = match result {
         Ok(r) => r,
@@ -270,12 +284,17 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     println!(
         "method: {} rounds, configurations interleaved (order rotated each round); each on a \
-         fresh topology next to a fresh no-filter one, every workload run on both back to back \
+         fresh topology next to a fresh no-filter one; connections and request/response \
+         alternate between the two in {SLICES} slices per side (ABBA), bulk runs once on each \
          (order alternating); median = median over the rounds; ratio = median over the rounds \
          of filter / no filter within the pair, with its range",
         options.rounds
     );
-    println!("load average (1 min) of the machine at start and end: {load_before} / {}: other work on the machine adds noise", load_average());
+    println!(
+        "load average (1 min) at start and end: {load_before} / {} (other work on the machine \
+         adds noise)",
+        load_average()
+    );
     println!(
         "N = rules (Tollgate, iptables: the one allowing the measured flows last in iptables) or \
          set elements (nftables: three of them, one per measured port, allow)"
@@ -287,13 +306,15 @@ pub fn run(args: &[String]) -> Result<()> {
         "{}",
         results.render(&|w| match w {
             Workload::NewConnections => format!(
-                "{CONNECTION_WORKERS} client threads, {seconds} s; connect, server closes, close"
+                "{CONNECTION_WORKERS} client threads, {seconds} s per side; connect, server \
+                 closes, close"
             ),
             Workload::RequestResponse => format!(
-                "1 byte each way on one TCP connection, {seconds} s, both ends on CPU {PINNED_CPU}"
+                "1 byte each way on one TCP connection, {seconds} s per side, both ends on CPU \
+                 {cpu}"
             ),
             Workload::Bulk => {
-                format!("iperf3, one TCP stream, {seconds} s, both ends on CPU {PINNED_CPU}")
+                format!("iperf3, one TCP stream, {seconds} s per side, both ends on CPU {cpu}")
             }
         })
     );
@@ -311,6 +332,7 @@ struct Bench {
     workdir: PathBuf,
     /// Gives each agent its own pin directory name.
     agents_started: std::cell::Cell<usize>,
+    cpu: usize,
 }
 
 impl Bench {
@@ -487,6 +509,8 @@ struct Rig {
     topo: Topology,
     filter_kind: Filter,
     server_ip: IpAddr,
+    /// See `pinned_cpu`.
+    cpu: usize,
 }
 
 impl Rig {
@@ -512,6 +536,7 @@ impl Rig {
             topo,
             filter_kind: filter,
             server_ip,
+            cpu: bench.cpu,
         };
         check_interrupted()?;
         rig.check_in_force()
@@ -558,7 +583,7 @@ impl Rig {
                 Some(WorkloadServer::ByteEcho(load::ByteEchoServer::start(
                     &server.ns,
                     SocketAddr::new(self.server_ip, filter::REQUEST_RESPONSE_PORT),
-                    Some(PINNED_CPU),
+                    Some(self.cpu),
                 )?))
             }
             Workload::Bulk => None,
@@ -579,7 +604,7 @@ impl Rig {
                 &client.ns,
                 SocketAddr::new(self.server_ip, filter::REQUEST_RESPONSE_PORT),
                 duration,
-                Some(PINNED_CPU),
+                Some(self.cpu),
             ),
             Workload::Bulk => bail!("bulk runs through iperf3"),
         }
@@ -594,7 +619,7 @@ impl Rig {
             self.server_ip,
             filter::BULK_PORT,
             seconds,
-            PINNED_CPU,
+            self.cpu,
         )
     }
 }
