@@ -3,6 +3,7 @@
 
 mod demo;
 mod setup;
+mod traffic_bench;
 
 use std::{
     path::{Path, PathBuf},
@@ -17,9 +18,12 @@ fn main() -> ExitCode {
         Some("setup") => setup::run(),
         Some("test") => setup::run().and_then(|()| test()),
         Some("demo") => setup::run().and_then(|()| demo::run()),
-        Some("bench") => setup::run().and_then(|()| bench()),
+        Some("bench") if args.len() == 1 => setup::run().and_then(|()| bench()),
+        Some("bench") if args[1] == "--traffic" => {
+            setup::run().and_then(|()| traffic_bench::run(&args[2..]))
+        }
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|demo|bench>");
+            eprintln!("usage: cargo xtask <setup|test|demo|bench [--traffic [OPTIONS|--help]]>");
             return ExitCode::from(2);
         }
     };

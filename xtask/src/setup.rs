@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{run_command, workspace_root};
 
 /// Debian packages: LLVM 22 for bpf-linker, the tools the tests and demo call.
-const APT_PACKAGES: [&str; 9] = [
+const APT_PACKAGES: [&str; 11] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -20,6 +20,10 @@ const APT_PACKAGES: [&str; 9] = [
     "ethtool",
     // The traffic tests put a service address (DNAT) in front of a workload, as kube-proxy does.
     "nftables",
+    // `bench --traffic`: bulk throughput, and the iptables FORWARD chains (both the nft and the
+    // legacy backend) that Tollgate is compared with.
+    "iperf3",
+    "iptables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
