@@ -1350,3 +1350,317 @@ fn a_pods_neighbour_advertisement_to_its_routers_link_local_address_passes() {
         assert_eq!(f.counter(Verdict::PassNonIp), before + 1);
     }
 }
+
+// --- Exact-match maps, per-family conntrack, the registry and sampling (issue 6) --------------
+
+/// The same three workloads, once as single addresses (exact-match maps) and once as CIDRs
+/// (LPM tries), with the same rules: every packet must get the same verdict either way.
+fn shapes_policy(exact: bool) -> String {
+    let (a, b, c) = if exact {
+        (
+            r#"["10.200.1.2/32", "fd00:200:1::2/128"]"#,
+            r#"["10.200.2.2/32", "fd00:200:2::2/128"]"#,
+            r#"["10.200.3.2/32"]"#,
+        )
+    } else {
+        (
+            r#"["10.200.1.0/24", "fd00:200:1::/64"]"#,
+            r#"["10.200.2.0/24", "fd00:200:2::/64"]"#,
+            r#"["10.200.3.0/24"]"#,
+        )
+    };
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{ name: shapes }}
+spec:
+  identities:
+    - {{ name: frontend, cidrs: {a} }}
+    - {{ name: orders, cidrs: {b} }}
+    - {{ name: payments, cidrs: {c} }}
+  rules:
+    - name: exact-port
+      from: frontend
+      to: orders
+      ports: [{{ port: 8080, protocol: TCP }}]
+    - name: port-range
+      from: frontend
+      to: orders
+      ports: [{{ port: 9000, endPort: 9100, protocol: TCP }}]
+    - name: any-port
+      from: orders
+      to: payments
+      ports: [{{ protocol: TCP }}]
+"#
+    )
+}
+
+#[test]
+fn exact_and_cidr_identities_give_the_same_verdicts() {
+    let cases = [
+        PacketSpec::tcp(FRONTEND, 41000, ORDERS, 8080),
+        PacketSpec::tcp(FRONTEND, 41001, ORDERS, 8081),
+        PacketSpec::tcp(FRONTEND, 41002, ORDERS, 9000),
+        PacketSpec::tcp(FRONTEND, 41003, ORDERS, 9100),
+        PacketSpec::tcp(FRONTEND, 41004, ORDERS, 9101),
+        PacketSpec::tcp(ORDERS, 41005, PAYMENTS, 1),
+        PacketSpec::tcp(PAYMENTS, 41006, ORDERS, 8080),
+        PacketSpec::tcp(ORDERS, 41007, FRONTEND, 8080),
+        PacketSpec::tcp("10.200.9.9", 41008, ORDERS, 8080),
+        PacketSpec::tcp(FRONTEND6, 41009, ORDERS6, 8080),
+        PacketSpec::tcp(FRONTEND6, 41010, ORDERS6, 9050),
+        PacketSpec::tcp(FRONTEND6, 41011, ORDERS6, 22),
+        PacketSpec::tcp("fd00:200:9::9", 41012, ORDERS6, 8080),
+        PacketSpec::udp(FRONTEND, 41013, ORDERS, 8080),
+    ];
+    let mut answers = Vec::new();
+    for exact in [true, false] {
+        let mut f = DatapathFixture::new(if exact { "shape_exact" } else { "shape_cidr" });
+        f.apply(&shapes_policy(exact));
+        let flags = f.compiled.as_ref().unwrap().lookup_flags();
+        // The exact policy never walks an identity trie; the CIDR one must.
+        assert_eq!(
+            flags
+                & (tollgate_common::LOOKUP_IDENTITY_V4_CIDRS
+                    | tollgate_common::LOOKUP_IDENTITY_V6_CIDRS)
+                != 0,
+            !exact,
+            "lookup flags {flags:#x}"
+        );
+        // Both have port ranges and any-port rules: the rule trie is in use either way.
+        assert_ne!(flags & tollgate_common::LOOKUP_RULE_PREFIXES, 0);
+        let verdicts: Vec<(u32, Option<Verdict>)> = cases
+            .iter()
+            .map(|spec| {
+                let counters = f.datapath.counters().unwrap();
+                let action = f.run(&spec.build());
+                let after = f.datapath.counters().unwrap();
+                let moved = Verdict::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| after[*v as usize] != counters[*v as usize]);
+                (action, moved)
+            })
+            .collect();
+        answers.push(verdicts);
+    }
+    assert_eq!(answers[0], answers[1], "exact vs CIDR verdicts differ");
+    // And they are the expected ones, not merely equal.
+    let expected = [
+        Verdict::AllowNew,
+        Verdict::DenyDefault,
+        Verdict::AllowNew,
+        Verdict::AllowNew,
+        Verdict::DenyDefault,
+        Verdict::AllowNew,
+        Verdict::DenyDefault,
+        Verdict::DenyDefault,
+        Verdict::DenyDefault,
+        Verdict::AllowNew,
+        Verdict::AllowNew,
+        Verdict::DenyDefault,
+        Verdict::DenyDefault,
+        Verdict::DenyDefault,
+    ];
+    for ((_, got), want) in answers[0].iter().zip(expected) {
+        assert_eq!(*got, Some(want));
+    }
+}
+
+#[test]
+fn a_single_address_inside_another_identitys_cidr_is_still_refused() {
+    let yaml = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: { name: overlap }
+spec:
+  identities:
+    - { name: subnet, cidrs: ["10.200.1.0/24"] }
+    - { name: pod, cidrs: ["10.200.1.7/32"] }
+  rules: []
+"#;
+    let err = tollgate_agent::policy::parse_policy(yaml, "overlap.yaml")
+        .expect_err("a /32 inside another identity's /24 must be refused");
+    assert!(err.to_string().contains("10.200.1.7"), "{err}");
+}
+
+/// One TCP conversation, step by step: (packet, expected verdict), flags of the client's entry
+/// after each step.
+fn conversation(f: &DatapathFixture, client: &str, server: &str) -> Vec<(Verdict, u32, u32)> {
+    let syn = PacketSpec::tcp(client, 46000, server, 8080);
+    let steps = [
+        (syn.clone(), Verdict::AllowNew),
+        (syn.reply().flags(SYN | ACK), Verdict::AllowEstablished),
+        (syn.flags(ACK), Verdict::AllowEstablished),
+        (syn.flags(FIN | ACK), Verdict::AllowEstablished),
+        (syn.reply().flags(FIN | ACK), Verdict::AllowEstablished),
+    ];
+    steps
+        .iter()
+        .map(|(spec, want)| {
+            f.assert_passes_as(&spec.build(), *want);
+            let fwd = flow_flags(f, &syn);
+            let rev = flow_flags(f, &syn.reply());
+            (*want, fwd, rev)
+        })
+        .collect()
+}
+
+#[test]
+fn ipv4_and_ipv6_flows_are_tracked_alike_in_their_own_maps() {
+    let f = shop("ct_families");
+    let v4 = conversation(&f, FRONTEND, ORDERS);
+    let v6 = conversation(&f, FRONTEND6, ORDERS6);
+    assert_eq!(v4, v6, "the same conversation left different TCP state");
+    // Closed both ways: both entries closing.
+    let last = v4.last().unwrap();
+    assert_ne!(last.1 & FLOW_FLAG_CLOSING, 0);
+    assert_ne!(last.2 & FLOW_FLAG_CLOSING, 0);
+    // Each family in its own map: the IPv4 key is not found among the IPv6 entries.
+    let key4 = key_of(&PacketSpec::tcp(FRONTEND, 46000, ORDERS, 8080));
+    let as_v6 = tollgate_common::FlowKey { family: 6, ..key4 };
+    assert!(f.flow(&key4).is_some());
+    assert!(f.flow(&as_v6).is_none());
+}
+
+#[test]
+fn pinned_maps_of_another_abi_version_are_refused() {
+    use aya::maps::{Array, Map, MapData};
+    let f = shop("abi_refusal");
+    let layout = f.layout.clone();
+    // Loading again over our own pins adopts them.
+    let again = tollgate_agent::loader::load_object(
+        &layout,
+        tollgate_agent::datapath::OBJECT,
+        &tollgate_agent::loader::LoadOptions::default(),
+    );
+    assert!(again.is_ok(), "adopting our own maps: {:?}", again.err());
+    drop(again);
+    // Stamp them as made by another ABI version.
+    let data = MapData::from_pin(layout.map(tollgate_common::map_names::ACTIVE)).unwrap();
+    let mut active: Array<MapData, u64> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    active
+        .set(
+            tollgate_common::ACTIVE_ABI_INDEX,
+            u64::from(tollgate_common::ABI_VERSION) + 1,
+            0,
+        )
+        .unwrap();
+    let err = tollgate_agent::loader::load_object(
+        &layout,
+        tollgate_agent::datapath::OBJECT,
+        &tollgate_agent::loader::LoadOptions::default(),
+    )
+    .err()
+    .expect("maps of another ABI version must be refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&format!("ABI version {}", tollgate_common::ABI_VERSION + 1)),
+        "{text}"
+    );
+    assert!(text.contains("--uninstall"), "{text}");
+    // Nothing was changed by the refusal: the running datapath still enforces.
+    f.assert_passes_as(
+        &PacketSpec::tcp(FRONTEND, 40000, ORDERS, 8080).build(),
+        Verdict::AllowNew,
+    );
+}
+
+#[test]
+fn conntrack_capacity_is_a_load_option_and_pinned_maps_keep_theirs() {
+    use tollgate_agent::loader::{load_object, pinned_capacity, LoadOptions};
+    use tollgate_common::map_names::{CONNTRACK_V4, CONNTRACK_V6};
+    support::require_root();
+    let layout = tollgate_agent::paths::PinLayout::new(support::test_pin_dir("ct_capacity"));
+    let _ = tollgate_agent::loader::uninstall(&layout);
+    let _pins = support::PinDirGuard(layout.clone());
+    let small = LoadOptions {
+        conntrack_entries: 4096,
+    };
+    let loaded = load_object(&layout, tollgate_agent::datapath::OBJECT, &small).unwrap();
+    assert_eq!(pinned_capacity(&layout, CONNTRACK_V4), Some(4096));
+    assert_eq!(pinned_capacity(&layout, CONNTRACK_V6), Some(4096));
+    drop(loaded);
+    // A restart asking for another size adopts the pinned maps as they are.
+    let loaded = load_object(
+        &layout,
+        tollgate_agent::datapath::OBJECT,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(pinned_capacity(&layout, CONNTRACK_V4), Some(4096));
+    drop(loaded);
+    let err = load_object(
+        &layout,
+        tollgate_agent::datapath::OBJECT,
+        &LoadOptions {
+            conntrack_entries: 10,
+        },
+    )
+    .err()
+    .expect("a tiny conntrack is refused");
+    assert!(
+        format!("{err:#}").contains("--conntrack-entries"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn a_syn_storm_costs_one_event_per_second_and_every_packet_is_counted() {
+    use aya::maps::{Map, MapData, RingBuf};
+    use tollgate_common::{verdict::COUNTER_EVENTS_SUPPRESSED, FlowEvent};
+    let f = shop("sampling");
+    let data = MapData::from_pin(f.layout.map(tollgate_common::map_names::EVENTS)).unwrap();
+    let mut ring = RingBuf::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let drain = |ring: &mut RingBuf<MapData>| {
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            assert!(item.len() >= std::mem::size_of::<FlowEvent>());
+            // SAFETY: the kernel wrote a FlowEvent (repr(C), any bytes valid).
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+        }
+        events
+    };
+    let suppressed =
+        |f: &DatapathFixture| f.datapath.counters().unwrap()[COUNTER_EVENTS_SUPPRESSED as usize];
+    // The sampler is per CPU, and BPF_PROG_TEST_RUN runs on the caller's CPU: stay on one.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    drain(&mut ring);
+    let before = f.counter(Verdict::DenyDefault);
+    // The same denied edge, with the source port changing as a client's retries and
+    // reconnects do: one event, the rest counted.
+    const N: u16 = 200;
+    for i in 0..N {
+        assert_eq!(
+            f.run(&PacketSpec::tcp(FRONTEND, 42000 + i, ORDERS, 22).build()),
+            TC_ACT_SHOT
+        );
+    }
+    assert_eq!(f.counter(Verdict::DenyDefault), before + u64::from(N));
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "one event for one edge within a second");
+    assert_eq!(suppressed(&f), u64::from(N) - 1);
+    // Another edge is not held back by the first one's storm.
+    assert_eq!(
+        f.run(&PacketSpec::tcp(FRONTEND, 43000, ORDERS, 23).build()),
+        TC_ACT_SHOT
+    );
+    let other = drain(&mut ring);
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].dport, 23);
+    // After the interval the edge gets an event again, carrying what was held back.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    f.run(&PacketSpec::tcp(FRONTEND, 44000, ORDERS, 22).build());
+    let next = drain(&mut ring);
+    assert_eq!(next.len(), 1);
+    assert_eq!(u64::from(next[0].suppressed), u64::from(N) - 1);
+}

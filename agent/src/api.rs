@@ -55,12 +55,30 @@ pub struct StatusResponse {
     pub verdicts: Vec<(String, u64)>,
     pub events_lost: u64,
     pub events_read: u64,
+    /// Deny events the datapath's sampler held back (counted exactly; packets are counted in
+    /// `verdicts` either way).
+    #[serde(default)]
+    pub events_suppressed: u64,
+    /// Every map of the datapath (from the registry in `tollgate_common::maps`): capacity as
+    /// created, and entries of the live policy slot for policy maps.
+    #[serde(default)]
+    pub maps: Vec<MapStatus>,
     /// Enforced interfaces: role (uplink or workload-facing) and binding.
     #[serde(default)]
     pub interfaces: Vec<InterfaceStatus>,
     /// Links found unpinned or detached and attached again since the agent started.
     #[serde(default)]
     pub links_restored: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapStatus {
+    pub name: String,
+    pub what: String,
+    /// Entries (ring buffer: bytes) the map was created with.
+    pub capacity: u32,
+    /// Entries in use where that is cheap to know (policy maps, live slot), else `None`.
+    pub entries: Option<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

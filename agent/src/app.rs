@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tollgate_common::{
     map_names, slot_of,
-    verdict::{COUNTER_EVENTS_LOST, VERDICT_COUNT},
+    verdict::{COUNTER_EVENTS_LOST, COUNTER_EVENTS_SUPPRESSED, VERDICT_COUNT},
     FlowEvent, Verdict,
 };
 
@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub policy_path: PathBuf,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
+    /// How maps are created when none are pinned yet.
+    pub load: loader::LoadOptions,
 }
 
 impl AgentConfig {
@@ -209,7 +211,7 @@ impl Agent {
         loader::ensure_bpffs(&layout)?;
         let lock = PinLock::acquire(&layout.root)?;
         let adopting = loader::is_installed(&layout);
-        let mut loaded = loader::load(&layout)?;
+        let mut loaded = loader::load_with(&layout, &config.load)?;
         let mut datapath = Datapath::open(&layout)?;
         let (interfaces, not_enforced) = enforceable_interfaces(&config.selector)?;
         warn_not_enforced(&not_enforced);
@@ -370,11 +372,13 @@ impl Agent {
             identities: st.policy.identities,
             map_usage: st.datapath.usage(slot_of(st.generation)),
             conntrack_entries: st.datapath.conntrack_entries(),
+            maps: st.datapath.map_status(slot_of(st.generation)),
             verdicts: Verdict::ALL
                 .iter()
                 .map(|v| (v.name().to_string(), counters[*v as usize]))
                 .collect(),
             events_lost: counters[COUNTER_EVENTS_LOST as usize],
+            events_suppressed: counters[COUNTER_EVENTS_SUPPRESSED as usize],
             events_read: st.events_read,
             interfaces: st
                 .interfaces
@@ -491,8 +495,14 @@ impl Agent {
             _ => format!("port {}", ev.dport),
         };
         let (from, to, rule) = name_event(st.names_of(ev.generation), ev);
+        // The sampler's count of this edge's events it held back before this one.
+        let repeats = if ev.suppressed > 0 {
+            format!(" (+{} like it suppressed)", ev.suppressed)
+        } else {
+            String::new()
+        };
         format!(
-            "{verdict} {} {} -> {} {what} ({from} -> {to}) by {rule} [if {} {}]",
+            "{verdict} {} {} -> {} {what} ({from} -> {to}) by {rule} [if {} {}]{repeats}",
             proto_name(ev.proto),
             addr(ev.saddr),
             addr(ev.daddr),

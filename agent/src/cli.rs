@@ -79,6 +79,18 @@ pub struct AgentArgs {
     /// other interface is workload-facing (strict source validation).
     #[arg(long, conflicts_with = "uninstall")]
     pub uplinks: Option<String>,
+    /// Capacity of each conntrack map (IPv4 and IPv6), in entries; a flow takes two. Applies
+    /// when the maps are created; pinned maps keep their size until `--uninstall`.
+    #[arg(
+        long,
+        conflicts_with = "uninstall",
+        default_value_t = tollgate_common::capacity::CONNTRACK_ENTRIES,
+        value_parser = clap::value_parser!(u32).range(
+            tollgate_common::capacity::CONNTRACK_MIN as i64
+                ..=tollgate_common::capacity::CONNTRACK_MAX as i64
+        )
+    )]
+    pub conntrack_entries: u32,
     /// Detach every program and remove every pin under --bpffs, then exit.
     #[arg(long, conflicts_with_all = ["interfaces", "policy"])]
     pub uninstall: bool,
@@ -269,6 +281,9 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         policy_path: policy,
         socket,
         bpffs: args.bpffs,
+        load: loader::LoadOptions {
+            conntrack_entries: args.conntrack_entries,
+        },
     };
     runtime()?.block_on(app::run(config))?;
     Ok(0)
@@ -322,13 +337,22 @@ fn print_status(s: &StatusResponse) {
         );
     }
     println!("flows        {} conntrack entries", s.conntrack_entries);
+    if !s.maps.is_empty() {
+        println!("maps");
+        for m in &s.maps {
+            match m.entries {
+                Some(n) => println!("  {:<16} {:>8} of {:<9} {}", m.name, n, m.capacity, m.what),
+                None => println!("  {:<16} {:>8}    {:<9} {}", m.name, "", m.capacity, m.what),
+            }
+        }
+    }
     println!("verdicts");
     for (name, n) in &s.verdicts {
         println!("  {name:<20} {n}");
     }
     println!(
-        "events       {} read, {} lost",
-        s.events_read, s.events_lost
+        "events       {} read, {} lost, {} suppressed by sampling",
+        s.events_read, s.events_lost, s.events_suppressed
     );
 }
 

@@ -160,6 +160,7 @@ pub struct Datapath {
     /// When this process last flipped `TG_ACTIVE`; the slot it left must not be cleared before
     /// `SLOT_GRACE` has passed.
     last_flip: Option<std::time::Instant>,
+    layout: PinLayout,
 }
 
 /// Entries currently in each policy map, for status and metrics.
@@ -189,6 +190,7 @@ impl Datapath {
             check: pinned(layout, map_names::CHECK)?.try_into()?,
             // Another process (a previous agent) may have flipped just now.
             last_flip: Some(std::time::Instant::now()),
+            layout: layout.clone(),
         })
     }
 
@@ -445,6 +447,45 @@ impl Datapath {
             rules: keys_in_slot(&self.rules, slot).len()
                 + split_hash_by_slot(&self.rules_exact, slot).0.len(),
         }
+    }
+
+    /// Every map of the registry: its capacity as created and, for policy maps, the entries of
+    /// `slot`. Walks the policy maps; for status, not for hot paths.
+    pub fn map_status(&self, slot: u32) -> Vec<crate::api::MapStatus> {
+        maps::ALL
+            .iter()
+            .map(|spec| {
+                let capacity = MapData::from_pin(self.layout.map(spec.name))
+                    .and_then(|d| d.info())
+                    .map_or(spec.max_entries, |i| i.max_entries());
+                let entries = match spec.name {
+                    n if n == map_names::IDENTITY_V4_EXACT => {
+                        Some(split_hash_by_slot(&self.addr_id_v4, slot).0.len())
+                    }
+                    n if n == map_names::IDENTITY_V6_EXACT => {
+                        Some(split_hash_by_slot(&self.addr_id_v6, slot).0.len())
+                    }
+                    n if n == map_names::IDENTITY_V4 => {
+                        Some(keys_in_slot(&self.identity_v4, slot).len())
+                    }
+                    n if n == map_names::IDENTITY_V6 => {
+                        Some(keys_in_slot(&self.identity_v6, slot).len())
+                    }
+                    n if n == map_names::RULES_EXACT => {
+                        Some(split_hash_by_slot(&self.rules_exact, slot).0.len())
+                    }
+                    n if n == map_names::RULES => Some(keys_in_slot(&self.rules, slot).len()),
+                    n if n == map_names::INTERFACES => Some(self.described_interfaces().len()),
+                    _ => None,
+                };
+                crate::api::MapStatus {
+                    name: spec.name.to_owned(),
+                    what: spec.what.to_owned(),
+                    capacity,
+                    entries,
+                }
+            })
+            .collect()
     }
 
     /// Clears `TG_CHECK` before a check run, so a run that wrote nothing is noticed.
