@@ -19,7 +19,7 @@ use tollgate_common::{
     verdict::COUNTER_SLOTS,
     FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue, InterfaceValue,
     RuleKey, RuleValue, SlotConfig, ABI_VERSION, ACTIVE_ABI_INDEX, ACTIVE_GENERATION_INDEX,
-    SLOT_COUNT,
+    ACTIVE_NS_PER_JIFFY_INDEX, SLOT_COUNT,
 };
 
 use crate::{paths::PinLayout, policy::CompiledPolicy};
@@ -94,12 +94,23 @@ pub fn check_pinned_maps(layout: &PinLayout) -> Result<()> {
     Ok(())
 }
 
-/// Records this build's ABI version in freshly created maps (`TG_ACTIVE[ACTIVE_ABI_INDEX]`
-/// still zero). Maps that already carry a version were checked by `check_pinned_maps`.
-pub fn stamp_abi_version(layout: &PinLayout) -> Result<()> {
+/// Records this build's ABI version and the kernel's tick length in freshly created maps
+/// (entries of `TG_ACTIVE` still zero), before any program is attached. Maps that already carry
+/// a version were checked by `check_pinned_maps`; the tick cannot change while they exist
+/// (bpffs does not outlive a boot).
+pub fn stamp_datapath_globals(layout: &PinLayout) -> Result<()> {
     let mut active: Array<MapData, u64> = pinned(layout, map_names::ACTIVE)?.try_into()?;
     if active.get(&ACTIVE_ABI_INDEX, 0)? == 0 {
         active.set(ACTIVE_ABI_INDEX, u64::from(ABI_VERSION), 0)?;
+    }
+    if active.get(&ACTIVE_NS_PER_JIFFY_INDEX, 0)? == 0 {
+        match crate::host::ns_per_jiffy() {
+            Some(ns) => active.set(ACTIVE_NS_PER_JIFFY_INDEX, ns, 0)?,
+            None => tracing::warn!(
+                "could not measure the kernel tick (/proc/timer_list); the datapath tells idle \
+                 time with the coarse clock, which costs more per packet"
+            ),
+        }
     }
     Ok(())
 }

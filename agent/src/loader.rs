@@ -29,7 +29,7 @@ use aya::{
 use tollgate_common::{map_names, maps, program_names};
 
 use crate::{
-    datapath::{check_object_maps, check_pinned_maps, stamp_abi_version, OBJECT},
+    datapath::{check_object_maps, check_pinned_maps, stamp_datapath_globals, OBJECT},
     paths::PinLayout,
     pinlock::PinLock,
 };
@@ -268,7 +268,7 @@ pub fn load_object(layout: &PinLayout, object: &[u8], options: &LoadOptions) -> 
         .load(object)
         .context("loading the eBPF object")?;
     check_object_maps(layout, ebpf.maps().map(|(name, _)| name))?;
-    stamp_abi_version(layout)?;
+    stamp_datapath_globals(layout)?;
     for dir in Direction::BOTH {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(dir.program())

@@ -105,8 +105,9 @@ pub struct FlowValue {
     /// CLOCK_BOOTTIME expiry of the rule that admitted the flow (0 = never); checked on every
     /// packet so an expired grant cuts established flows without the agent.
     pub expires_ns: u64,
-    /// CLOCK_MONOTONIC (coarse) of the last packet, refreshed at most once a second; only for
-    /// idle expiry, so the cheap coarse clock is enough.
+    /// The datapath's idle clock (jiffies in nanoseconds, see `ACTIVE_NS_PER_JIFFY_INDEX`) at the
+    /// last packet, refreshed at most once a second; only for idle expiry, so tick precision is
+    /// enough.
     pub last_seen_ns: u64,
     pub rule_id: u32,
     /// `FLOW_FLAG_*`.

@@ -83,6 +83,15 @@ pub const ACTIVE_GENERATION_INDEX: u32 = 0;
 /// not written yet), written once by the agent that creates them.
 pub const ACTIVE_ABI_INDEX: u32 = 1;
 
+/// Key of the entry in `TG_ACTIVE` that holds the length of a jiffy in nanoseconds (the
+/// kernel's tick, 1 s / CONFIG_HZ), written by the agent when it creates the maps. The datapath
+/// tells idle time by `jiffies × this`: reading jiffies is one load, where the coarse clock
+/// helper cost about 19 ns a packet here. 0: not known, the datapath uses the coarse clock.
+pub const ACTIVE_NS_PER_JIFFY_INDEX: u32 = 2;
+
+/// Entries of `TG_ACTIVE`.
+pub const ACTIVE_ENTRIES: u32 = 3;
+
 /// Two slots: the live policy and the one being built beside it. A generation's slot is its
 /// lowest bit, so flipping `TG_ACTIVE` to the next generation switches slot with one 8-byte
 /// write and no packet ever sees a mix of two policies.

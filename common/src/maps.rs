@@ -95,16 +95,17 @@ const fn spec(
     }
 }
 
-/// `[ACTIVE_GENERATION_INDEX]` = the active policy generation (`u64`, 0: none loaded);
-/// `[ACTIVE_ABI_INDEX]` = the ABI version the pinned maps were made for.
+/// Datapath globals, `u64` each: `[ACTIVE_GENERATION_INDEX]` the active policy generation (0:
+/// none loaded), `[ACTIVE_ABI_INDEX]` the ABI version the pinned maps were made for,
+/// `[ACTIVE_NS_PER_JIFFY_INDEX]` the kernel tick in nanoseconds.
 pub const ACTIVE: MapSpec = spec(
     "TG_ACTIVE",
     MapKind::Array,
     4,
     8,
-    2,
+    crate::ACTIVE_ENTRIES,
     0,
-    "active policy generation, ABI version",
+    "policy generation, ABI version, tick length",
 );
 /// `[slot]` = [`SlotConfig`].
 pub const SLOT_CONFIG: MapSpec = spec(

@@ -30,7 +30,7 @@ pub struct SamplerSlot {
     /// The edge hash ([`edge_hash`], never 0) this slot tracks; 0 = empty. In the budget slot:
     /// unused.
     pub edge: u64,
-    /// Clock (coarse CLOCK_MONOTONIC) when the current interval started.
+    /// The datapath's idle clock when the current interval started.
     pub window_start_ns: u64,
     /// Edge slots: events suppressed since the last one let through. Budget slot: events let
     /// through in the current interval.

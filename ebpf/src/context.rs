@@ -20,7 +20,8 @@ pub struct PacketContext<'a> {
     pub key: FlowKey,
     /// The live policy generation, read once per packet.
     pub generation: u64,
-    /// CLOCK_MONOTONIC (coarse), for idle tracking and event sampling.
+    /// `policy::clock_ns()`, for idle tracking and event sampling (CLOCK_BOOTTIME, the clock
+    /// of rule expiries, is read only when an expiry must be checked).
     pub coarse: u64,
     /// The interface the packet entered the node by (0: the node's own packet).
     pub origin: u32,

@@ -22,8 +22,7 @@ mod policy;
 mod source;
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK, helpers::bpf_ktime_get_coarse_ns, macros::classifier, macros::map,
-    maps::Array, programs::TcContext,
+    bindings::TC_ACT_OK, macros::classifier, macros::map, maps::Array, programs::TcContext,
 };
 use tollgate_common::{
     direction, flow::EVENT_IDENTITY_UNRESOLVED, maps, slot_of, CheckResult, FlowValue, Verdict,
@@ -76,14 +75,6 @@ pub fn tollgate_check(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tollgate_baseline(_ctx: TcContext) -> i32 {
     TC_ACT_OK
-}
-
-#[inline(always)]
-fn coarse_ns() -> u64 {
-    // SAFETY: a helper without arguments or side effects. Idle tracking and event sampling
-    // need only the coarse clock (a cached value); CLOCK_BOOTTIME, which reads the clocksource
-    // and costs far more in a VM, is read only when an expiry must be checked.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// A context for a packet not parsed yet.
@@ -140,7 +131,7 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     };
     pc.generation = generation;
     pc.key = conntrack::flow_key(&pc.pkt);
-    pc.coarse = coarse_ns();
+    pc.coarse = policy::clock_ns();
     let outcome = if pc.pkt.family == 4 {
         conntrack_step::<true>(&mut pc)
     } else {
@@ -317,7 +308,7 @@ fn link_local_control(pc: &mut PacketContext) -> i32 {
     };
     if !passes {
         pc.key = conntrack::flow_key(&pc.pkt);
-        pc.coarse = coarse_ns();
+        pc.coarse = policy::clock_ns();
         return drop_spoofed(pc, EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED);
     }
     let daddr = &pc.pkt.daddr;

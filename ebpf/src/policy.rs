@@ -18,7 +18,7 @@
 //! policy of pod addresses and exact ports never pays for a trie walk.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_boot_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
@@ -28,13 +28,16 @@ use tollgate_common::{
     maps, proto,
     rule::{RULE_FULL_PREFIX_BITS, RULE_ID_NONE},
     slot_of, Decision, IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, SlotConfig,
-    Verdict, LOOKUP_IDENTITY_V4_CIDRS, LOOKUP_IDENTITY_V6_CIDRS, LOOKUP_RULE_PREFIXES,
+    Verdict, ACTIVE_GENERATION_INDEX, ACTIVE_NS_PER_JIFFY_INDEX, LOOKUP_IDENTITY_V4_CIDRS,
+    LOOKUP_IDENTITY_V6_CIDRS, LOOKUP_RULE_PREFIXES,
 };
 
 use crate::context::PacketContext;
 
-/// `[0]` = the active policy generation (0: none loaded, deny all IP). Its lowest bit selects
-/// the slot every other policy map is read in. The agent writes it last, in one 8-byte update.
+/// Datapath globals. `[ACTIVE_GENERATION_INDEX]` = the active policy generation (0: none
+/// loaded, deny all IP); its lowest bit selects the slot every other policy map is read in, and
+/// the agent writes it last, in one 8-byte update. `[ACTIVE_NS_PER_JIFFY_INDEX]` = the tick
+/// length (see `clock_ns`).
 #[map(name = "TG_ACTIVE")]
 static ACTIVE: Array<u64> = Array::pinned(maps::ACTIVE.max_entries, maps::ACTIVE.flags);
 
@@ -86,10 +89,23 @@ pub fn boot_ns() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
+/// The clock of idle tracking and event sampling, in nanoseconds: jiffies (one load: the
+/// verifier inlines the helper) times the tick length the agent measured when it created the
+/// maps, or the coarse monotonic clock (a helper call, about 19 ns a packet in this VM) if that
+/// is unknown. Both advance one tick at a time; only differences of this clock are compared.
+#[inline(always)]
+pub fn clock_ns() -> u64 {
+    match ACTIVE.get(ACTIVE_NS_PER_JIFFY_INDEX) {
+        // SAFETY: helpers without arguments or side effects.
+        Some(ns) if *ns != 0 => unsafe { bpf_jiffies64() }.wrapping_mul(*ns),
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
+
 /// The live policy generation; `None` until a policy is loaded (generation 0).
 #[inline(always)]
 pub fn live_generation() -> Option<u64> {
-    match ACTIVE.get(0) {
+    match ACTIVE.get(ACTIVE_GENERATION_INDEX) {
         Some(g) if *g != 0 => Some(*g),
         _ => None,
     }
