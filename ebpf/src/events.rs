@@ -7,7 +7,7 @@
 //! (`COUNTER_EVENTS_SUPPRESSED`) and reported with the edge's next event.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -30,6 +30,11 @@ static COUNTERS: PerCpuArray<u64> =
 /// `FlowEvent`s for the agent.
 #[map(name = "TG_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(maps::EVENTS.max_entries, maps::EVENTS.flags);
+
+/// The agent is woken when this much is waiting in `TG_EVENTS`; below it, it collects events
+/// on its own timer (every 100 ms). A wakeup per event cost about 6 µs on the packet path of
+/// a denied packet in this VM, against 0.5 µs for the whole deny without it.
+const WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// Per-CPU sampler slots: `[slot_of_edge(edge)]` per edge, `[SAMPLER_BUDGET_SLOT]` the CPU's
 /// event budget.
@@ -95,7 +100,12 @@ pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, src_id: u32, dst
         suppressed,
         _pad2: 0,
     });
-    slot.submit(0);
+    let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    slot.submit(wakeup as u64);
 }
 
 /// The sampler's answer for this packet's edge: `Some(suppressed before it)` to send.
