@@ -1664,3 +1664,40 @@ fn a_syn_storm_costs_one_event_per_second_and_every_packet_is_counted() {
     assert_eq!(next.len(), 1);
     assert_eq!(u64::from(next[0].suppressed), u64::from(N) - 1);
 }
+
+#[test]
+fn a_restart_never_switches_the_idle_clock_under_live_flows() {
+    use aya::maps::{Array, Map, MapData};
+    use tollgate_common::ACTIVE_NS_PER_JIFFY_INDEX;
+    let f = shop("clock_kept");
+    let active = || -> Array<MapData, u64> {
+        let data = MapData::from_pin(f.layout.map(tollgate_common::map_names::ACTIVE)).unwrap();
+        Map::from_map_data(data).unwrap().try_into().unwrap()
+    };
+    assert_ne!(
+        active().get(&ACTIVE_NS_PER_JIFFY_INDEX, 0).unwrap(),
+        0,
+        "the creating agent measures the tick"
+    );
+    // As made by an agent that could not measure it (/proc/timer_list masked): the datapath
+    // runs on the coarse clock, and a flow is tracked with it.
+    active().set(ACTIVE_NS_PER_JIFFY_INDEX, 0, 0).unwrap();
+    let syn = PacketSpec::tcp(FRONTEND, 47000, ORDERS, 8080);
+    f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+    f.assert_passes_as(
+        &syn.reply().flags(SYN | ACK).build(),
+        Verdict::AllowEstablished,
+    );
+    // A restart that can measure it adopts the maps and leaves the clock alone...
+    let again = tollgate_agent::loader::load_object(
+        &f.layout,
+        tollgate_agent::datapath::OBJECT,
+        &tollgate_agent::loader::LoadOptions::default(),
+    )
+    .unwrap();
+    drop(again);
+    assert_eq!(active().get(&ACTIVE_NS_PER_JIFFY_INDEX, 0).unwrap(), 0);
+    // ...so the flow's replies still pass as established, not as new (denied) flows.
+    f.assert_passes_as(&syn.reply().flags(ACK).build(), Verdict::AllowEstablished);
+    f.assert_passes_as(&syn.flags(ACK).build(), Verdict::AllowEstablished);
+}

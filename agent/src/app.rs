@@ -208,6 +208,9 @@ impl Agent {
     pub fn start(config: AgentConfig) -> Result<Arc<Agent>> {
         let policy = crate::policy::load_policy_file(&config.policy_path)?;
         let layout = PinLayout::new(&config.bpffs);
+        // Refuse maps this build cannot adopt before creating anything under --bpffs (checked
+        // again under the lock, at load).
+        crate::datapath::check_pinned_maps(&layout)?;
         loader::ensure_bpffs(&layout)?;
         let lock = PinLock::acquire(&layout.root)?;
         let adopting = loader::is_installed(&layout);

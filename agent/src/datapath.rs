@@ -95,23 +95,28 @@ pub fn check_pinned_maps(layout: &PinLayout) -> Result<()> {
 }
 
 /// Records this build's ABI version and the kernel's tick length in freshly created maps
-/// (entries of `TG_ACTIVE` still zero), before any program is attached. Maps that already carry
-/// a version were checked by `check_pinned_maps`; the tick cannot change while they exist
-/// (bpffs does not outlive a boot).
+/// (`TG_ACTIVE[ACTIVE_ABI_INDEX]` still zero), before any program is attached. Maps that
+/// already carry a version were checked by `check_pinned_maps` and are left alone: in
+/// particular their tick length, which is 0 if the creating agent could not measure it. Setting
+/// it later would switch the datapath's idle clock under live flows, whose timestamps were taken
+/// with the other clock, and every tracked flow would look idle at once (their replies then
+/// denied as new flows). The tick cannot change while the maps exist (bpffs does not outlive a
+/// boot).
 pub fn stamp_datapath_globals(layout: &PinLayout) -> Result<()> {
     let mut active: Array<MapData, u64> = pinned(layout, map_names::ACTIVE)?.try_into()?;
-    if active.get(&ACTIVE_ABI_INDEX, 0)? == 0 {
-        active.set(ACTIVE_ABI_INDEX, u64::from(ABI_VERSION), 0)?;
+    if active.get(&ACTIVE_ABI_INDEX, 0)? != 0 {
+        return Ok(());
     }
-    if active.get(&ACTIVE_NS_PER_JIFFY_INDEX, 0)? == 0 {
-        match crate::host::ns_per_jiffy() {
-            Some(ns) => active.set(ACTIVE_NS_PER_JIFFY_INDEX, ns, 0)?,
-            None => tracing::warn!(
-                "could not measure the kernel tick (/proc/timer_list); the datapath tells idle \
-                 time with the coarse clock, which costs more per packet"
-            ),
-        }
+    match crate::host::ns_per_jiffy() {
+        Some(ns) => active.set(ACTIVE_NS_PER_JIFFY_INDEX, ns, 0)?,
+        None => tracing::warn!(
+            "could not measure the kernel tick (/proc/timer_list unreadable, or no common HZ \
+             measured); the datapath tells idle time with the coarse clock, which costs more \
+             per packet, for as long as these maps exist"
+        ),
     }
+    // Last: a crash before this line leaves the maps looking fresh to the next agent.
+    active.set(ACTIVE_ABI_INDEX, u64::from(ABI_VERSION), 0)?;
     Ok(())
 }
 

@@ -294,7 +294,8 @@ pub mod capacity {
     pub const CONNTRACK_ENTRIES: u32 = 131_072;
     /// The smallest and largest `--conntrack-entries` accepted.
     pub const CONNTRACK_MIN: u32 = 1_024;
-    pub const CONNTRACK_MAX: u32 = 16_777_216;
+    /// 4 Mi entries of the IPv6 map preallocate about 600 MB of kernel memory.
+    pub const CONNTRACK_MAX: u32 = 4_194_304;
     /// Ring buffer for flow events, in bytes (a power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Interfaces with settings (enforced interfaces of the node).
