@@ -7,34 +7,24 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use tollgate_testbed::{
     traffic::{ping, tcp_connect_from, tcp_echo_server, tcp_reachable},
     AgentProcess, Topology,
 };
 
-use crate::{run_command, workspace_root};
+use crate::{
+    interrupt::{self, check_interrupted},
+    run_command, workspace_root,
+};
 
 const POLICY_TEMPLATE: &str = include_str!("demo-policy.yaml");
 /// How long the just-in-time grant lives once the demo starts.
 const GRANT_TTL: Duration = Duration::from_secs(20);
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; cleaning up");
-    }
-    Ok(())
-}
 
 /// Sleeps up to `d`, waking early on Ctrl-C.
 fn pause(d: Duration) -> Result<()> {
@@ -59,8 +49,7 @@ struct Flow {
 }
 
 pub fn run() -> Result<()> {
-    // SAFETY: installs an async-signal-safe handler that only stores to an atomic.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    interrupt::catch_ctrl_c();
     run_command(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
             "build",

@@ -2,6 +2,7 @@
 //! what it needs first (idempotently), so a fresh machine needs nothing but this repository.
 
 mod demo;
+mod interrupt;
 mod setup;
 mod traffic_bench;
 

@@ -33,7 +33,6 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -45,7 +44,10 @@ use tollgate_testbed::{
     Topology,
 };
 
-use crate::{run_command, workspace_root};
+use crate::{
+    interrupt::{self, check_interrupted},
+    run_command, workspace_root,
+};
 
 /// Concurrent clients of the connection-rate workload.
 const CONNECTION_WORKERS: usize = 4;
@@ -77,18 +79,6 @@ const CLOSED_PORT: u16 = 7009;
 /// How long the closed-port probe waits for a refusal.
 const CLOSED_PORT_WAIT: Duration = Duration::from_millis(250);
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; cleaning up");
-    }
-    Ok(())
-}
 
 /// Command-line options of `bench --traffic`.
 #[derive(Clone, Debug, PartialEq)]
@@ -235,8 +225,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .unwrap_or_else(|| workspace_root().join("target"));
     let tollgate = target_dir.join("release/tollgate");
 
-    // SAFETY: installs an async-signal-safe handler that only stores to an atomic.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    interrupt::catch_ctrl_c();
     let started = Instant::now();
     let load_before = load_average();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -267,7 +256,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let results = match result {
         Ok(r) => r,
         // What failed first (an iperf3 killed by the same Ctrl-C, say) is no news.
-        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+        Err(_) if interrupt::interrupted() => {
             bail!("interrupted; everything the bench created was removed")
         }
         Err(e) => return Err(e),
