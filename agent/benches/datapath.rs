@@ -342,8 +342,10 @@ impl Bench {
                 .unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
         }
         let mut datapath = Datapath::open(&layout).unwrap();
-        // The runner delivers on `lo`; as an uplink it skips source validation, so these rows
-        // measure the policy path (the reverse-path lookup is measured with real traffic).
+        // The runner delivers on `lo`, described as an enforced uplink: a new flow's source is
+        // checked as an uplink's (one FIB lookup, refusing the node's workloads), as a
+        // workload-facing interface's would be (one FIB lookup, strict); an established packet
+        // validated at this origin skips it.
         datapath
             .write_interface(1, true, Some(true), [Some(0), Some(0)])
             .unwrap();
@@ -1066,7 +1068,7 @@ fn main() {
 
     println!();
     println!(
-        "Tollgate datapath benchmark (BPF_PROG_TEST_RUN on `lo`, an uplink: no source validation)"
+        "Tollgate datapath benchmark (BPF_PROG_TEST_RUN on `lo`, an uplink: a new flow pays the uplink reverse-path lookup, established packets none)"
     );
     println!(
         "  repeat loops: median of {ROUNDS} rounds x {REPEAT} runs; single runs: interquartile \
