@@ -25,7 +25,6 @@ const POLICY_TEMPLATE: &str = include_str!("demo-policy.yaml");
 /// How long the just-in-time grant lives once the demo starts.
 const GRANT_TTL: Duration = Duration::from_secs(20);
 
-
 /// Sleeps up to `d`, waking early on Ctrl-C.
 fn pause(d: Duration) -> Result<()> {
     let end = Instant::now() + d;

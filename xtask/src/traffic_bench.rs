@@ -79,7 +79,6 @@ const CLOSED_PORT: u16 = 7009;
 /// How long the closed-port probe waits for a refusal.
 const CLOSED_PORT_WAIT: Duration = Duration::from_millis(250);
 
-
 /// Command-line options of `bench --traffic`.
 #[derive(Clone, Debug, PartialEq)]
 struct Options {
