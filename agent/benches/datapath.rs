@@ -31,7 +31,11 @@
 //! path is the header parse and one hash lookup), the verifier's instruction count and load
 //! time per program, the policy pipeline's times, and the RSS and peak of a real
 //! `tollgate agent` (the binary cargo builds for this benchmark, `CARGO_BIN_EXE_tollgate`) and
-//! of `tollgate policy validate` with 10, 10k and 100k rules.
+//! of `tollgate policy validate` with 10, 10k and 100k rules. Last, the same floors on real
+//! traffic: one TCP connection doing request/response through a router namespace, with the
+//! empty program, each floor and the classifiers attached in turn to the router's veths and
+//! their cost per run read from the kernel's run-time statistics, so the gap between the
+//! runner's hot-cache figures and real traffic is measured, not guessed.
 
 #[path = "../../tests/support/packet.rs"]
 #[allow(
@@ -895,6 +899,206 @@ fn agent_memory() -> Vec<Memory> {
     out
 }
 
+/// What one program costs per run on real traffic (BPF run-time statistics).
+struct HookCost {
+    program: &'static str,
+    /// Median over rounds of ns per run at the router's ingress hooks (both veths).
+    ingress_ns: f64,
+    /// For the classifiers: the egress program's ns per run.
+    egress_ns: Option<f64>,
+}
+
+/// Rounds of the real-traffic floors (each program measured once per round, interleaved).
+const TRAFFIC_ROUNDS: usize = 5;
+/// Request/response time per program and round.
+const TRAFFIC_SLICE: Duration = Duration::from_millis(700);
+/// The echo server's port in the real-traffic floors.
+const ECHO_PORT: u16 = 7100;
+
+/// Moves the calling thread into `ns` until dropped (setns is per thread), then back: aya
+/// attaches by interface name in the caller's namespace.
+struct InNamespace(std::fs::File);
+
+impl InNamespace {
+    fn enter(ns: &NetNs) -> Self {
+        use std::os::fd::AsRawFd as _;
+        let home = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
+        let target = std::fs::File::open(ns.path()).expect("target netns");
+        // SAFETY: setns on valid namespace descriptors; affects only this thread.
+        assert_eq!(
+            unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        Self(home)
+    }
+}
+
+impl Drop for InNamespace {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: as in `enter`, back to the thread's own namespace.
+        unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
+/// The runner's figures hide memory: it runs one packet 10,000 times with every cache line
+/// hot. This runs one TCP connection doing request/response through a router namespace and
+/// attaches, in turn, the empty program, the two floors and the classifiers (the real
+/// datapath, with a policy admitting the connection) to the router's veths, reading each
+/// program's cost per run from the kernel's run-time statistics (on only while measuring). The
+/// connection is opened with the classifiers attached, so it is tracked and the lookup floor
+/// finds it, as the established path does.
+fn real_traffic_floors() -> Vec<HookCost> {
+    use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
+    use std::io::{Read as _, Write as _};
+    use tollgate_testbed::{load::ByteEchoServer, Topology};
+
+    let pid = std::process::id();
+    let topo = Topology::new(&format!("tgfl{pid}"), &["client", "server"]).expect("topology");
+    let (client, server) = (topo.workload("client"), topo.workload("server"));
+    let layout = PinLayout::new(format!("/sys/fs/bpf/tollgate-bench-floors-{pid}"));
+    let _ = loader::uninstall(&layout);
+    let mut loaded = loader::load(&layout).expect("load datapath");
+    for name in [
+        BASELINE,
+        program_names::FLOOR_PARSE,
+        program_names::FLOOR_LOOKUP,
+    ] {
+        let prog: &mut SchedClassifier = loaded.ebpf.program_mut(name).unwrap().try_into().unwrap();
+        prog.load().expect("load floor program");
+    }
+    let mut datapath = Datapath::open(&layout).unwrap();
+    let yaml = format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: floors }}\nspec:\n  \
+         identities:\n    - {{ name: client, cidrs: [\"{}/32\"] }}\n    - {{ name: server, cidrs: \
+         [\"{}/32\"] }}\n  rules:\n    - {{ name: rr, from: client, to: server, ports: \
+         [{{ port: {ECHO_PORT}, protocol: TCP }}] }}\n",
+        client.v4, server.v4
+    );
+    let policy = parse_policy(&yaml, "floors.yaml").unwrap();
+    let generation = datapath.next_generation().unwrap();
+    let compiled = compile_policy(&policy, slot_of(generation), &ClockReading::now(), &[]);
+    datapath.install(&compiled, generation, &[]).unwrap();
+    let veths = [client.host_if.clone(), server.host_if.clone()];
+    {
+        let _inside = InNamespace::enter(&topo.node);
+        for name in &veths {
+            let cname = std::ffi::CString::new(name.as_str()).unwrap();
+            // SAFETY: a valid C string.
+            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            assert_ne!(ifindex, 0, "{name} in the node namespace");
+            datapath
+                .write_interface(ifindex, false, Some(true), [None, None])
+                .unwrap();
+        }
+    }
+    let _server = ByteEchoServer::start(
+        &server.ns,
+        std::net::SocketAddr::new(server.v4.into(), ECHO_PORT),
+        None,
+    )
+    .expect("echo server");
+
+    // Attaches `programs` (name, hook) to both veths; dropping the links detaches them.
+    let attach = |loaded: &mut Loaded, programs: &[(&str, TcAttachType)]| {
+        let _inside = InNamespace::enter(&topo.node);
+        let mut links = Vec::new();
+        for (name, hook) in programs {
+            let prog: &mut SchedClassifier =
+                loaded.ebpf.program_mut(name).unwrap().try_into().unwrap();
+            for veth in &veths {
+                let id = prog
+                    .attach_with_options(
+                        veth,
+                        *hook,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .expect("attach");
+                links.push(prog.take_link(id).unwrap());
+            }
+        }
+        links
+    };
+    let classifiers = [
+        (INGRESS, TcAttachType::Ingress),
+        (program_names::TC_EGRESS, TcAttachType::Egress),
+    ];
+    // Open the connection through the classifiers, so it is tracked.
+    let links = attach(&mut loaded, &classifiers);
+    let to = std::net::SocketAddr::new(server.v4.into(), ECHO_PORT);
+    let mut stream = client
+        .ns
+        .run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)))
+        .expect("enter client namespace")
+        .expect("connect through the classifiers");
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut rr = |d: Duration| {
+        let end = Instant::now() + d;
+        let mut byte = [b'x'];
+        while Instant::now() < end {
+            stream.write_all(&byte).expect("request");
+            stream.read_exact(&mut byte).expect("response");
+        }
+    };
+    rr(Duration::from_millis(100));
+    drop(links);
+
+    let variants: [(&'static str, &[(&str, TcAttachType)]); 4] = [
+        (
+            "empty classifier (tollgate_baseline)",
+            &[(BASELINE, TcAttachType::Ingress)],
+        ),
+        (
+            "parse only (tollgate_floor_parse)",
+            &[(program_names::FLOOR_PARSE, TcAttachType::Ingress)],
+        ),
+        (
+            "parse + conntrack lookup (tollgate_floor_lookup)",
+            &[(program_names::FLOOR_LOOKUP, TcAttachType::Ingress)],
+        ),
+        ("tollgate_ingress / tollgate_egress", &classifiers),
+    ];
+    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); variants.len()];
+    for _ in 0..TRAFFIC_ROUNDS {
+        for (i, (_, programs)) in variants.iter().enumerate() {
+            let links = attach(&mut loaded, programs);
+            let counters = |loaded: &Loaded, name: &str| {
+                let prog: &SchedClassifier = loaded.ebpf.program(name).unwrap().try_into().unwrap();
+                let info = prog.info().unwrap();
+                (info.run_time().as_nanos() as f64, info.run_count() as f64)
+            };
+            let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+            let before: Vec<_> = programs.iter().map(|(n, _)| counters(&loaded, n)).collect();
+            rr(TRAFFIC_SLICE);
+            let after: Vec<_> = programs.iter().map(|(n, _)| counters(&loaded, n)).collect();
+            drop(stats);
+            drop(links);
+            let per_run =
+                |k: usize| (after[k].0 - before[k].0) / (after[k].1 - before[k].1).max(1.0);
+            samples[i].0.push(per_run(0));
+            if programs.len() > 1 {
+                samples[i].1.push(per_run(1));
+            }
+        }
+    }
+    drop(stream);
+    drop(loaded);
+    let _ = loader::uninstall(&layout);
+    variants
+        .iter()
+        .zip(samples.iter_mut())
+        .map(|((program, _), (ingress, egress))| HookCost {
+            program,
+            ingress_ns: median(ingress),
+            egress_ns: (!egress.is_empty()).then(|| median(egress)),
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Report
 
@@ -1050,6 +1254,8 @@ fn main() {
     drop(b);
     eprintln!("  agent memory ...");
     let memory = agent_memory();
+    eprintln!("  real-traffic floors ...");
+    let hooks = real_traffic_floors();
 
     // How far the baseline of single rows' rounds strayed: the noise floor of a comparison.
     let spread = |single: bool| {
@@ -1180,6 +1386,30 @@ fn main() {
             .max()
             .unwrap_or(0) as f64
             / 1024.0
+    );
+    println!();
+    println!(
+        "Real traffic: cost per run at the router's hooks, one TCP connection doing 1-byte \
+         request/response (BPF run-time statistics, on only while measuring; median of \
+         {TRAFFIC_ROUNDS} rounds, programs interleaved)"
+    );
+    println!(
+        "  {:<52} {:>10} {:>9} {:>10}",
+        "program", "ingress ns", "x empty", "egress ns"
+    );
+    let empty = hooks[0].ingress_ns;
+    for h in &hooks {
+        println!(
+            "  {:<52} {:>10.1} {:>9.2} {:>10}",
+            h.program,
+            h.ingress_ns,
+            h.ingress_ns / empty,
+            h.egress_ns.map_or(String::new(), |e| format!("{e:.1}"))
+        );
+    }
+    println!(
+        "  (every run here pays the statistics' clock reads, the empty classifier included; the \
+         floors run at ingress only)"
     );
     println!();
     println!("  total {:.0} s", started.elapsed().as_secs_f64());
