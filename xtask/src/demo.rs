@@ -6,7 +6,6 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Command,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -17,8 +16,8 @@ use tollgate_testbed::{
 };
 
 use crate::{
+    build_agent_binary,
     interrupt::{self, check_interrupted},
-    run_command, workspace_root,
 };
 
 const POLICY_TEMPLATE: &str = include_str!("demo-policy.yaml");
@@ -49,17 +48,7 @@ struct Flow {
 
 pub fn run() -> Result<()> {
     interrupt::catch_ctrl_c();
-    run_command(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
-            "build",
-            "--release",
-            "-p",
-            "tollgate-agent",
-            "--bin",
-            "tollgate",
-        ]),
-    )?;
-    let binary = workspace_root().join("target/release/tollgate");
+    let binary = build_agent_binary()?;
 
     let prefix = format!("tgdemo{}", std::process::id() % 100_000);
     println!("\n== Tollgate demo ==");

@@ -61,6 +61,23 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Builds the `tollgate` binary (release) and returns its path, for the commands that run
+/// real agents (`demo`, `bench --traffic`).
+pub fn build_agent_binary() -> Result<PathBuf> {
+    run_command(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "tollgate-agent",
+        "--bin",
+        "tollgate",
+    ]))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target_dir.join("release/tollgate"))
+}
+
 /// Builds the eBPF crate in the dev profile (the agent embeds the release build), so the tests
 /// can show the verifier accepts both. Returns the object's path.
 fn build_debug_ebpf() -> Result<PathBuf> {

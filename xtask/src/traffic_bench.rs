@@ -45,8 +45,9 @@ use tollgate_testbed::{
 };
 
 use crate::{
+    build_agent_binary,
     interrupt::{self, check_interrupted},
-    run_command, workspace_root,
+    workspace_root,
 };
 
 /// Concurrent clients of the connection-rate workload.
@@ -209,20 +210,7 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     }
 
-    run_command(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
-            "build",
-            "--release",
-            "-p",
-            "tollgate-agent",
-            "--bin",
-            "tollgate",
-        ]),
-    )?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let tollgate = target_dir.join("release/tollgate");
+    let tollgate = build_agent_binary()?;
 
     interrupt::catch_ctrl_c();
     let started = Instant::now();
