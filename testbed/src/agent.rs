@@ -198,6 +198,14 @@ impl Drop for AgentProcess {
         if let Err(e) = self.uninstall() {
             eprintln!("warning: {e:#}");
         }
+        // The agent creates missing parents of its pin directory; the tests share one
+        // (`tollgate-tests`), which goes with the last agent or fixture that used it. Removing
+        // fails harmlessly while it is not empty (or is the bpffs mount itself).
+        if let Some(parent) = self.bpffs.parent() {
+            if parent.file_name().is_some_and(|n| n == "tollgate-tests") {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
         let _ = std::fs::remove_file(&self.socket);
         if std::thread::panicking() {
             eprintln!(
