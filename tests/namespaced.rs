@@ -6,20 +6,18 @@
 mod support;
 
 use std::{
-    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
 
+use support::env::{AgentEnv, BINARY};
 use tollgate_testbed::{
     traffic::{
         echo_roundtrip, ping, tcp_connect, tcp_echo_server, tcp_reachable, udp_echo_server,
         udp_reachable,
     },
-    AgentProcess, Topology,
+    AgentProcess, Topology, TopologyOptions,
 };
-
-const BINARY: &str = env!("CARGO_BIN_EXE_tollgate");
 
 /// frontend → orders: TCP 8080, UDP 9000-9010, ping (v4 and v6). Nothing else.
 const SHOP: &str = r#"apiVersion: tollgate.dev/v1alpha1
@@ -43,52 +41,22 @@ spec:
         - { protocol: ICMPv6 }
 "#;
 
-/// A topology, an agent enforcing on its `tg-*` interfaces, and a scratch directory. Fields drop
-/// in order: the agent stops and uninstalls first, then namespaces go, then files.
-struct Env {
-    agent: AgentProcess,
-    topo: Topology,
-    dir: tempfile::TempDir,
-}
+/// The shared fixture, with this file's helpers.
+type Env = AgentEnv;
 
 impl Env {
     fn new(short: &str, policy: &str) -> Env {
-        support::require_root();
-        let prefix = format!("tg{}-{short}", std::process::id() % 100_000);
-        let topo = Topology::new(&prefix, &["frontend", "orders"]).expect("topology");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let policy_path = dir.path().join("policy.yaml");
-        std::fs::write(&policy_path, policy).unwrap();
-        let bpffs = support::test_pin_dir(&format!("ns-{short}"));
-        let agent = AgentProcess::start(
-            Path::new(BINARY),
-            &topo.node,
-            "tg-*",
-            &policy_path,
-            dir.path(),
-            &bpffs,
+        AgentEnv::start(
+            &format!("tg{}-{short}", std::process::id() % 100_000),
+            &format!("ns-{short}"),
+            &["frontend", "orders"],
+            TopologyOptions::default(),
+            policy,
         )
-        .expect("agent starts");
-        Env { agent, topo, dir }
-    }
-
-    fn addr(&self, workload: &str, v6: bool) -> IpAddr {
-        let w = self.topo.workload(workload);
-        if v6 {
-            IpAddr::V6(w.v6)
-        } else {
-            IpAddr::V4(w.v4)
-        }
-    }
-
-    fn ns(&self, workload: &str) -> &tollgate_testbed::NetNs {
-        &self.topo.workload(workload).ns
     }
 
     fn write_policy(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
+        self.write_file(name, text)
     }
 
     /// `tollgate policy apply -f`; returns (exit code, stderr).
@@ -101,16 +69,6 @@ impl Env {
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let out = self.agent.cli(&["status", "--json"]).unwrap();
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     /// `tollgate check` of TCP `from` -> `to`:8080, with `extra` arguments.
@@ -131,17 +89,6 @@ impl Env {
         ]
         .concat();
         self.agent.cli(&args).unwrap()
-    }
-
-    fn verdict_count(&self, name: &str) -> u64 {
-        let s = self.status_json();
-        s["verdicts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v[0] == name)
-            .map(|v| v[1].as_u64().unwrap())
-            .unwrap_or_else(|| panic!("no verdict {name}"))
     }
 }
 

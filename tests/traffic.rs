@@ -22,20 +22,18 @@ mod support;
 
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
-    path::Path,
     time::Duration,
 };
 
+use support::env::AgentEnv;
 use tollgate_testbed::{
     spoof::{self, tcp_flags, NdMessage, TcpSegment},
     traffic::{
         echo_roundtrip, tcp_bulk_echo, tcp_connect, tcp_connect_from, tcp_echo_server,
         tcp_reachable, udp_echo_of_size, udp_echo_server, udp_reachable,
     },
-    AgentProcess, CapturedPacket, NetNs, PacketTap, Topology, TopologyOptions,
+    CapturedPacket, PacketTap, TopologyOptions,
 };
-
-const BINARY: &str = env!("CARGO_BIN_EXE_tollgate");
 
 /// frontend → orders on TCP 8080 and UDP 9000; anything unclaimed (`world`) → orders on TCP
 /// 8081. The intruder has an identity of its own and no rules.
@@ -95,78 +93,23 @@ const JUMBO: TopologyOptions = TopologyOptions {
 /// window opens and veths deliver in microseconds; a second is plenty.
 const TAP_WINDOW: Duration = Duration::from_secs(1);
 
-/// A topology, an agent enforcing on its `tg-*` interfaces, and a scratch directory. Fields
-/// drop in order: the agent stops and uninstalls first, then namespaces go, then files.
-struct Env {
-    agent: AgentProcess,
-    topo: Topology,
-    _dir: tempfile::TempDir,
-}
+/// The shared fixture, with this file's helpers.
+type Env = AgentEnv;
 
 impl Env {
     fn new(short: &str, options: TopologyOptions, policy: &str) -> Env {
-        support::require_root();
         // "tgtr": namespace names of their own, apart from namespaced.rs's "tg<pid>-" ones.
-        let prefix = format!("tgtr{}-{short}", std::process::id() % 100_000);
-        let topo = Topology::with_options(&prefix, WORKLOADS, options).expect("topology");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let policy_path = dir.path().join("policy.yaml");
-        std::fs::write(&policy_path, policy).unwrap();
-        let bpffs = support::test_pin_dir(&format!("traffic-{short}"));
-        let agent = AgentProcess::start(
-            Path::new(BINARY),
-            &topo.node,
-            "tg-*",
-            &policy_path,
-            dir.path(),
-            &bpffs,
+        AgentEnv::start(
+            &format!("tgtr{}-{short}", std::process::id() % 100_000),
+            &format!("traffic-{short}"),
+            WORKLOADS,
+            options,
+            policy,
         )
-        .expect("agent starts");
-        Env {
-            agent,
-            topo,
-            _dir: dir,
-        }
-    }
-
-    fn addr(&self, workload: &str, v6: bool) -> IpAddr {
-        let w = self.topo.workload(workload);
-        if v6 {
-            IpAddr::V6(w.v6)
-        } else {
-            IpAddr::V4(w.v4)
-        }
-    }
-
-    fn ns(&self, workload: &str) -> &NetNs {
-        &self.topo.workload(workload).ns
     }
 
     fn tap(&self, workload: &str) -> PacketTap {
         PacketTap::open(self.ns(workload), "eth0").expect("packet tap")
-    }
-
-    /// A verdict counter from `tollgate status --json`; None if the agent does not know the
-    /// verdict.
-    fn verdict(&self, name: &str) -> Option<u64> {
-        let out = self.agent.cli(&["status", "--json"]).unwrap();
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-        status["verdicts"]
-            .as_array()
-            .expect("verdicts in status")
-            .iter()
-            .find(|v| v[0] == name)
-            .map(|v| v[1].as_u64().unwrap())
-    }
-
-    fn verdict_count(&self, name: &str) -> u64 {
-        self.verdict(name)
-            .unwrap_or_else(|| panic!("status has no verdict {name}"))
     }
 
     /// Asserts `drop_spoofed` is above `before` (read with `verdict`, before the spoofing).
@@ -665,13 +608,13 @@ fn interface_without_program_cannot_spoof(short: &str, v6: bool) {
     // Its own address is a genuine source there (`world`, which may reach orders:8081).
     let ok = tcp_reachable(env.ns("late"), orders, 8081);
     if !ok {
-        let policy = env._dir.path().join("policy.yaml");
+        let policy = env.dir.path().join("policy.yaml");
         env.agent.spawn(&env.topo.node, "tg-*", &policy).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         eprintln!("DEBUG {}", env.agent.log_text());
     }
     assert!(ok, "{late_addr} -> orders:8081 (world) must pass");
-    let policy = env._dir.path().join("policy.yaml");
+    let policy = env.dir.path().join("policy.yaml");
     env.agent.spawn(&env.topo.node, "tg-*", &policy).unwrap();
     env.assert_spoofed_counted(spoofed_before);
 }
