@@ -94,6 +94,10 @@ pub const FLOW_FLAG_FIN_SEEN: u32 = 1 << 3;
 /// TCP: reset, or a FIN went each way; forgotten seconds after the last packet. Set on both
 /// entries.
 pub const FLOW_FLAG_CLOSING: u32 = 1 << 4;
+/// `validated_ifindex` runs Tollgate's ingress program: packets of this direction that entered
+/// there were metered against their rate limits at that ingress, and are not metered again
+/// where they leave the node.
+pub const FLOW_FLAG_METERED_AT_ORIGIN: u32 = 1 << 5;
 
 /// Value of `TG_CONNTRACK`.
 #[repr(C)]
@@ -116,9 +120,14 @@ pub struct FlowValue {
     /// ingress (0 = none yet). A packet arriving there again skips the FIB lookup; one arriving
     /// anywhere else is checked in full, so a spoofer elsewhere cannot ride on the entry.
     pub validated_ifindex: u32,
+    /// Rate limits the packets of this direction are metered by (`TG_LIMITS` ids, 0: none):
+    /// the admitting rule's, and the quota of this direction's sender (the source identity for
+    /// the original direction, the destination identity for the reply).
+    pub rule_limit: u32,
+    pub sender_limit: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
 
 /// Kind of an event on `TG_EVENTS`. New kinds are appended; readers skip kinds they do not
 /// know (the header is stable).
@@ -156,11 +165,15 @@ pub struct FlowEvent {
     pub family: u8,
     /// `direction::*`.
     pub direction: u8,
-    pub _pad: u8,
+    /// For `DropRateLimited` and `AuditWouldDrop`: the kind of the limit that dropped
+    /// (`ratelimit::kind::*`); 0 otherwise.
+    pub limit_kind: u8,
     /// Events of the same edge (addresses, protocol, destination port, verdict) the sampler
     /// suppressed on this CPU since the previous one it let through (see `sampler`).
     pub suppressed: u32,
-    pub _pad2: u32,
+    /// For `DropRateLimited` and `AuditWouldDrop`: the `TG_LIMITS` id of the limit; 0
+    /// otherwise.
+    pub limit_id: u32,
 }
 
 /// An identity id in a `FlowEvent` that the datapath did not resolve (a spoofed packet is

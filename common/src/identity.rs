@@ -55,8 +55,12 @@ pub const IDENTITY_FLAG_NODE_ADDRESS: u32 = 1 << 0;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityValue {
     pub id: IdentityId,
-    /// `IDENTITY_FLAG_*`; room for per-identity settings (audit mode, limit id).
+    /// `IDENTITY_FLAG_*`.
     pub flags: u32,
+    /// The identity's quota (`spec.rateLimits`): a `TG_LIMITS` id, 0 for none. Every entry of
+    /// one identity carries the same id.
+    pub limit_id: u32,
+    pub _pad: u32,
 }
 
 impl IdentityValue {
@@ -66,4 +70,4 @@ impl IdentityValue {
         self.id == IDENTITY_HOST || self.flags & IDENTITY_FLAG_NODE_ADDRESS != 0
     }
 }
-const _: () = assert!(core::mem::size_of::<IdentityValue>() == 8);
+const _: () = assert!(core::mem::size_of::<IdentityValue>() == 16);

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod interface;
 pub mod maps;
 pub mod ports;
+pub mod ratelimit;
 pub mod rule;
 pub mod sampler;
 pub mod tcp;
@@ -25,6 +26,7 @@ pub use flow::{FlowEvent, FlowKey, FlowKeyV4, FlowValue};
 pub use identity::{IdentityKeyV4, IdentityKeyV6, IdentityValue};
 pub use interface::InterfaceValue;
 pub use maps::capacity;
+pub use ratelimit::{LimitBucket, LimitRate};
 pub use rule::{RuleKey, RuleValue};
 pub use sampler::{sample, SamplerSlot, SAMPLER_SLOTS};
 pub use verdict::Verdict;
@@ -35,7 +37,9 @@ pub use verdict::Verdict;
 ///
 /// 3: exact-match identity and rule maps beside the LPM tries, conntrack split by address
 /// family, the ABI version in `TG_ACTIVE`, the deny-event sampler, `SlotConfig::lookup_flags`.
-pub const ABI_VERSION: u32 = 3;
+/// 4: rate limits: `TG_LIMITS`, limit ids in identity entries and conntrack entries, the
+/// rate-limit verdicts and counters, limits in `CheckResult` and `FlowEvent`.
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps as they appear in the object file and as pin file names under
 /// `<bpffs>/maps/`, taken from the registry in [`maps`].
@@ -57,6 +61,7 @@ pub mod map_names {
     pub const EVENT_SAMPLER: &str = maps::EVENT_SAMPLER.name;
     pub const INTERFACES: &str = maps::INTERFACES.name;
     pub const CHECK: &str = maps::CHECK.name;
+    pub const LIMITS: &str = maps::LIMITS.name;
 }
 
 /// Program (function) names in the object file.
@@ -142,8 +147,15 @@ pub struct CheckResult {
     pub generation: u64,
     /// CLOCK_BOOTTIME expiry the decision carries (0: never).
     pub expires_ns: u64,
+    /// The rate limits an admitted flow would be metered by (`TG_LIMITS` ids, 0: none): the
+    /// deciding rule's, the source identity's quota (the flow's packets), the destination
+    /// identity's quota (its replies).
+    pub rule_limit: u32,
+    pub src_limit: u32,
+    pub dst_limit: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<CheckResult>() == 32);
+const _: () = assert!(core::mem::size_of::<CheckResult>() == 48);
 
 /// `CheckResult::verdict` before the check program has run.
 pub const CHECK_PENDING: u32 = u32::MAX;
@@ -193,5 +205,6 @@ mod pod {
         InterfaceValue,
         CheckResult,
         SamplerSlot,
+        LimitBucket,
     );
 }

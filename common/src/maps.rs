@@ -11,8 +11,8 @@
 
 use crate::{
     verdict::COUNTER_SLOTS, CheckResult, FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4,
-    IdentityKeyV6, IdentityValue, InterfaceValue, RuleKey, RuleValue, SamplerSlot, SlotConfig,
-    SAMPLER_SLOTS, SLOT_COUNT,
+    IdentityKeyV6, IdentityValue, InterfaceValue, LimitBucket, RuleKey, RuleValue, SamplerSlot,
+    SlotConfig, SAMPLER_SLOTS, SLOT_COUNT,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written. Policy maps use it (they are
@@ -254,8 +254,20 @@ pub const CHECK: MapSpec = spec(
     "result of the last check",
 );
 
+/// `[limit id]` = [`LimitBucket`]: the rate limits' configuration and token buckets. Index 0
+/// is never used (0 is "no limit").
+pub const LIMITS: MapSpec = spec(
+    "TG_LIMITS",
+    MapKind::Array,
+    4,
+    size::<LimitBucket>(),
+    capacity::LIMIT_ENTRIES,
+    0,
+    "rate-limit buckets",
+);
+
 /// Every map the agent pins, checks, adopts and removes on uninstall.
-pub const ALL: [MapSpec; 15] = [
+pub const ALL: [MapSpec; 16] = [
     ACTIVE,
     SLOT_CONFIG,
     IDENTITY_V4_EXACT,
@@ -271,6 +283,7 @@ pub const ALL: [MapSpec; 15] = [
     EVENT_SAMPLER,
     INTERFACES,
     CHECK,
+    LIMITS,
 ];
 
 /// The registry entry named `name`.
@@ -300,6 +313,10 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Interfaces with settings (enforced interfaces of the node).
     pub const INTERFACE_ENTRIES: u32 = 16_384;
+    /// Rate-limit buckets (ids 1..), both policy slots together: a limit that did not change
+    /// keeps its bucket across a swap, a changed one needs a second bucket until the next.
+    /// 184 bytes each, preallocated: 3 MB.
+    pub const LIMIT_ENTRIES: u32 = 16_384;
 }
 
 #[cfg(test)]

@@ -82,7 +82,8 @@ pub struct RuleValue {
     pub flags: u32,
     /// CLOCK_BOOTTIME nanoseconds after which the rule no longer allows; 0 = never expires.
     pub expires_ns: u64,
-    /// Reserved for the per-rule rate-limit bucket (a later issue); 0 = none.
+    /// The rule's `rateLimit`: a `TG_LIMITS` id, 0 for none. Only allowing entries carry it
+    /// (an audit fallback admits nothing of its own).
     pub limit_id: u32,
     pub _reserved: u32,
 }

@@ -29,9 +29,14 @@ pub enum Verdict {
     /// back to it leaves by another interface (reverse-path check), or the interface is bound to
     /// an identity the address does not belong to.
     DropSpoofed = 10,
+    /// Over a rate limit: a packet over a packets or bytes limit, or a new connection over a
+    /// connections limit (refused: no conntrack entry is made).
+    DropRateLimited = 11,
+    /// Would have been dropped by a rate limit in audit mode; passed.
+    AuditWouldDrop = 12,
 }
 
-pub const VERDICT_COUNT: u32 = 11;
+pub const VERDICT_COUNT: u32 = 13;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -46,6 +51,8 @@ impl Verdict {
         Verdict::PassNonIp,
         Verdict::DenyNoPolicy,
         Verdict::DropSpoofed,
+        Verdict::DropRateLimited,
+        Verdict::AuditWouldDrop,
     ];
 
     /// Does the packet pass?
@@ -56,6 +63,7 @@ impl Verdict {
             Verdict::AllowNew
                 | Verdict::AllowEstablished
                 | Verdict::AuditWouldDeny
+                | Verdict::AuditWouldDrop
                 | Verdict::PassNonIp
         )
     }
@@ -74,6 +82,8 @@ impl Verdict {
             Verdict::PassNonIp => "pass_non_ip",
             Verdict::DenyNoPolicy => "deny_no_policy",
             Verdict::DropSpoofed => "drop_spoofed",
+            Verdict::DropRateLimited => "drop_rate_limited",
+            Verdict::AuditWouldDrop => "audit_would_drop",
         }
     }
 

@@ -221,6 +221,8 @@ fn track_in<const V4: bool>(pc: &PacketContext, d: &Decision) {
         } else {
             pc.origin
         },
+        rule_limit: 0,
+        sender_limit: 0,
         _pad: 0,
     };
     // Inserting replaces entries of the same tuple, e.g. those of a closed flow.

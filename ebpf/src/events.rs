@@ -98,9 +98,9 @@ pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, src_id: u32, dst
         proto: pkt.proto,
         family: pkt.family,
         direction: pc.dir,
-        _pad: 0,
+        limit_kind: 0,
         suppressed,
-        _pad2: 0,
+        limit_id: 0,
     });
     // Wake the agent only with the event that takes the waiting data past WAKEUP_BYTES (the
     // reserved record counts already): forcing a wakeup with every event above it made each

@@ -375,6 +375,10 @@ fn check(ctx: &TcContext) -> CheckResult {
         dst_identity: e.dst_id,
         generation,
         expires_ns: e.decision.expires_ns,
+        rule_limit: 0,
+        src_limit: 0,
+        dst_limit: 0,
+        _pad: 0,
     }
 }
 

@@ -230,6 +230,8 @@ impl Found {
             && IdentityValue {
                 id: self.id,
                 flags: self.flags,
+                limit_id: 0,
+                _pad: 0,
             }
             .is_node_address()
     }

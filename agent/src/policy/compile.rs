@@ -241,6 +241,7 @@ fn identity_entries(
         let value = IdentityValue {
             id: IDENTITY_FIRST_USER + i as u32,
             flags: 0,
+            ..Default::default()
         };
         for net in &identity.cidrs {
             if !seen.insert(*net) {
@@ -273,6 +274,7 @@ fn identity_entries(
     let host = IdentityValue {
         id: IDENTITY_HOST,
         flags: 0,
+        ..Default::default()
     };
     let mut seen_host: HashSet<IpAddr> = HashSet::new();
     for addr in host_addrs {
@@ -291,6 +293,7 @@ fn identity_entries(
                 Some(id) => IdentityValue {
                     id,
                     flags: IDENTITY_FLAG_NODE_ADDRESS,
+                    ..Default::default()
                 },
                 None => continue,
             }

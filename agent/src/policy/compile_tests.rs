@@ -378,7 +378,10 @@ fn reserved_identities_get_their_fixed_ids() {
 fn identity_entries_carry_slot_and_prefix_length() {
     let p = policy_with("enforce", &[]);
     let c = compile_policy(&p, 1, &CLOCK, &[]);
-    let value = |id| IdentityValue { id, flags: 0 };
+    let value = |id| IdentityValue {
+        id,
+        ..Default::default()
+    };
     assert_eq!(
         c.identities_v4,
         [
@@ -474,6 +477,7 @@ fn host_addresses_claimed_by_an_identity_are_left_out() {
     let host = IdentityValue {
         id: IDENTITY_HOST,
         flags: 0,
+        ..Default::default()
     };
     let hosts_v4: Vec<_> = c.identities_v4.iter().filter(|e| e.2 == host).collect();
     assert_eq!(
