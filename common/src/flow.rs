@@ -94,10 +94,6 @@ pub const FLOW_FLAG_FIN_SEEN: u32 = 1 << 3;
 /// TCP: reset, or a FIN went each way; forgotten seconds after the last packet. Set on both
 /// entries.
 pub const FLOW_FLAG_CLOSING: u32 = 1 << 4;
-/// `validated_ifindex` runs Tollgate's ingress program: packets of this direction that entered
-/// there were metered against their rate limits at that ingress, and are not metered again
-/// where they leave the node.
-pub const FLOW_FLAG_METERED_AT_ORIGIN: u32 = 1 << 5;
 
 /// Value of `TG_CONNTRACK`.
 #[repr(C)]
@@ -125,7 +121,11 @@ pub struct FlowValue {
     /// the original direction, the destination identity for the reply).
     pub rule_limit: u32,
     pub sender_limit: u32,
-    pub _pad: u32,
+    /// The interface at whose ingress Tollgate last metered this direction's packets (0:
+    /// none): a packet that entered the node there was charged to its limits already and is not
+    /// charged again where it leaves. A whole field, not a flag, so that no race on `flags` can
+    /// lose it.
+    pub metered_ifindex: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
 

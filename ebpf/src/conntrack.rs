@@ -23,13 +23,13 @@ use tollgate_common::{
     maps, proto,
     tcp::{self, TcpStep},
     time::is_expired,
-    Decision, FlowKey, FlowKeyV4, FlowValue, Verdict,
+    FlowKey, FlowKeyV4, FlowValue, Verdict,
 };
 
 use crate::{
     context::PacketContext,
     parse::{Packet, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST},
-    policy::boot_ns,
+    policy::{boot_ns, Evaluation},
     source::MODE_STRICT_AFTER_NAT,
 };
 
@@ -183,19 +183,21 @@ fn update_twin<const V4: bool>(pc: &PacketContext, key_is_reply: bool, set: u32,
     }
 }
 
-/// Tracks a newly admitted flow: both entries. A BPF-to-BPF call: its keys and values need a
-/// frame of their own.
+/// Tracks a newly admitted flow: both entries, each with the limits its direction is metered
+/// by (the rule's, and its sender's quota). A BPF-to-BPF call: its keys and values need a frame
+/// of their own.
 #[inline(never)]
-pub fn track(pc: &PacketContext, d: &Decision) {
+pub fn track(pc: &PacketContext, e: &Evaluation) {
     if pc.pkt.family == 4 {
-        track_in::<true>(pc, d)
+        track_in::<true>(pc, e)
     } else {
-        track_in::<false>(pc, d)
+        track_in::<false>(pc, e)
     }
 }
 
 #[inline(always)]
-fn track_in<const V4: bool>(pc: &PacketContext, d: &Decision) {
+fn track_in<const V4: bool>(pc: &PacketContext, e: &Evaluation) {
+    let d = &e.decision;
     let pkt = &pc.pkt;
     if !is_trackable(pkt) {
         return;
@@ -221,21 +223,31 @@ fn track_in<const V4: bool>(pc: &PacketContext, d: &Decision) {
         } else {
             pc.origin
         },
-        rule_limit: 0,
-        sender_limit: 0,
-        _pad: 0,
+        rule_limit: e.rule_limit,
+        sender_limit: e.src_limit,
+        // This packet was metered where it entered, if Tollgate's ingress program runs there.
+        metered_ifindex: if pc.source.origin_enforced {
+            pc.origin
+        } else {
+            0
+        },
     };
     // Inserting replaces entries of the same tuple, e.g. those of a closed flow.
     insert::<V4>(&pc.key, &value);
     value.flags |= FLOW_FLAG_REPLY;
     value.validated_ifindex = 0;
+    value.sender_limit = e.dst_limit;
+    value.metered_ifindex = 0;
     insert::<V4>(&twin_key(pkt, &pc.key, false), &value);
 }
 
-/// A tracked flow re-decided and still admitted: carries on under the live generation. (Looked
-/// up again by key: rare, and see `lookup` for why no pointer is carried here.)
+/// A tracked flow re-decided and still admitted: carries on under the live generation, with
+/// the limits it has there (`reply`: the packet travels the reply way, so its sender is the
+/// flow's destination). (Looked up again by key: rare, and see `lookup` for why no pointer is
+/// carried here.)
 #[inline(never)]
-pub fn readmit(pc: &PacketContext, d: &Decision) {
+pub fn readmit(pc: &PacketContext, e: &Evaluation, reply: bool) {
+    let d = &e.decision;
     let entry = if pc.pkt.family == 4 {
         lookup::<true>(&pc.key)
     } else {
@@ -250,6 +262,8 @@ pub fn readmit(pc: &PacketContext, d: &Decision) {
     entry.generation = pc.generation;
     entry.expires_ns = d.expires_ns;
     entry.rule_id = d.rule_id;
+    entry.rule_limit = e.rule_limit;
+    entry.sender_limit = if reply { e.dst_limit } else { e.src_limit };
     if entry.flags & FLOW_FLAG_CLOSING == 0 {
         entry.last_seen_ns = pc.coarse;
     }

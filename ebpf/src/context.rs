@@ -37,6 +37,7 @@ pub const NO_SOURCE_CHECK: SourceCheck = SourceCheck {
     mode: MODE_NONE,
     origin: 0,
     bound_identity: 0,
+    origin_enforced: false,
 };
 
 impl PacketContext<'_> {

@@ -63,10 +63,20 @@ pub fn finish(v: Verdict) -> i32 {
     }
 }
 
-/// Puts a `FlowEvent` on the ring buffer unless the sampler holds it back. A BPF-to-BPF call
-/// with its own stack frame (at most five arguments, so it reads the clock itself).
+/// The identities of an event, packed for [`emit`]: source in the high half.
+#[inline(always)]
+pub fn identities(src_id: u32, dst_id: u32) -> u64 {
+    ((src_id as u64) << 32) | dst_id as u64
+}
+
+/// Puts a `FlowEvent` on the ring buffer unless the sampler holds it back. `ids`: see
+/// [`identities`]; `limit`: for a rate-limit verdict, the kind (bits 8..16) and limit id (bits
+/// 32..64) as `ratelimit::meter` reports them, else 0. A BPF-to-BPF call with its own stack
+/// frame (at most five arguments, hence the packing; it reads the clock itself).
 #[inline(never)]
-pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, src_id: u32, dst_id: u32) {
+pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, ids: u64, limit: u64) {
+    let (src_id, dst_id) = ((ids >> 32) as u32, ids as u32);
+    let (limit_kind, limit_id) = crate::ratelimit::limit_of(limit);
     let pkt = &pc.pkt;
     let (sport, dport) = match pkt.proto {
         proto::TCP | proto::UDP => (u16::from_be(pkt.sport), u16::from_be(pkt.dport)),
@@ -98,9 +108,9 @@ pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, src_id: u32, dst
         proto: pkt.proto,
         family: pkt.family,
         direction: pc.dir,
-        limit_kind: 0,
+        limit_kind,
         suppressed,
-        limit_id: 0,
+        limit_id,
     });
     // Wake the agent only with the event that takes the waiting data past WAKEUP_BYTES (the
     // reserved record counts already): forcing a wakeup with every event above it made each

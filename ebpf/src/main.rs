@@ -13,12 +13,16 @@
 
 #![no_std]
 #![no_main]
+// The atomic read-modify-write intrinsics of `ratelimit` (see there).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod conntrack;
 mod context;
 mod events;
 mod parse;
 mod policy;
+mod ratelimit;
 mod source;
 
 use aya_ebpf::{
@@ -32,7 +36,7 @@ use tollgate_common::{
 use crate::{
     conntrack::Step,
     context::{PacketContext, NO_SOURCE_CHECK},
-    events::{emit, finish},
+    events::{emit, finish, identities},
     parse::{parse, Packet, ParseError},
     policy::{evaluate, live_generation, Evaluation},
     source::{
@@ -201,12 +205,25 @@ fn established<const V4: bool>(pc: &mut PacketContext, entry: &mut FlowValue) ->
         if pc.source.mode != MODE_STRICT_AFTER_NAT {
             entry.validated_ifindex = pc.origin;
         }
+        if pc.source.origin_enforced {
+            entry.metered_ifindex = pc.origin;
+        }
     }
     match conntrack::step::<V4>(pc, entry) {
         Step::Continue => {}
         Step::NewFlow => return Established::NewFlow,
     }
     if conntrack::still_admitted(pc, entry) {
+        // Rate limits: metered once per node, where the packet met Tollgate first (not again
+        // where it leaves, if it was metered at the ingress it entered by).
+        if (entry.rule_limit | entry.sender_limit) != 0
+            && (pc.ingress || pc.origin == 0 || entry.metered_ifindex != pc.origin)
+        {
+            let outcome = ratelimit::meter(pc, entry.rule_limit, entry.sender_limit, 0);
+            if outcome != ratelimit::PASS {
+                return Established::Done(limited(pc, outcome, entry.rule_id, 0));
+            }
+        }
         return Established::Done(finish(Verdict::AllowEstablished));
     }
     Established::Recheck {
@@ -227,12 +244,15 @@ fn source_passes(pc: &PacketContext) -> bool {
 ///
 /// 1. decide: both identities of the flow in its original direction, the rule between them,
 ///    the verdict; and the sender against its origin's binding;
-/// 2. (authentication and rate limits: later gates, here);
-/// 3. track: a new flow gets its two conntrack entries, a tracked one carries on under the
+/// 2. (authentication: a later gate, here);
+/// 3. rate limits: a new flow must pass its rule's limit and its source's quota, as a new
+///    connection and as a packet (over either: refused, no conntrack entry); a re-checked flow
+///    is metered as a packet under the limits of the live policy;
+/// 4. track: a new flow gets its two conntrack entries, a tracked one carries on under the
 ///    live generation; a tracked flow no longer allowed is cut (both entries removed).
 ///
-/// Inlined at its one call site; what it calls (`evaluate`, `track`, `emit`) are BPF-to-BPF
-/// calls, so the call chain stays two frames deep within the 512-byte stack.
+/// Inlined at its one call site; what it calls (`evaluate`, `meter`, `track`, `emit`) are
+/// BPF-to-BPF calls, so the call chain stays two frames deep within the 512-byte stack.
 #[inline(always)]
 fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
     let reply = tracked.unwrap_or(false);
@@ -243,11 +263,24 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
         return drop_spoofed(pc, e.src_id, e.dst_id);
     }
     let d = e.decision;
+    let ids = identities(e.src_id, e.dst_id);
     match d.verdict {
         Verdict::AllowNew | Verdict::AuditWouldDeny => {
+            let sender_limit = if reply { e.dst_limit } else { e.src_limit };
+            // Metered here unless the packet was metered at the ingress it entered by.
+            let metered_here = pc.ingress || !pc.source.origin_enforced;
+            let limited_flow = (e.rule_limit | sender_limit) != 0 && metered_here;
             let verdict = match tracked {
                 Some(_) => {
-                    conntrack::readmit(pc, &d);
+                    // Re-admitted first, so that a packet over a limit leaves the flow under
+                    // the live generation and the next one is not re-decided again.
+                    conntrack::readmit(pc, &e, reply);
+                    if limited_flow {
+                        let outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, 0);
+                        if outcome != ratelimit::PASS {
+                            return limited(pc, outcome, d.rule_id, ids);
+                        }
+                    }
                     if d.verdict == Verdict::AllowNew {
                         Verdict::AllowEstablished
                     } else {
@@ -255,12 +288,23 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
                     }
                 }
                 None => {
-                    conntrack::track(pc, &d);
+                    if limited_flow {
+                        let outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, 1);
+                        if outcome & ratelimit::OUTCOME_MASK == ratelimit::DROP {
+                            // Refused: no conntrack entry, so its next attempt is new again.
+                            return limited(pc, outcome, d.rule_id, ids);
+                        }
+                        if outcome != ratelimit::PASS && d.verdict == Verdict::AllowNew {
+                            conntrack::track(pc, &e);
+                            return limited(pc, outcome, d.rule_id, ids);
+                        }
+                    }
+                    conntrack::track(pc, &e);
                     d.verdict
                 }
             };
             if d.verdict == Verdict::AuditWouldDeny {
-                emit(pc, d.verdict, d.rule_id, e.src_id, e.dst_id);
+                emit(pc, d.verdict, d.rule_id, ids, 0);
             }
             finish(verdict)
         }
@@ -271,16 +315,29 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
             } else {
                 denied
             };
-            emit(pc, verdict, d.rule_id, e.src_id, e.dst_id);
+            emit(pc, verdict, d.rule_id, ids, 0);
             finish(verdict)
         }
     }
 }
 
+/// A packet over a rate limit (`outcome` from `ratelimit::meter`, not `PASS`): dropped, or in
+/// audit passed as a would-drop; an event either way (sampled like every event).
+#[inline(always)]
+fn limited(pc: &PacketContext, outcome: u64, rule_id: u32, ids: u64) -> i32 {
+    let verdict = if outcome & ratelimit::OUTCOME_MASK == ratelimit::DROP {
+        Verdict::DropRateLimited
+    } else {
+        Verdict::AuditWouldDrop
+    };
+    emit(pc, verdict, rule_id, ids, outcome);
+    finish(verdict)
+}
+
 /// Drops a packet whose source may not come from where it came from.
 #[inline(always)]
 fn drop_spoofed(pc: &PacketContext, src_id: u32, dst_id: u32) -> i32 {
-    emit(pc, Verdict::DropSpoofed, 0, src_id, dst_id);
+    emit(pc, Verdict::DropSpoofed, 0, identities(src_id, dst_id), 0);
     finish(Verdict::DropSpoofed)
 }
 
@@ -375,9 +432,9 @@ fn check(ctx: &TcContext) -> CheckResult {
         dst_identity: e.dst_id,
         generation,
         expires_ns: e.decision.expires_ns,
-        rule_limit: 0,
-        src_limit: 0,
-        dst_limit: 0,
+        rule_limit: if spoofed { 0 } else { e.rule_limit },
+        src_limit: if spoofed { 0 } else { e.src_limit },
+        dst_limit: if spoofed { 0 } else { e.dst_limit },
         _pad: 0,
     }
 }

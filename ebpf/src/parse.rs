@@ -88,6 +88,10 @@ pub struct Packet {
     pub icmp_id: u16,
     /// TCP flags byte (FIN, SYN, RST, PSH, ACK, ...), 0 for other protocols.
     pub tcp_flags: u8,
+    /// Bytes of headers in front of the payload, link layer included (TCP: its data offset;
+    /// UDP, ICMP: 8 bytes of L4 header; other protocols: up to the L4 header): what every
+    /// segment of a GSO packet repeats on the wire.
+    pub hdr_len: u16,
 }
 
 impl Packet {
@@ -101,6 +105,7 @@ impl Packet {
         icmp_type: 0xff,
         icmp_id: 0,
         tcp_flags: 0,
+        hdr_len: 0,
     };
 }
 
@@ -324,16 +329,19 @@ fn parse_l4(b: Bounds, l4: usize, ttl: u8, pkt: &mut Packet) -> Result<(), Parse
             pkt.sport = raw16(tcp[0], tcp[1]);
             pkt.dport = raw16(tcp[2], tcp[3]);
             pkt.tcp_flags = tcp[13];
+            pkt.hdr_len = (l4 + (tcp[12] >> 4) as usize * 4) as u16;
         }
         proto::UDP => {
             let udp = header::<8>(b, l4)?;
             pkt.sport = raw16(udp[0], udp[1]);
             pkt.dport = raw16(udp[2], udp[3]);
+            pkt.hdr_len = (l4 + 8) as u16;
         }
         proto::ICMP => {
             let icmp = header::<8>(b, l4)?;
             pkt.icmp_type = icmp[0];
             pkt.icmp_id = raw16(icmp[4], icmp[5]);
+            pkt.hdr_len = (l4 + 8) as u16;
         }
         proto::ICMPV6 => {
             let icmp = header::<8>(b, l4)?;
@@ -343,10 +351,11 @@ fn parse_l4(b: Bounds, l4: usize, ttl: u8, pkt: &mut Packet) -> Result<(), Parse
                 return Err(ParseError::LinkLocalControl);
             }
             pkt.icmp_id = raw16(icmp[4], icmp[5]);
+            pkt.hdr_len = (l4 + 8) as u16;
         }
         // Other protocols (ESP, GRE, SCTP, no-next-header, ...) carry no ports we match on:
         // they are matched by `protocol: ANY` rules only.
-        _ => {}
+        _ => pkt.hdr_len = l4 as u16,
     }
     Ok(())
 }

@@ -127,6 +127,11 @@ pub struct Evaluation {
     pub dst_id: u32,
     /// The packet's sender is one of the node's own addresses.
     pub sender_is_node: bool,
+    /// Rate limits (`TG_LIMITS` ids, 0: none): the deciding rule's, if it allows, and the
+    /// quotas of the flow's source and destination identities.
+    pub rule_limit: u32,
+    pub src_limit: u32,
+    pub dst_limit: u32,
 }
 
 impl Evaluation {
@@ -139,6 +144,9 @@ impl Evaluation {
         src_id: IDENTITY_WORLD,
         dst_id: IDENTITY_WORLD,
         sender_is_node: false,
+        rule_limit: 0,
+        src_limit: 0,
+        dst_limit: 0,
     };
 }
 
@@ -201,6 +209,13 @@ pub fn evaluate(pc: &PacketContext, reply: bool, out: &mut Evaluation) {
     out.src_id = src_id;
     out.dst_id = dst_id;
     out.sender_is_node = sender.is_node_address();
+    out.rule_limit = if out.decision.verdict == Verdict::AllowNew {
+        rule.limit_id
+    } else {
+        0
+    };
+    out.src_limit = src.limit_id;
+    out.dst_limit = dst.limit_id;
 }
 
 /// An identity entry copied out of its map, `id` 0 when no entry covers the address. Scalars,
@@ -210,10 +225,15 @@ pub fn evaluate(pc: &PacketContext, reply: bool, out: &mut Evaluation) {
 struct Found {
     id: u32,
     flags: u32,
+    limit_id: u32,
 }
 
 impl Found {
-    const NONE: Found = Found { id: 0, flags: 0 };
+    const NONE: Found = Found {
+        id: 0,
+        flags: 0,
+        limit_id: 0,
+    };
 
     #[inline(always)]
     fn id_or_world(self) -> u32 {
@@ -230,7 +250,7 @@ impl Found {
             && IdentityValue {
                 id: self.id,
                 flags: self.flags,
-                limit_id: 0,
+                limit_id: self.limit_id,
                 _pad: 0,
             }
             .is_node_address()
@@ -291,5 +311,6 @@ fn identity_lookup(family: u8, slot: u32, lookup_flags: u32, addr: &[u8; 16]) ->
     Found {
         id: v.id,
         flags: v.flags,
+        limit_id: v.limit_id,
     }
 }

@@ -73,6 +73,9 @@ pub struct SourceCheck {
     pub origin: u32,
     /// The identity the origin is bound to in the live slot, or 0.
     pub bound_identity: u32,
+    /// The origin runs Tollgate's ingress program (`INTERFACE_FLAG_ENFORCED`; at an ingress
+    /// hook, this very program): the packet was metered against its rate limits there.
+    pub origin_enforced: bool,
 }
 
 /// How to check a packet that entered by `origin` (0: the node's own packet), at an ingress
@@ -83,6 +86,7 @@ pub fn source_check(origin: u32, slot: u32, ingress: bool) -> SourceCheck {
         mode: MODE_NONE,
         origin: 0,
         bound_identity: 0,
+        origin_enforced: false,
     };
     if origin == 0 {
         return none;
@@ -102,7 +106,10 @@ pub fn source_check(origin: u32, slot: u32, ingress: bool) -> SourceCheck {
     } else if flags & (INTERFACE_FLAG_UPLINK | INTERFACE_FLAG_ENFORCED) != 0 {
         // Checked at that interface's ingress (an uplink without a program is world, whatever
         // its source: only its own ingress sees it before the node's NAT).
-        return none;
+        return SourceCheck {
+            origin_enforced: flags & INTERFACE_FLAG_ENFORCED != 0,
+            ..none
+        };
     } else {
         MODE_STRICT_AFTER_NAT
     };
@@ -114,6 +121,7 @@ pub fn source_check(origin: u32, slot: u32, ingress: bool) -> SourceCheck {
         } else {
             bound_identity
         },
+        origin_enforced: ingress,
     }
 }
 
