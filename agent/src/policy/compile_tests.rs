@@ -592,6 +592,7 @@ fn hundred_thousand_rules_compile() {
             }],
             mode: None,
             expires: None,
+            rate_limit: None,
         })
         .collect();
     let policy = Policy {
@@ -599,6 +600,7 @@ fn hundred_thousand_rules_compile() {
         mode: Mode::Enforce,
         identities,
         rules,
+        rate_limits: Vec::new(),
         source_text: String::new(),
     };
     let c = compile_policy(&policy, 0, &CLOCK, &[]);
