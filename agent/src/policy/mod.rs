@@ -25,7 +25,9 @@ mod parse_tests;
 
 use std::{borrow::Cow, io::Read as _, path::Path, time::SystemTime};
 
-pub use compile::{compile_policy, ClockReading, CompiledPolicy, PolicyNames};
+pub use compile::{
+    compile_policy, ClockReading, CompiledLimit, CompiledPolicy, LimitOwner, PolicyNames,
+};
 use tollgate_common::{proto, ratelimit};
 
 /// The only `apiVersion` this version reads.
