@@ -6,9 +6,15 @@
 //! one rule that should decide it (latest expiry, then enforce before audit, then policy order).
 //! A narrower grant can therefore never shadow a broader, longer-lived one. Runs in
 //! O(n log n) in the number of rules and CIDRs.
+//!
+//! Rate limits compile to [`CompiledLimit`]s, one per rule `rateLimit` and per identity quota.
+//! Entries refer to them by position (`limit_id` = index in [`CompiledPolicy::limits`] + 1, 0
+//! for none); the loader turns positions into `TG_LIMITS` bucket ids, keeping the bucket of a
+//! limit whose [`CompiledLimit::fingerprint`] the live policy already has.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    fmt,
     mem::MaybeUninit,
     net::IpAddr,
     sync::Arc,
@@ -22,6 +28,7 @@ use tollgate_common::{
         IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS,
     },
     ports::for_each_prefix,
+    ratelimit::{self, LIMIT_FLAG_AUDIT, LIMIT_KINDS},
     rule::{
         is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_ID_NONE,
         RULE_PAIR_PREFIX_BITS, RULE_PROTO_PREFIX_BITS,
@@ -31,7 +38,7 @@ use tollgate_common::{
     LOOKUP_IDENTITY_V6_CIDRS, LOOKUP_RULE_PREFIXES, POLICY_FLAG_AUDIT,
 };
 
-use super::{validate::net_range, Mode, Policy, Protocol};
+use super::{validate::net_range, KindLimit, Mode, Policy, Protocol, RateLimit};
 
 /// One simultaneous reading of the wall clock and the boot clock: policies state expiries in
 /// wall-clock time, the kernel compares them with CLOCK_BOOTTIME.
@@ -91,6 +98,9 @@ pub struct CompiledPolicy {
     pub identities_v6: Vec<(u32, IdentityKeyV6, IdentityValue)>,
     /// (LPM prefix_len, key, value). No two entries of one pair and protocol overlap.
     pub rules: Vec<(u32, RuleKey, RuleValue)>,
+    /// The rate limits: rules' `rateLimit` in rule order, then `spec.rateLimits` in file order.
+    /// `limit_id` N in the entries above is `limits[N - 1]`; 0 is none.
+    pub limits: Vec<CompiledLimit>,
     /// What the numbers in the maps mean; kept after the entries are written, so that events
     /// and `check` name rules and identities as this generation numbered them.
     pub names: Arc<PolicyNames>,
@@ -129,6 +139,139 @@ impl CompiledPolicy {
     /// The identity interface `name` is bound to, or 0 when it is not bound.
     pub fn bound_identity(&self, name: &str) -> IdentityId {
         self.names.bound_identity(name)
+    }
+}
+
+/// Whose a rate limit is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LimitOwner {
+    /// A rule's `rateLimit`, by rule name.
+    Rule(String),
+    /// A quota of `spec.rateLimits`, by identity name (a declared identity or `host`).
+    Identity(String),
+}
+
+impl fmt::Display for LimitOwner {
+    /// `rule login`, `identity frontend`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitOwner::Rule(name) => write!(f, "rule {name}"),
+            LimitOwner::Identity(name) => write!(f, "identity {name}"),
+        }
+    }
+}
+
+/// One rate limit as the loader installs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledLimit {
+    pub owner: LimitOwner,
+    /// As written, for display ([`RateLimit::describe`]).
+    pub limit: RateLimit,
+    /// Indexed by `ratelimit::kind::*`, defaults applied.
+    pub kinds: [Option<KindLimit>; LIMIT_KINDS],
+    /// `LIMIT_FLAG_AUDIT` or 0.
+    pub flags: u32,
+    /// `ratelimit::fingerprint` of a canonical text of the owner, the kinds and the flags:
+    /// the same in every compile of the same limit, whatever else the policy holds, and
+    /// different when any of them changes. A policy swap keeps the bucket (its token state) of
+    /// a limit whose fingerprint the live policy has.
+    pub fingerprint: u64,
+}
+
+impl CompiledLimit {
+    fn new(owner: LimitOwner, limit: &RateLimit, audit: bool) -> Self {
+        let kinds = limit.kinds();
+        let flags = if audit { LIMIT_FLAG_AUDIT } else { 0 };
+        let fingerprint = ratelimit::fingerprint(Self::canonical(&owner, &kinds, flags).as_bytes());
+        Self {
+            owner,
+            limit: limit.clone(),
+            kinds,
+            flags,
+            fingerprint,
+        }
+    }
+
+    /// The text the fingerprint hashes, count/period in ns/burst per kind:
+    /// `v1;rule login;flags=0;packets=-;bytes=-;connections=5/60000000000/5`. Numbers as the kernel will use them, so
+    /// `connectionsPerMinute: 60` and `connectionsPerSecond: 1` differ (their default bursts
+    /// do too). Owner names are DNS labels, so no name can forge a separator.
+    fn canonical(
+        owner: &LimitOwner,
+        kinds: &[Option<KindLimit>; LIMIT_KINDS],
+        flags: u32,
+    ) -> String {
+        let mut text = format!("v1;{owner};flags={flags}");
+        for (k, kind) in kinds.iter().enumerate() {
+            let name = ratelimit::kind::NAMES[k];
+            match kind {
+                Some(l) => {
+                    text.push_str(&format!(";{name}={}/{}/{}", l.count, l.period_ns, l.burst))
+                }
+                None => text.push_str(&format!(";{name}=-")),
+            }
+        }
+        text
+    }
+}
+
+/// The limits of `policy` in [`CompiledPolicy::limits`] order, and the `limit_id` (position +
+/// 1, or 0) each rule, each declared identity (by index) and `host` carry.
+struct Limits {
+    limits: Vec<CompiledLimit>,
+    by_rule: Vec<u32>,
+    by_identity: Vec<u32>,
+    host: u32,
+}
+
+fn compile_limits(policy: &Policy) -> Limits {
+    let policy_audit = policy.mode == Mode::Audit;
+    let mut limits = Vec::new();
+    let mut by_rule = vec![0; policy.rules.len()];
+    for (i, rule) in policy.rules.iter().enumerate() {
+        if let Some(limit) = &rule.rate_limit {
+            let audit = policy_audit || rule.mode == Some(Mode::Audit);
+            limits.push(CompiledLimit::new(
+                LimitOwner::Rule(rule.name.clone()),
+                limit,
+                audit,
+            ));
+            by_rule[i] = limits.len() as u32;
+        }
+    }
+    let index: HashMap<&str, usize> = policy
+        .identities
+        .iter()
+        .enumerate()
+        .map(|(i, identity)| (identity.name.as_str(), i))
+        .collect();
+    let mut by_identity = vec![0; policy.identities.len()];
+    let mut host = 0;
+    for quota in &policy.rate_limits {
+        let audit = policy_audit || quota.mode == Some(Mode::Audit);
+        let slot = match quota.identity.as_str() {
+            "host" => &mut host,
+            name => match index.get(name) {
+                Some(&i) => &mut by_identity[i],
+                // Validation rejects quotas of unknown identities and of `world`.
+                None => {
+                    debug_assert!(false, "quota of unknown identity {name}");
+                    continue;
+                }
+            },
+        };
+        limits.push(CompiledLimit::new(
+            LimitOwner::Identity(quota.identity.clone()),
+            &quota.limit,
+            audit,
+        ));
+        *slot = limits.len() as u32;
+    }
+    Limits {
+        limits,
+        by_rule,
+        by_identity,
+        host,
     }
 }
 
@@ -192,7 +335,8 @@ pub fn compile_policy(
     ids.insert("host", IDENTITY_HOST);
     ids.insert("world", IDENTITY_WORLD);
 
-    let (identities_v4, identities_v6) = identity_entries(policy, slot, host_addrs);
+    let limits = compile_limits(policy);
+    let (identities_v4, identities_v6) = identity_entries(policy, slot, host_addrs, &limits);
     let mut bindings: Vec<(String, IdentityId)> = policy
         .identities
         .iter()
@@ -214,7 +358,8 @@ pub fn compile_policy(
         },
         identities_v4,
         identities_v6,
-        rules: rule_entries(policy, slot, clock, &ids),
+        rules: rule_entries(policy, slot, clock, &ids, &limits.by_rule),
+        limits: limits.limits,
         names: Arc::new(PolicyNames {
             rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
             identity_names,
@@ -226,10 +371,13 @@ pub fn compile_policy(
 type IdentityEntriesV4 = Vec<(u32, IdentityKeyV4, IdentityValue)>;
 type IdentityEntriesV6 = Vec<(u32, IdentityKeyV6, IdentityValue)>;
 
+/// Every entry of an identity with a quota carries its `limit_id`: its CIDRs and the node
+/// addresses it claims, and for `host` the node addresses nobody claims.
 fn identity_entries(
     policy: &Policy,
     slot: u32,
     host_addrs: &[IpAddr],
+    limits: &Limits,
 ) -> (IdentityEntriesV4, IdentityEntriesV6) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
@@ -241,6 +389,7 @@ fn identity_entries(
         let value = IdentityValue {
             id: IDENTITY_FIRST_USER + i as u32,
             flags: 0,
+            limit_id: limits.by_identity[i],
             ..Default::default()
         };
         for net in &identity.cidrs {
@@ -274,6 +423,7 @@ fn identity_entries(
     let host = IdentityValue {
         id: IDENTITY_HOST,
         flags: 0,
+        limit_id: limits.host,
         ..Default::default()
     };
     let mut seen_host: HashSet<IpAddr> = HashSet::new();
@@ -293,6 +443,7 @@ fn identity_entries(
                 Some(id) => IdentityValue {
                     id,
                     flags: IDENTITY_FLAG_NODE_ADDRESS,
+                    limit_id: limits.by_identity[(id - IDENTITY_FIRST_USER) as usize],
                     ..Default::default()
                 },
                 None => continue,
@@ -397,6 +548,7 @@ fn rule_entries(
     slot: u32,
     clock: &ClockReading,
     ids: &HashMap<&str, IdentityId>,
+    limit_ids: &[u32],
 ) -> Vec<(u32, RuleKey, RuleValue)> {
     let ranks: Vec<Rank> = (0..policy.rules.len()).map(|i| rank(policy, i)).collect();
     let expiries: Vec<u64> = policy
@@ -412,7 +564,7 @@ fn rule_entries(
                 _ => 0,
             },
         expires_ns: expiries[rule],
-        limit_id: 0,
+        limit_id: limit_ids[rule],
         _reserved: 0,
     };
 
@@ -483,7 +635,8 @@ fn rule_entries(
             entries.push((RULE_PAIR_PREFIX_BITS, pair_key, allow(best_any)));
         } else if let Some(audit) = best_audit {
             // Traffic of this pair that no rule allows matches this instead of nothing, so its
-            // deny is a would-deny naming the audit rule (see `decide`).
+            // deny is a would-deny naming the audit rule (see `decide`). It admits nothing, so
+            // it carries no limit.
             let fallback = RuleValue {
                 rule_id: audit as RuleId + 1,
                 flags: RULE_FLAG_AUDIT,

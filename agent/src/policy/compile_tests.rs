@@ -9,6 +9,7 @@ use std::{
 use tollgate_common::{
     decide,
     identity::{IDENTITY_FIRST_USER, IDENTITY_HOST, IDENTITY_WORLD},
+    ratelimit::{kind, LIMIT_FLAG_AUDIT},
     rule::{
         RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FULL_PREFIX_BITS, RULE_PAIR_PREFIX_BITS,
         RULE_PROTO_PREFIX_BITS,
@@ -592,6 +593,7 @@ fn hundred_thousand_rules_compile() {
             }],
             mode: None,
             expires: None,
+            rate_limit: None,
         })
         .collect();
     let policy = Policy {
@@ -599,10 +601,396 @@ fn hundred_thousand_rules_compile() {
         mode: Mode::Enforce,
         identities,
         rules,
+        rate_limits: Vec::new(),
         source_text: String::new(),
     };
     let c = compile_policy(&policy, 0, &CLOCK, &[]);
     assert_eq!(c.rules.len(), 100_000);
     assert_eq!(c.identities_v4.len(), 1000);
     assert_eq!(c.names.rule_names.len(), 100_000);
+}
+
+/// A policy with identities a, b, c, the given rules (whole flow mappings' contents, names
+/// included) and quotas (`spec.rateLimits` entries' contents).
+fn limits_policy(mode: &str, rules: &[&str], quotas: &[&str]) -> Policy {
+    let mut text = format!(
+        "apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{ name: test }}
+spec:
+  mode: {mode}
+  identities:
+    - {{ name: a, cidrs: [10.0.1.0/24, \"fd00:1::/64\"] }}
+    - {{ name: b, cidrs: [10.0.2.0/24] }}
+    - {{ name: c, cidrs: [10.0.3.1, \"fd00:3::1\"] }}
+  rules:
+"
+    );
+    for rule in rules {
+        text.push_str(&format!("    - {{ {rule} }}\n"));
+    }
+    if !quotas.is_empty() {
+        text.push_str("  rateLimits:\n");
+        for quota in quotas {
+            text.push_str(&format!("    - {{ {quota} }}\n"));
+        }
+    }
+    parse_policy(&text, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn compile_limits(mode: &str, rules: &[&str], quotas: &[&str]) -> CompiledPolicy {
+    compile_policy(&limits_policy(mode, rules, quotas), 0, &CLOCK, &[])
+}
+
+/// The limit of `owner` in `c`: its position (limit_id) and itself.
+fn limit_of<'c>(c: &'c CompiledPolicy, owner: &LimitOwner) -> (u32, &'c CompiledLimit) {
+    let i = c
+        .limits
+        .iter()
+        .position(|l| l.owner == *owner)
+        .unwrap_or_else(|| panic!("no limit of {owner}"));
+    (i as u32 + 1, &c.limits[i])
+}
+
+fn rule_owner(name: &str) -> LimitOwner {
+    LimitOwner::Rule(name.to_owned())
+}
+
+fn identity_owner(name: &str) -> LimitOwner {
+    LimitOwner::Identity(name.to_owned())
+}
+
+#[test]
+fn policy_without_limits_compiles_none() {
+    let c = compile(&["from: a, to: b, ports: [{ protocol: TCP }]"]);
+    assert!(c.limits.is_empty());
+    assert!(c.rules.iter().all(|(_, _, v)| v.limit_id == 0));
+    assert!(c.identities_v4.iter().all(|(_, _, v)| v.limit_id == 0));
+}
+
+#[test]
+fn rule_limits_are_numbered_in_rule_order_then_quotas_in_file_order() {
+    let c = compile_limits(
+        "enforce",
+        &[
+            "name: plain, from: a, to: b, ports: [{ protocol: TCP, port: 80 }]",
+            "name: login, from: a, to: b, ports: [{ protocol: TCP, port: 22 }], \
+             rateLimit: { connectionsPerMinute: 5 }",
+            "name: bulk, from: b, to: c, ports: [{ protocol: UDP }], \
+             rateLimit: { packetsPerSecond: 1000, bytesPerSecond: 1048576, burst: 10 }",
+        ],
+        &[
+            "identity: c, connectionsPerSecond: 100, burst: 200",
+            "identity: a, packetsPerSecond: 50",
+        ],
+    );
+    let owners: Vec<String> = c.limits.iter().map(|l| l.owner.to_string()).collect();
+    assert_eq!(
+        owners,
+        ["rule login", "rule bulk", "identity c", "identity a"]
+    );
+    let bulk = &c.limits[1];
+    assert_eq!(bulk.kinds, bulk.limit.kinds());
+    assert_eq!(
+        bulk.kinds[kind::PACKETS],
+        Some(KindLimit {
+            count: 1000,
+            period_ns: SEC,
+            burst: 10
+        })
+    );
+    assert_eq!(bulk.kinds[kind::CONNECTIONS], None);
+    assert_eq!(
+        bulk.limit.describe(),
+        "1000 packets/s (burst 10), 1048576 bytes/s (burst 1048576)"
+    );
+    assert_eq!(bulk.flags, 0);
+    assert_ne!(bulk.fingerprint, 0);
+}
+
+#[test]
+fn allowing_entries_of_a_limited_rule_carry_its_position() {
+    let c = compile_limits(
+        "enforce",
+        &[
+            "name: plain, from: a, to: b, ports: [{ protocol: TCP, port: 80 }]",
+            "name: login, from: a, to: b, ports: [{ protocol: TCP, port: 22 }], \
+             rateLimit: { connectionsPerMinute: 5 }",
+            "name: range, from: b, to: c, ports: [{ protocol: UDP, port: 9000, endPort: 9100 }, \
+             { protocol: ICMP }], rateLimit: { packetsPerSecond: 10 }",
+            "name: any, from: c, to: a, ports: [{ protocol: ANY }], \
+             rateLimit: { bytesPerSecond: 4096 }",
+        ],
+        &[],
+    );
+    assert_eq!(lookup(&c, A, B, TCP, 22).unwrap().limit_id, 1);
+    assert_eq!(lookup(&c, A, B, TCP, 80).unwrap().limit_id, 0);
+    // Every entry of the port range (aligned blocks) and of its ICMP entry.
+    let range_entries: Vec<_> = c.rules.iter().filter(|(_, _, v)| v.rule_id == 3).collect();
+    assert!(range_entries.len() > 2, "{range_entries:?}");
+    assert!(range_entries.iter().all(|(_, _, v)| v.limit_id == 2));
+    for port in [9000, 9050, 9100] {
+        assert_eq!(lookup(&c, B, C, UDP, port).unwrap().limit_id, 2);
+    }
+    assert_eq!(lookup(&c, B, C, ICMP, 0).unwrap().limit_id, 2);
+    assert_eq!(lookup(&c, C, A, GRE, 0).unwrap().limit_id, 3);
+    assert_eq!(lookup(&c, C, A, TCP, 443).unwrap().limit_id, 3);
+}
+
+#[test]
+fn a_port_decided_by_another_rule_carries_that_rules_limit() {
+    let c = compile_limits(
+        "enforce",
+        &[
+            "name: grant, from: a, to: b, ports: [{ protocol: TCP, port: 8000, endPort: 9000 }], \
+             expires: \"2030-01-01T00:00:00Z\", rateLimit: { connectionsPerSecond: 10 }",
+            "name: standing, from: a, to: b, ports: [{ protocol: TCP, port: 8080 }]",
+        ],
+        &[],
+    );
+    let at_8080 = lookup(&c, A, B, TCP, 8080).unwrap();
+    assert_eq!((at_8080.rule_id, at_8080.limit_id), (2, 0));
+    let at_8081 = lookup(&c, A, B, TCP, 8081).unwrap();
+    assert_eq!((at_8081.rule_id, at_8081.limit_id), (1, 1));
+}
+
+#[test]
+fn audit_fallback_entries_carry_no_limit() {
+    let c = compile_limits(
+        "enforce",
+        &[
+            "name: trial, from: a, to: b, ports: [{ protocol: TCP, port: 80 }], mode: audit, \
+           rateLimit: { packetsPerSecond: 100 }",
+        ],
+        &[],
+    );
+    let allowed = lookup(&c, A, B, TCP, 80).unwrap();
+    assert_eq!(allowed.flags, RULE_FLAG_ALLOW | RULE_FLAG_AUDIT);
+    assert_eq!(allowed.limit_id, 1);
+    let fallback = lookup_entry(&c, A, B, UDP, 53).unwrap();
+    assert_eq!(fallback.0, RULE_PAIR_PREFIX_BITS);
+    assert_eq!(
+        (fallback.1.rule_id, fallback.1.flags, fallback.1.limit_id),
+        (1, RULE_FLAG_AUDIT, 0)
+    );
+}
+
+#[test]
+fn every_entry_of_an_identity_with_a_quota_carries_it() {
+    use tollgate_common::identity::IDENTITY_FLAG_NODE_ADDRESS;
+    // 10.0.1.5 is a node address inside a's CIDR, 10.0.2.5 one inside b's (no quota), and
+    // 192.168.1.1 and 2001:db8::1 are the node's own (host).
+    let host_addrs: Vec<IpAddr> = ["10.0.1.5", "10.0.2.5", "192.168.1.1", "2001:db8::1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let policy = limits_policy(
+        "enforce",
+        &["name: r, from: a, to: b, ports: [{ protocol: TCP }], \
+           rateLimit: { packetsPerSecond: 5 }"],
+        &[
+            "identity: c, connectionsPerSecond: 100",
+            "identity: host, packetsPerSecond: 1000",
+            "identity: a, bytesPerSecond: 1048576",
+        ],
+    );
+    let c = compile_policy(&policy, 0, &CLOCK, &host_addrs);
+    let (quota_c, _) = limit_of(&c, &identity_owner("c"));
+    let (quota_host, _) = limit_of(&c, &identity_owner("host"));
+    let (quota_a, _) = limit_of(&c, &identity_owner("a"));
+    assert_eq!((quota_c, quota_host, quota_a), (2, 3, 4));
+    let expected = |id: u32| match id {
+        A => quota_a,
+        C => quota_c,
+        IDENTITY_HOST => quota_host,
+        _ => 0,
+    };
+    let v4: Vec<_> = c.identities_v4.iter().map(|(_, _, v)| *v).collect();
+    let v6: Vec<_> = c.identities_v6.iter().map(|(_, _, v)| *v).collect();
+    for v in v4.iter().chain(&v6) {
+        assert_eq!(v.limit_id, expected(v.id), "{v:?}");
+    }
+    // The kinds of entry that must be there: a's CIDRs (v4 and v6), c's exact addresses, a's
+    // node address, b's node address (no quota), host's addresses.
+    let has = |entries: &[IdentityValue], id, flags| {
+        entries
+            .iter()
+            .any(|v| v.id == id && v.flags == flags && v.limit_id == expected(id))
+    };
+    assert!(has(&v4, A, 0) && has(&v6, A, 0));
+    assert!(has(&v4, C, 0) && has(&v6, C, 0));
+    assert!(has(&v4, A, IDENTITY_FLAG_NODE_ADDRESS));
+    assert!(has(&v4, B, IDENTITY_FLAG_NODE_ADDRESS));
+    assert!(has(&v4, IDENTITY_HOST, 0) && has(&v6, IDENTITY_HOST, 0));
+    let c_exact = c
+        .identities_v4
+        .iter()
+        .find(|(_, k, _)| k.addr == [10, 0, 3, 1])
+        .unwrap();
+    assert_eq!((c_exact.0, c_exact.2.limit_id), (64, quota_c));
+}
+
+#[test]
+fn a_node_address_an_identity_lists_itself_keeps_its_quota() {
+    // c's own /32 is a node address: one entry, marked, with c's quota.
+    let policy = limits_policy("enforce", &[], &["identity: c, packetsPerSecond: 10"]);
+    let c = compile_policy(&policy, 0, &CLOCK, &["10.0.3.1".parse().unwrap()]);
+    let entries: Vec<_> = c
+        .identities_v4
+        .iter()
+        .filter(|(_, k, _)| k.addr == [10, 0, 3, 1])
+        .collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].2.limit_id, 1);
+    assert_ne!(
+        entries[0].2.flags & tollgate_common::identity::IDENTITY_FLAG_NODE_ADDRESS,
+        0
+    );
+}
+
+#[test]
+fn audit_flag_comes_from_the_policy_the_rule_or_the_quota() {
+    let rules = [
+        "name: quiet, from: a, to: b, ports: [{ protocol: TCP }], \
+         rateLimit: { packetsPerSecond: 5 }",
+        "name: trial, from: b, to: c, ports: [{ protocol: TCP }], mode: audit, \
+         rateLimit: { packetsPerSecond: 5 }",
+        "name: strict, from: c, to: a, ports: [{ protocol: TCP }], mode: enforce, \
+         rateLimit: { packetsPerSecond: 5 }",
+    ];
+    let quotas = [
+        "identity: a, packetsPerSecond: 5",
+        "identity: b, mode: audit, packetsPerSecond: 5",
+        "identity: c, mode: enforce, packetsPerSecond: 5",
+    ];
+    let flags = |c: &CompiledPolicy| -> Vec<u32> { c.limits.iter().map(|l| l.flags).collect() };
+    let enforce = compile_limits("enforce", &rules, &quotas);
+    assert_eq!(
+        flags(&enforce),
+        [0, LIMIT_FLAG_AUDIT, 0, 0, LIMIT_FLAG_AUDIT, 0]
+    );
+    // Policy audit puts every limit in audit; a `mode: enforce` cannot take it out.
+    let audit = compile_limits("audit", &rules, &quotas);
+    assert_eq!(flags(&audit), [LIMIT_FLAG_AUDIT; 6]);
+}
+
+#[test]
+fn fingerprints_are_stable_across_compiles_and_unrelated_changes() {
+    let login = "name: login, from: a, to: b, ports: [{ protocol: TCP, port: 22 }], \
+                 rateLimit: { connectionsPerMinute: 5 }";
+    let bulk = "name: bulk, from: b, to: c, ports: [{ protocol: UDP }], \
+                rateLimit: { bytesPerSecond: 1048576, burstBytes: 65536 }";
+    let quota = "identity: c, connectionsPerSecond: 100, burst: 200";
+    let first = compile_limits("enforce", &[login, bulk], &[quota]);
+    let again = compile_limits("enforce", &[login, bulk], &[quota]);
+    assert_eq!(first.limits, again.limits);
+    // Other rules and quotas added, everything reordered: positions move, fingerprints stay.
+    let changed = compile_limits(
+        "enforce",
+        &[
+            "name: web, from: world, to: a, ports: [{ protocol: TCP, port: 443 }], \
+             rateLimit: { packetsPerSecond: 100 }",
+            "name: dns, from: a, to: c, ports: [{ protocol: UDP, port: 53 }]",
+            login,
+            bulk,
+        ],
+        &["identity: a, packetsPerSecond: 50", quota],
+    );
+    for owner in [rule_owner("login"), rule_owner("bulk"), identity_owner("c")] {
+        let (before_at, before) = limit_of(&first, &owner);
+        let (after_at, after) = limit_of(&changed, &owner);
+        assert_eq!(before.fingerprint, after.fingerprint, "{owner}");
+        assert_eq!(before, after, "{owner}");
+        assert_ne!(
+            before_at, after_at,
+            "{owner} moved, and its entries follow it"
+        );
+    }
+    assert_eq!(lookup(&changed, A, B, TCP, 22).unwrap().limit_id, 2);
+    assert_eq!(lookup(&changed, B, C, UDP, 1).unwrap().limit_id, 3);
+}
+
+#[test]
+fn fingerprints_change_with_rate_burst_mode_and_owner() {
+    let base = "name: login, from: a, to: b, ports: [{ protocol: TCP, port: 22 }], \
+                rateLimit: { connectionsPerMinute: 5 }";
+    let variants = [
+        base.to_owned(),
+        // The rate.
+        base.replace("connectionsPerMinute: 5", "connectionsPerMinute: 6"),
+        // The same count per second.
+        base.replace("connectionsPerMinute: 5", "connectionsPerSecond: 5"),
+        // The burst.
+        base.replace(
+            "connectionsPerMinute: 5",
+            "connectionsPerMinute: 5, burst: 4",
+        ),
+        // Another kind.
+        base.replace("connectionsPerMinute: 5", "packetsPerMinute: 5"),
+        // The mode.
+        base.replace("rateLimit", "mode: audit, rateLimit"),
+        // The owner.
+        base.replace("name: login", "name: ssh"),
+    ];
+    let fingerprints: Vec<u64> = variants
+        .iter()
+        .map(|rule| compile_limits("enforce", &[rule], &[]).limits[0].fingerprint)
+        .collect();
+    for (i, f) in fingerprints.iter().enumerate() {
+        for (j, g) in fingerprints.iter().enumerate().skip(i + 1) {
+            assert_ne!(f, g, "{} vs {}", variants[i], variants[j]);
+        }
+    }
+    // The policy's mode is the limit's mode too: in an audit policy the limit is the one the
+    // rule's own `mode: audit` makes.
+    let audit = compile_limits("audit", &[base], &[]).limits[0].fingerprint;
+    assert_ne!(audit, fingerprints[0]);
+    assert_eq!(audit, fingerprints[5]);
+    // A burst written as its default is the same limit.
+    let explicit = base.replace(
+        "connectionsPerMinute: 5",
+        "connectionsPerMinute: 5, burst: 5",
+    );
+    assert_eq!(
+        compile_limits("enforce", &[&explicit], &[]).limits[0].fingerprint,
+        fingerprints[0]
+    );
+}
+
+#[test]
+fn quota_fingerprints_name_the_identity_not_its_number() {
+    let quota = "identity: b, packetsPerSecond: 5";
+    let a_quota = compile_limits("enforce", &[], &["identity: a, packetsPerSecond: 5"]);
+    let b_quota = compile_limits("enforce", &[], &[quota]);
+    assert_ne!(a_quota.limits[0].fingerprint, b_quota.limits[0].fingerprint);
+    // A rule and an identity of the same name are different owners.
+    let rule_b = compile_limits(
+        "enforce",
+        &["name: b, from: a, to: b, ports: [{ protocol: TCP }], \
+           rateLimit: { packetsPerSecond: 5 }"],
+        &[],
+    );
+    assert_ne!(rule_b.limits[0].fingerprint, b_quota.limits[0].fingerprint);
+    // b declared first instead of second: a different id, the same quota.
+    let text = format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: t }}\nspec:\n  \
+         identities:\n    - {{ name: b, cidrs: [10.0.2.0/24] }}\n    - \
+         {{ name: a, cidrs: [10.0.1.0/24] }}\n  rateLimits:\n    - {{ {quota} }}\n"
+    );
+    let reordered = compile_policy(&parse_policy(&text, "t.yaml").unwrap(), 0, &CLOCK, &[]);
+    assert_eq!(
+        reordered.limits[0].fingerprint,
+        b_quota.limits[0].fingerprint
+    );
+    assert_eq!(identity_v4(&reordered, Ipv4Addr::new(10, 0, 2, 1)), A);
+    assert!(reordered
+        .identities_v4
+        .iter()
+        .all(|(_, _, v)| v.limit_id == u32::from(v.id == A)));
+}
+
+#[test]
+fn limit_owners_display_as_status_names_them() {
+    assert_eq!(rule_owner("login").to_string(), "rule login");
+    assert_eq!(identity_owner("frontend").to_string(), "identity frontend");
 }

@@ -8,7 +8,7 @@
 //! reference for the format and for these semantics.
 //!
 //! Field paths in errors are relative to `spec` for everything under it (`rules[2].to`,
-//! `identities[1].cidrs[0]`, `rateLimits`) and document paths otherwise (`apiVersion`, `kind`,
+//! `identities[1].cidrs[0]`, `rateLimits[0].identity`) and document paths otherwise (`apiVersion`, `kind`,
 //! `metadata.name`, `spec`).
 
 mod compile;
@@ -25,8 +25,10 @@ mod parse_tests;
 
 use std::{borrow::Cow, io::Read as _, path::Path, time::SystemTime};
 
-pub use compile::{compile_policy, ClockReading, CompiledPolicy, PolicyNames};
-use tollgate_common::proto;
+pub use compile::{
+    compile_policy, ClockReading, CompiledLimit, CompiledPolicy, LimitOwner, PolicyNames,
+};
+use tollgate_common::{proto, ratelimit};
 
 /// The only `apiVersion` this version reads.
 pub const API_VERSION: &str = "tollgate.dev/v1alpha1";
@@ -160,6 +162,143 @@ pub struct Rule {
     /// `None` when the rule does not say; the policy's mode applies.
     pub mode: Option<Mode>,
     pub expires: Option<SystemTime>,
+    /// Meters both directions of the flows this rule admits.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// The period a rate is written per: `packetsPerSecond` or `packetsPerMinute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Per {
+    Second,
+    Minute,
+}
+
+impl Per {
+    /// The period in nanoseconds.
+    pub fn ns(self) -> u64 {
+        match self {
+            Per::Second => 1_000_000_000,
+            Per::Minute => 60 * 1_000_000_000,
+        }
+    }
+
+    /// `s` or `min`, as in `5 connections/min`.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Per::Second => "s",
+            Per::Minute => "min",
+        }
+    }
+
+    /// `second` or `minute`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Per::Second => "second",
+            Per::Minute => "minute",
+        }
+    }
+}
+
+/// `count` units (packets, bytes or connections) per `per`. After validation: within the
+/// bounds of its kind (docs/policy.md), so [`tollgate_common::ratelimit::LimitRate::new`]
+/// accepts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub count: u64,
+    pub per: Per,
+}
+
+/// A rule's `rateLimit` or the rates of an identity's quota, as written. At least one kind is
+/// set; `burst` only with packets or connections, `burst_bytes` only with bytes; every burst
+/// is at most one hour of its rate. [`RateLimit::kinds`] applies the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    pub packets: Option<Rate>,
+    pub bytes: Option<Rate>,
+    pub connections: Option<Rate>,
+    /// The burst of packets and of connections, a count; default: each kind's own rate count.
+    pub burst: Option<u64>,
+    /// The burst of bytes; default: the byte rate's count.
+    pub burst_bytes: Option<u64>,
+}
+
+/// One kind with defaults applied: `count` units per `period_ns`, `burst` at once from a full
+/// bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KindLimit {
+    pub count: u64,
+    pub period_ns: u64,
+    pub burst: u64,
+}
+
+impl KindLimit {
+    /// The kernel's rate for this limit as kind `kind` (`ratelimit::kind::*`), on a clock of
+    /// `tick_ns` resolution. Validation built every limit of a policy with a tick of 1 ns, and a
+    /// coarser tick only raises the tolerance, so this succeeds for any validated policy.
+    pub fn limit_rate(
+        &self,
+        kind: usize,
+        tick_ns: u64,
+    ) -> Result<ratelimit::LimitRate, ratelimit::RateError> {
+        ratelimit::LimitRate::new(
+            self.count,
+            self.period_ns,
+            self.burst,
+            tick_ns,
+            ratelimit::MAX_UNITS[kind],
+        )
+    }
+}
+
+impl RateLimit {
+    /// The limited kinds, indexed by `tollgate_common::ratelimit::kind::*`, bursts defaulted to
+    /// the count written (one period's worth).
+    pub fn kinds(&self) -> [Option<KindLimit>; ratelimit::LIMIT_KINDS] {
+        let with = |rate: Option<Rate>, burst: Option<u64>| {
+            rate.map(|r| KindLimit {
+                count: r.count,
+                period_ns: r.per.ns(),
+                burst: burst.unwrap_or(r.count),
+            })
+        };
+        let mut kinds = [None; ratelimit::LIMIT_KINDS];
+        kinds[ratelimit::kind::PACKETS] = with(self.packets, self.burst);
+        kinds[ratelimit::kind::BYTES] = with(self.bytes, self.burst_bytes);
+        kinds[ratelimit::kind::CONNECTIONS] = with(self.connections, self.burst);
+        kinds
+    }
+
+    /// One line for `status` and `check`, kinds in index order with their effective bursts:
+    /// `1000 packets/s (burst 10), 5 connections/min (burst 5)`.
+    pub fn describe(&self) -> String {
+        let rates = [self.packets, self.bytes, self.connections];
+        self.kinds()
+            .iter()
+            .zip(rates)
+            .enumerate()
+            .filter_map(|(kind, (limit, rate))| {
+                let (limit, rate) = (limit.as_ref()?, rate?);
+                Some(format!(
+                    "{} {}/{} (burst {})",
+                    rate.count,
+                    ratelimit::kind::NAMES[kind],
+                    rate.per.unit(),
+                    limit.burst
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// An entry of `spec.rateLimits`: a quota over all the traffic `identity` sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityQuota {
+    /// A declared identity or `host` (never `world`); no two quotas name one identity.
+    pub identity: String,
+    /// `None` when the entry does not say; the policy's mode applies.
+    pub mode: Option<Mode>,
+    pub limit: RateLimit,
 }
 
 /// A validated policy. Built by [`parse_policy`]; [`compile_policy`] relies on its invariants
@@ -170,6 +309,8 @@ pub struct Policy {
     pub mode: Mode,
     pub identities: Vec<Identity>,
     pub rules: Vec<Rule>,
+    /// Per-identity quotas (`spec.rateLimits`), in file order.
+    pub rate_limits: Vec<IdentityQuota>,
     /// The YAML it was parsed from, so `tollgate policy get` returns what the user wrote.
     pub source_text: String,
 }

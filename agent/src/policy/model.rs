@@ -7,9 +7,12 @@
 //! are stored compactly: `Box<str>` and `Box<[T]>` are a third smaller than `String` and `Vec`,
 //! and carry no spare capacity (a `Vec` filled one element at a time keeps room for four).
 //!
-//! Fields this version parses but refuses (`rateLimits`, `rateLimit`, `authentication`) are
-//! kept as [`Present`] markers: they must be known field names, so the user is told they are not
-//! supported yet instead of "unknown field", and their content is never looked at.
+//! Fields this version parses but refuses (`authentication`) are kept as [`Present`] markers:
+//! they must be known field names, so the user is told they are not supported yet instead of
+//! "unknown field", and their content is never looked at.
+//!
+//! Rate numbers are read as `i64`, wider than the `u64` they become, so that `-5` gets
+//! validation's message rather than serde's type error.
 
 use serde::{de::IgnoredAny, Deserialize, Deserializer};
 
@@ -34,8 +37,7 @@ pub(super) struct Spec {
     pub mode: Option<String>,
     pub identities: Option<Vec<IdentityEntry>>,
     pub rules: Option<Box<[RuleEntry]>>,
-    #[serde(default, deserialize_with = "present")]
-    pub rate_limits: Option<Present>,
+    pub rate_limits: Option<Vec<QuotaEntry>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,8 +60,58 @@ pub(super) struct RuleEntry {
     pub expires: Option<Box<str>>,
     #[serde(default, deserialize_with = "present")]
     pub authentication: Option<Present>,
-    #[serde(default, deserialize_with = "present")]
-    pub rate_limit: Option<Present>,
+    /// `Some(None)`: written as null or left empty, which is an error, not "no limit". Boxed:
+    /// a 100k-rule policy mostly has none, and eight numbers inline would double every entry.
+    #[serde(default, deserialize_with = "written")]
+    pub rate_limit: Option<Option<Box<RateLimitEntry>>>,
+}
+
+/// A rule's `rateLimit`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RateLimitEntry {
+    pub packets_per_second: Option<i64>,
+    pub packets_per_minute: Option<i64>,
+    pub bytes_per_second: Option<i64>,
+    pub bytes_per_minute: Option<i64>,
+    pub connections_per_second: Option<i64>,
+    pub connections_per_minute: Option<i64>,
+    pub burst: Option<i64>,
+    pub burst_bytes: Option<i64>,
+}
+
+/// An entry of `spec.rateLimits`: the fields of [`RateLimitEntry`] and whose quota it is.
+/// Written out rather than `#[serde(flatten)]`, which cannot deny unknown fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct QuotaEntry {
+    pub identity: Option<String>,
+    pub mode: Option<String>,
+    pub packets_per_second: Option<i64>,
+    pub packets_per_minute: Option<i64>,
+    pub bytes_per_second: Option<i64>,
+    pub bytes_per_minute: Option<i64>,
+    pub connections_per_second: Option<i64>,
+    pub connections_per_minute: Option<i64>,
+    pub burst: Option<i64>,
+    pub burst_bytes: Option<i64>,
+}
+
+impl QuotaEntry {
+    /// (identity, mode, rates).
+    pub fn split(self) -> (Option<String>, Option<String>, RateLimitEntry) {
+        let rates = RateLimitEntry {
+            packets_per_second: self.packets_per_second,
+            packets_per_minute: self.packets_per_minute,
+            bytes_per_second: self.bytes_per_second,
+            bytes_per_minute: self.bytes_per_minute,
+            connections_per_second: self.connections_per_second,
+            connections_per_minute: self.connections_per_minute,
+            burst: self.burst,
+            burst_bytes: self.burst_bytes,
+        };
+        (self.identity, self.mode, rates)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +126,14 @@ pub(super) struct PortEntry {
 /// A field that was written, whatever its value (even `null` or `[]`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Present;
+
+/// An optional field that tells "written as null" (`Some(None)`) from "not written" (`None`,
+/// with `#[serde(default)]`).
+fn written<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
+}
 
 fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Present>, D::Error> {
     IgnoredAny::deserialize(deserializer)?;

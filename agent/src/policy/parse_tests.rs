@@ -613,41 +613,500 @@ fn authentication_is_refused_until_supported() {
     );
 }
 
+/// SHOP with `rate_limit` (a flow mapping's contents) as the rule's `rateLimit`.
+fn with_rule_limit(rate_limit: &str) -> String {
+    edit(
+        "      # mode: audit\n",
+        &format!("      rateLimit: {{ {rate_limit} }}\n"),
+    )
+}
+
+/// SHOP with `spec.rateLimits` listing `quotas` (flow mappings' contents, one per line).
+fn with_quotas(quotas: &[&str]) -> String {
+    let mut text = format!("{SHOP}  rateLimits:\n");
+    for quota in quotas {
+        text.push_str(&format!("    - {{ {quota} }}\n"));
+    }
+    text
+}
+
+/// The error of a rule's `rateLimit` written as `rate_limit`: the field under
+/// `rules[0].rateLimit` it names, and that it is on the rateLimit's line.
+#[track_caller]
+fn assert_rule_limit_error(rate_limit: &str, field: &str, message: &str) {
+    let text = with_rule_limit(rate_limit);
+    let field = match field {
+        "" => "rules[0].rateLimit".to_owned(),
+        f => format!("rules[0].rateLimit.{f}"),
+    };
+    assert_error(&text, &field, line_of(&text, "rateLimit:"), message);
+}
+
+fn rate(count: u64, per: Per) -> Option<Rate> {
+    Some(Rate { count, per })
+}
+
+const SEC_NS: u64 = 1_000_000_000;
+
 #[test]
-fn rule_rate_limit_is_refused_until_supported() {
+fn design_rate_limit_examples_are_accepted() {
+    let text = with_quotas(&["identity: frontend, connectionsPerSecond: 100, burst: 200"]).replace(
+        "      # mode: audit\n",
+        "      rateLimit: { packetsPerSecond: 1000, bytesPerSecond: 1048576, \
+         connectionsPerSecond: 5, burst: 10 }\n",
+    );
+    let p = parse(&text);
+    let limit = p.rules[0].rate_limit.clone().expect("the rule's rateLimit");
+    assert_eq!(
+        limit,
+        RateLimit {
+            packets: rate(1000, Per::Second),
+            bytes: rate(1_048_576, Per::Second),
+            connections: rate(5, Per::Second),
+            burst: Some(10),
+            burst_bytes: None,
+        }
+    );
+    let kind = |count, burst| {
+        Some(KindLimit {
+            count,
+            period_ns: SEC_NS,
+            burst,
+        })
+    };
+    // `burst` is the packets' and the connections'; bytes default to one second's worth.
+    assert_eq!(
+        limit.kinds(),
+        [kind(1000, 10), kind(1_048_576, 1_048_576), kind(5, 10)]
+    );
+    assert_eq!(
+        limit.describe(),
+        "1000 packets/s (burst 10), 1048576 bytes/s (burst 1048576), 5 connections/s (burst 10)"
+    );
+    assert_eq!(
+        p.rate_limits,
+        [IdentityQuota {
+            identity: "frontend".to_owned(),
+            mode: None,
+            limit: RateLimit {
+                connections: rate(100, Per::Second),
+                burst: Some(200),
+                ..Default::default()
+            },
+        }]
+    );
+}
+
+#[test]
+fn rules_without_rate_limit_have_none() {
+    let p = parse(SHOP);
+    assert_eq!(p.rules[0].rate_limit, None);
+    assert!(p.rate_limits.is_empty());
+    assert!(parse(&format!("{SHOP}  rateLimits: []\n"))
+        .rate_limits
+        .is_empty());
+}
+
+#[test]
+fn per_minute_forms_and_default_bursts() {
+    let p = parse(&with_rule_limit(
+        "connectionsPerMinute: 5, packetsPerMinute: 600, bytesPerMinute: 6000000",
+    ));
+    let limit = p.rules[0].rate_limit.clone().unwrap();
+    assert_eq!(limit.connections, rate(5, Per::Minute));
+    assert_eq!(limit.packets, rate(600, Per::Minute));
+    assert_eq!(limit.bytes, rate(6_000_000, Per::Minute));
+    let per_minute = |count| {
+        Some(KindLimit {
+            count,
+            period_ns: 60 * SEC_NS,
+            burst: count,
+        })
+    };
+    assert_eq!(
+        limit.kinds(),
+        [per_minute(600), per_minute(6_000_000), per_minute(5)]
+    );
+    assert_eq!(
+        limit.describe(),
+        "600 packets/min (burst 600), 6000000 bytes/min (burst 6000000), 5 connections/min \
+         (burst 5)"
+    );
+    assert_eq!(Per::Second.ns(), SEC_NS);
+    assert_eq!(Per::Minute.ns(), 60 * SEC_NS);
+}
+
+#[test]
+fn each_kind_defaults_its_burst_to_its_own_count() {
+    let p = parse(&with_rule_limit(
+        "packetsPerSecond: 1000, connectionsPerMinute: 5, bytesPerSecond: 2048, burstBytes: 9000",
+    ));
+    let kinds = p.rules[0].rate_limit.as_ref().unwrap().kinds();
+    let bursts: Vec<u64> = kinds.iter().map(|k| k.unwrap().burst).collect();
+    assert_eq!(bursts, [1000, 9000, 5]);
+    let p = parse(&with_rule_limit("bytesPerSecond: 1048576"));
+    let kinds = p.rules[0].rate_limit.as_ref().unwrap().kinds();
+    assert_eq!(kinds[0], None);
+    assert_eq!(kinds[1].unwrap().burst, 1_048_576);
+    assert_eq!(kinds[2], None);
+}
+
+#[test]
+fn rate_limit_fields_may_be_written_in_block_style() {
     let text = edit(
         "      # mode: audit\n",
-        "      rateLimit: { packetsPerSecond: 1000, burst: 10 }\n",
+        "      rateLimit:\n        connectionsPerMinute: 5\n        burst: 0\n",
     );
     assert_error(
         &text,
-        "rules[0].rateLimit",
-        line_of(&text, "rateLimit"),
-        "not supported",
+        "rules[0].rateLimit.burst",
+        line_of(&text, "burst: 0"),
+        "at least 1",
+    );
+    let p = parse(&text.replace("burst: 0", "burst: 3"));
+    assert_eq!(p.rules[0].rate_limit.as_ref().unwrap().burst, Some(3));
+}
+
+#[test]
+fn zero_rate_is_rejected() {
+    let text = with_rule_limit("connectionsPerMinute: 0");
+    assert_eq!(
+        error(&text).to_string(),
+        format!(
+            "policy.yaml:{}: rules[0].rateLimit.connectionsPerMinute: must be at least 1; to \
+             allow none of this traffic, remove the rule",
+            line_of(&text, "rateLimit")
+        )
     );
 }
 
 #[test]
-fn policy_rate_limits_are_refused_until_supported() {
-    let text = format!(
-        "{SHOP}  rateLimits:\n    - {{ identity: frontend, connectionsPerSecond: 100, burst: 200 }}\n"
-    );
-    assert_error(
-        &text,
-        "rateLimits",
-        line_of(&text, "rateLimits:"),
-        "not supported",
+fn negative_rate_is_rejected() {
+    assert_rule_limit_error(
+        "packetsPerSecond: -5",
+        "packetsPerSecond",
+        "-5 is negative; a rate counts packets per second, at least 1",
     );
 }
 
 #[test]
-fn empty_rate_limits_are_refused_too() {
-    let text = format!("{SHOP}  rateLimits: []\n");
+fn non_integer_rate_is_rejected_by_type() {
+    assert_rule_limit_error(
+        "bytesPerSecond: 1.5",
+        "bytesPerSecond",
+        "invalid type: floating point `1.5`, expected an integer",
+    );
+    assert_rule_limit_error(
+        "bytesPerSecond: 1MB",
+        "bytesPerSecond",
+        "invalid type: string \"1MB\", expected an integer",
+    );
+    assert_rule_limit_error(
+        "burst: \"10\", packetsPerSecond: 5",
+        "burst",
+        "expected an integer",
+    );
+}
+
+#[test]
+fn rate_limit_without_a_rate_is_rejected() {
+    for written in ["burst: 10", ""] {
+        assert_rule_limit_error(
+            written,
+            "",
+            "no rate given; set at least one of packetsPerSecond",
+        );
+    }
+    for empty in ["rateLimit:\n", "rateLimit: null\n"] {
+        let text = edit("# mode: audit\n", empty);
+        assert_error(
+            &text,
+            "rules[0].rateLimit",
+            line_of(&text, "rateLimit"),
+            "empty; set at least one of",
+        );
+    }
+}
+
+#[test]
+fn both_forms_of_one_kind_are_rejected() {
+    assert_rule_limit_error(
+        "packetsPerSecond: 10, packetsPerMinute: 600",
+        "packetsPerMinute",
+        "packetsPerSecond is given too; packets have one rate, per second or per minute",
+    );
+    assert_rule_limit_error(
+        "connectionsPerMinute: 5, connectionsPerSecond: 1",
+        "connectionsPerMinute",
+        "connectionsPerSecond is given too",
+    );
+}
+
+#[test]
+fn rates_beyond_their_bounds_are_rejected() {
+    for (field, bad, good, message) in [
+        (
+            "packetsPerSecond",
+            1_000_000_001u64,
+            1_000_000_000u64,
+            "at most 1000000000 is accepted",
+        ),
+        (
+            "packetsPerMinute",
+            60_000_000_001,
+            60_000_000_000,
+            "at most 60000000000 is accepted",
+        ),
+        (
+            "bytesPerSecond",
+            1_000_000_000_001,
+            1_000_000_000_000,
+            "1000000000001 bytes per second is more than any node carries",
+        ),
+        (
+            "bytesPerMinute",
+            60_000_000_000_001,
+            60_000_000_000_000,
+            "at most 60000000000000 is accepted",
+        ),
+        (
+            "bytesPerSecond",
+            1023,
+            1024,
+            "1023 bytes per second is below 1 KiB/s, at which no TCP connection works; at least \
+             1024 is accepted",
+        ),
+        (
+            "bytesPerMinute",
+            61_439,
+            61_440,
+            "at least 61440 is accepted",
+        ),
+        (
+            "connectionsPerSecond",
+            10_000_001,
+            10_000_000,
+            "at most 10000000 is accepted",
+        ),
+        (
+            "connectionsPerMinute",
+            600_000_001,
+            600_000_000,
+            "at most 600000000 is accepted",
+        ),
+    ] {
+        assert_rule_limit_error(&format!("{field}: {bad}"), field, message);
+        parse(&with_rule_limit(&format!("{field}: {good}")));
+    }
+}
+
+#[test]
+fn zero_or_negative_bursts_are_rejected() {
+    assert_rule_limit_error(
+        "packetsPerSecond: 10, burst: 0",
+        "burst",
+        "0 is not a burst; it is how much may pass at once from a full bucket, at least 1",
+    );
+    assert_rule_limit_error(
+        "packetsPerSecond: 10, burst: -3",
+        "burst",
+        "-3 is not a burst",
+    );
+    assert_rule_limit_error(
+        "bytesPerSecond: 2048, burstBytes: 0",
+        "burstBytes",
+        "0 is not a burst",
+    );
+}
+
+#[test]
+fn burst_longer_than_an_hour_of_its_rate_is_rejected() {
+    assert_rule_limit_error(
+        "connectionsPerMinute: 5, burst: 1000",
+        "burst",
+        "burst 1000 at 5 connections per minute is 200 minutes of traffic; at most one hour's \
+         worth (300) is accepted",
+    );
+    let p = parse(&with_rule_limit("connectionsPerMinute: 5, burst: 300"));
+    assert_eq!(p.rules[0].rate_limit.as_ref().unwrap().burst, Some(300));
+    assert_rule_limit_error(
+        "packetsPerSecond: 1, burst: 3601",
+        "burst",
+        "burst 3601 at 1 packet per second is 3601 seconds of traffic; at most one hour's \
+         worth (3600) is accepted",
+    );
+    assert_rule_limit_error(
+        "bytesPerSecond: 1024, burstBytes: 4000000",
+        "burstBytes",
+        "burstBytes 4000000 at 1024 bytes per second is 3906.2 seconds of traffic; at most \
+         one hour's worth (3686400) is accepted",
+    );
+    parse(&with_rule_limit(
+        "bytesPerSecond: 1024, burstBytes: 3686400",
+    ));
+}
+
+#[test]
+fn a_shared_burst_is_checked_against_each_kind() {
+    // 1000 is a second of packets but 200 minutes of connections.
+    assert_rule_limit_error(
+        "packetsPerSecond: 1000, connectionsPerMinute: 5, burst: 1000",
+        "burst",
+        "at 5 connections per minute is 200 minutes",
+    );
+}
+
+#[test]
+fn burst_of_the_wrong_kind_is_rejected() {
+    assert_rule_limit_error(
+        "bytesPerSecond: 1048576, burst: 10",
+        "burst",
+        "burst applies to packets and connections, and this limit has neither; use burstBytes \
+         for bytes",
+    );
+    assert_rule_limit_error(
+        "packetsPerSecond: 1000, burstBytes: 10",
+        "burstBytes",
+        "burstBytes applies to bytes, and this limit has no byte rate; use burst for packets \
+         and connections",
+    );
+}
+
+#[test]
+fn unknown_rate_limit_field_is_named() {
+    assert_rule_limit_error(
+        "packetsPerSec: 10",
+        "packetsPerSec",
+        "unknown field `packetsPerSec`, expected one of `packetsPerSecond`, \
+         `packetsPerMinute`, `bytesPerSecond`, `bytesPerMinute`, `connectionsPerSecond`, \
+         `connectionsPerMinute`, `burst`, `burstBytes`",
+    );
+}
+
+#[test]
+fn every_problem_of_a_rate_limit_is_reported() {
+    let e = error(&with_rule_limit(
+        "packetsPerSecond: 0, bytesPerSecond: 10, connectionsPerSecond: -1, burstBytes: 0",
+    ));
+    let fields: Vec<_> = e.all().map(|e| e.field.clone().unwrap()).collect();
+    assert_eq!(
+        fields,
+        [
+            "rules[0].rateLimit.packetsPerSecond",
+            "rules[0].rateLimit.bytesPerSecond",
+            "rules[0].rateLimit.connectionsPerSecond",
+            "rules[0].rateLimit.burstBytes",
+        ]
+    );
+}
+
+#[test]
+fn quota_of_an_unknown_identity_lists_the_known_ones() {
+    let text = with_quotas(&["identity: fronted, connectionsPerSecond: 100"]);
+    assert_eq!(
+        error(&text).to_string(),
+        format!(
+            "policy.yaml:{}: rateLimits[0].identity: unknown identity \"fronted\" (known: \
+             frontend, orders, host)",
+            line_of(&text, "fronted")
+        )
+    );
+}
+
+#[test]
+fn quota_of_world_is_rejected() {
+    let text = with_quotas(&["identity: world, packetsPerSecond: 100"]);
     assert_error(
         &text,
-        "rateLimits",
-        line_of(&text, "rateLimits"),
-        "not supported",
+        "rateLimits[0].identity",
+        line_of(&text, "identity: world"),
+        "world has no addresses to meter by (it is every address no identity claims); to limit \
+         traffic from world, give the rules from world a rateLimit",
+    );
+}
+
+#[test]
+fn quota_of_host_is_accepted() {
+    let p = parse(&with_quotas(&["identity: host, bytesPerMinute: 600000000"]));
+    assert_eq!(p.rate_limits[0].identity, "host");
+    assert_eq!(p.rate_limits[0].limit.bytes, rate(600_000_000, Per::Minute));
+}
+
+#[test]
+fn second_quota_for_an_identity_names_the_first() {
+    let text = with_quotas(&[
+        "identity: frontend, connectionsPerSecond: 100",
+        "identity: orders, packetsPerSecond: 100",
+        "identity: frontend, packetsPerSecond: 5",
+    ]);
+    assert_eq!(
+        error(&text).to_string(),
+        format!(
+            "policy.yaml:{}: rateLimits[2].identity: identity \"frontend\" already has a quota \
+             (rateLimits[0]); an identity has one quota",
+            line_of(&text, "packetsPerSecond: 5")
+        )
+    );
+}
+
+#[test]
+fn quota_needs_an_identity() {
+    let text = with_quotas(&["connectionsPerSecond: 100"]);
+    assert_error(
+        &text,
+        "rateLimits[0].identity",
+        line_of(&text, "connectionsPerSecond: 100"),
+        "required",
+    );
+}
+
+#[test]
+fn quota_rates_are_validated_like_a_rules() {
+    let text = with_quotas(&["identity: orders, connectionsPerMinute: 0"]);
+    assert_error(
+        &text,
+        "rateLimits[0].connectionsPerMinute",
+        line_of(&text, "identity: orders"),
+        "must be at least 1; to let the identity send none of this traffic, remove the rules \
+         that allow it",
+    );
+    let text = with_quotas(&["identity: orders"]);
+    assert_error(
+        &text,
+        "rateLimits[0]",
+        line_of(&text, "identity: orders"),
+        "no rate given",
+    );
+    let text = with_quotas(&["identity: orders, connectionsPerMinute: 5, burst: 1000"]);
+    assert_error(
+        &text,
+        "rateLimits[0].burst",
+        line_of(&text, "identity: orders"),
+        "is 200 minutes of traffic",
+    );
+    let text = with_quotas(&["identity: orders, rateLimit: { packetsPerSecond: 5 }"]);
+    assert_error(
+        &text,
+        "rateLimits[0].rateLimit",
+        line_of(&text, "identity: orders"),
+        "unknown field `rateLimit`, expected one of `identity`, `mode`, `packetsPerSecond`",
+    );
+}
+
+#[test]
+fn quota_mode_is_read() {
+    let p = parse(&with_quotas(&[
+        "identity: orders, mode: audit, packetsPerSecond: 5",
+        "identity: frontend, mode: enforce, packetsPerSecond: 5",
+    ]));
+    assert_eq!(p.rate_limits[0].mode, Some(Mode::Audit));
+    assert_eq!(p.rate_limits[1].mode, Some(Mode::Enforce));
+    let text = with_quotas(&["identity: orders, mode: dry-run, packetsPerSecond: 5"]);
+    assert_error(
+        &text,
+        "rateLimits[0].mode",
+        line_of(&text, "dry-run"),
+        "expected enforce or audit",
     );
 }
 

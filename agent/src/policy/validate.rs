@@ -13,10 +13,12 @@ use std::{
 };
 
 use ipnet::IpNet;
+use tollgate_common::ratelimit::{kind, RateError, LIMIT_KINDS, MAX_BURST_WINDOW_NS};
 
 use super::{
     model::{self, Present},
-    Identity, Mode, Policy, PortSpec, Protocol, Rule, API_VERSION, KIND,
+    Identity, IdentityQuota, Mode, Per, Policy, PortSpec, Protocol, Rate, RateLimit, Rule,
+    API_VERSION, KIND,
 };
 
 /// One problem, at a document path (`spec.identities[1].cidrs[0]`).
@@ -31,6 +33,96 @@ const RESERVED_IDENTITIES: [&str; 2] = ["host", "world"];
 /// How many identity names an "unknown identity" message lists before abbreviating; a policy
 /// can declare thousands.
 const KNOWN_NAMES_SHOWN: usize = 20;
+
+/// The rate fields of each kind (`kind::*`): per second, per minute.
+const RATE_FIELDS: [[&str; 2]; LIMIT_KINDS] = [
+    ["packetsPerSecond", "packetsPerMinute"],
+    ["bytesPerSecond", "bytesPerMinute"],
+    ["connectionsPerSecond", "connectionsPerMinute"],
+];
+
+/// The fastest rate accepted per kind, per second (per minute: 60 times as many). Beyond what a
+/// node carries, so a larger number is a typo; they also keep the kernel's arithmetic far from
+/// overflow (see `tollgate_common::ratelimit`).
+const MAX_PER_SECOND: [u64; LIMIT_KINDS] = [1_000_000_000, 1_000_000_000_000, 10_000_000];
+
+/// The slowest byte rate accepted, per second (per minute: 60 times as many): below 1 KiB/s
+/// no TCP connection works. Packets and connections go down to 1 per minute.
+const MIN_BYTES_PER_SECOND: u64 = 1024;
+
+const NO_RATE: &str = "set at least one of packetsPerSecond, packetsPerMinute, bytesPerSecond, \
+                       bytesPerMinute, connectionsPerSecond, connectionsPerMinute";
+
+/// Whose rates are validated, for messages.
+#[derive(Clone, Copy)]
+enum LimitOf {
+    Rule,
+    Quota,
+}
+
+impl LimitOf {
+    fn instead_of_zero(self) -> &'static str {
+        match self {
+            LimitOf::Rule => "to allow none of this traffic, remove the rule",
+            LimitOf::Quota => {
+                "to let the identity send none of this traffic, remove the rules that allow it"
+            }
+        }
+    }
+}
+
+/// `1 packet`, `5 packets`.
+fn units(count: u64, k: usize) -> String {
+    let name = kind::NAMES[k];
+    match count {
+        1 => format!("1 {}", &name[..name.len() - 1]),
+        n => format!("{n} {name}"),
+    }
+}
+
+/// How long `burst` units last at `rate`, for "burst ... is 200 minutes of traffic".
+fn burst_duration(burst: u64, rate: Rate) -> String {
+    let seconds_num = u128::from(burst) * u128::from(rate.per.ns() / 1_000_000_000);
+    let count = u128::from(rate.count);
+    if seconds_num % (count * 60) == 0 {
+        format!("{} minutes", seconds_num / (count * 60))
+    } else if seconds_num % count == 0 {
+        format!("{} seconds", seconds_num / count)
+    } else {
+        format!("{:.1} seconds", seconds_num as f64 / count as f64)
+    }
+}
+
+/// The largest burst the kernel's arithmetic accepts for `count` per `period_ns` (a burst of
+/// one is always accepted for a rate in bounds, and the window grows with the burst).
+fn longest_burst(k: usize, count: u64, period_ns: u64) -> u64 {
+    let accepted = |burst: u64| {
+        super::KindLimit {
+            count,
+            period_ns,
+            burst,
+        }
+        .limit_rate(k, 1)
+        .is_ok()
+    };
+    // One hour's worth is the answer unless the interval's rounding costs a unit or two.
+    let estimate = u128::from(count) * u128::from(MAX_BURST_WINDOW_NS) / u128::from(period_ns);
+    let (mut good, mut bad) = (
+        1u64,
+        u64::try_from(estimate)
+            .unwrap_or(u64::MAX / 2)
+            .saturating_add(2),
+    );
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        if accepted(mid) {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    good
+}
 
 /// The policy has no `source_text` yet: the caller owns the text and moves it in.
 pub(super) fn validate(doc: model::Document) -> Result<Policy, Vec<Issue>> {
@@ -102,6 +194,7 @@ impl Validator {
             mode: Mode::Enforce,
             identities: Vec::new(),
             rules: Vec::new(),
+            rate_limits: Vec::new(),
             source_text: String::new(),
         };
         if doc.api_version.is_none()
@@ -138,9 +231,7 @@ impl Validator {
             spec.rules.unwrap_or_default().into_vec(),
             &policy.identities,
         );
-        if let Some(Present) = spec.rate_limits {
-            self.not_supported_yet(At::Path("spec.rateLimits"));
-        }
+        policy.rate_limits = self.quotas(spec.rate_limits.unwrap_or_default(), &policy.identities);
         policy
     }
 
@@ -407,7 +498,8 @@ impl Validator {
                     return String::new();
                 };
                 if !known.contains(&*value) {
-                    let list = known_list.get_or_insert_with(|| known_names(identities));
+                    let list = known_list
+                        .get_or_insert_with(|| known_names(identities, &RESERVED_IDENTITIES));
                     v.issue(path, format!("unknown identity {value:?} (known: {list})"));
                 }
                 String::from(value)
@@ -452,9 +544,9 @@ impl Validator {
             if let Some(Present) = entry.authentication {
                 self.not_supported_yet(at.field("authentication"));
             }
-            if let Some(Present) = entry.rate_limit {
-                self.not_supported_yet(at.field("rateLimit"));
-            }
+            let rate_limit = entry.rate_limit.and_then(|limit| {
+                self.rate_limit(at.field("rateLimit"), limit.as_deref(), LimitOf::Rule)
+            });
             rules.push(Rule {
                 name,
                 from,
@@ -462,9 +554,259 @@ impl Validator {
                 ports,
                 mode,
                 expires,
+                rate_limit,
             });
         }
         rules
+    }
+
+    fn quotas(
+        &mut self,
+        entries: Vec<model::QuotaEntry>,
+        identities: &[Identity],
+    ) -> Vec<IdentityQuota> {
+        let declared: HashSet<&str> = identities
+            .iter()
+            .map(|i| i.name.as_str())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let mut first_quota: HashMap<String, usize> = HashMap::new();
+        let mut quotas = Vec::with_capacity(entries.len());
+        let list = At::Path("spec.rateLimits");
+        for (i, entry) in entries.into_iter().enumerate() {
+            let at = list.item(i);
+            let (identity, mode, rates) = entry.split();
+            let identity_path = at.field("identity");
+            let identity = match self.required(identity_path, identity) {
+                None => None,
+                Some(name) if name == "world" => {
+                    self.issue(
+                        identity_path,
+                        "world has no addresses to meter by (it is every address no identity \
+                         claims); to limit traffic from world, give the rules from world a \
+                         rateLimit",
+                    );
+                    None
+                }
+                Some(name) if name != "host" && !declared.contains(name.as_str()) => {
+                    self.issue(
+                        identity_path,
+                        format!(
+                            "unknown identity {name:?} (known: {})",
+                            known_names(identities, &["host"])
+                        ),
+                    );
+                    None
+                }
+                Some(name) => match first_quota.get(&name) {
+                    Some(&first) => {
+                        self.issue(
+                            identity_path,
+                            format!(
+                                "identity {name:?} already has a quota (rateLimits[{first}]); an \
+                                 identity has one quota"
+                            ),
+                        );
+                        None
+                    }
+                    None => {
+                        first_quota.insert(name.clone(), i);
+                        Some(name)
+                    }
+                },
+            };
+            let mode_path = at.field("mode");
+            let mode = self.mode(mode_path, mode.as_deref());
+            let limit = self.rate_limit(at, Some(&rates), LimitOf::Quota);
+            if let (Some(identity), Some(limit)) = (identity, limit) {
+                quotas.push(IdentityQuota {
+                    identity,
+                    mode,
+                    limit,
+                });
+            }
+        }
+        quotas
+    }
+
+    /// A rule's `rateLimit` or a quota's rates, at `at`; `None` (with the issues reported) if
+    /// anything in it is wrong, or if it was written as null.
+    fn rate_limit(
+        &mut self,
+        at: At<'_>,
+        entry: Option<&model::RateLimitEntry>,
+        of: LimitOf,
+    ) -> Option<RateLimit> {
+        let Some(entry) = entry else {
+            self.issue(at, format!("empty; {}", NO_RATE));
+            return None;
+        };
+        let written = [
+            (entry.packets_per_second, entry.packets_per_minute),
+            (entry.bytes_per_second, entry.bytes_per_minute),
+            (entry.connections_per_second, entry.connections_per_minute),
+        ];
+        if written.iter().all(|(s, m)| s.is_none() && m.is_none()) {
+            self.issue(at, format!("no rate given; {NO_RATE}"));
+            return None;
+        }
+        let mut ok = true;
+        let mut rates: [Option<Rate>; LIMIT_KINDS] = [None; LIMIT_KINDS];
+        for (k, (per_second, per_minute)) in written.into_iter().enumerate() {
+            let [second_field, minute_field] = RATE_FIELDS[k];
+            if per_second.is_some() && per_minute.is_some() {
+                self.issue(
+                    at.field(minute_field),
+                    format!(
+                        "{second_field} is given too; {} have one rate, per second or per \
+                         minute: keep one of the two",
+                        kind::NAMES[k]
+                    ),
+                );
+                ok = false;
+            }
+            for (field, value, per) in [
+                (second_field, per_second, Per::Second),
+                (minute_field, per_minute, Per::Minute),
+            ] {
+                let Some(value) = value else { continue };
+                match self.rate_count(at.field(field), k, value, per, of) {
+                    Some(count) => rates[k] = Some(Rate { count, per }),
+                    None => ok = false,
+                }
+            }
+        }
+        let has = |k: usize| written[k].0.is_some() || written[k].1.is_some();
+        let burst = self.burst(
+            at.field("burst"),
+            entry.burst,
+            has(kind::PACKETS) || has(kind::CONNECTIONS),
+            "burst applies to packets and connections, and this limit has neither; use \
+             burstBytes for bytes",
+        );
+        let burst_bytes = self.burst(
+            at.field("burstBytes"),
+            entry.burst_bytes,
+            has(kind::BYTES),
+            "burstBytes applies to bytes, and this limit has no byte rate; use burst for \
+             packets and connections",
+        );
+        let (Some(burst), Some(burst_bytes)) = (burst, burst_bytes) else {
+            return None;
+        };
+        if !ok {
+            return None;
+        }
+        let limit = RateLimit {
+            packets: rates[kind::PACKETS],
+            bytes: rates[kind::BYTES],
+            connections: rates[kind::CONNECTIONS],
+            burst,
+            burst_bytes,
+        };
+        // The kernel's own arithmetic decides what it can represent; every number is in bounds
+        // by now, so only a burst too long for its rate is expected here.
+        for (k, kind_limit) in limit.kinds().iter().enumerate() {
+            let Some(kind_limit) = kind_limit else {
+                continue;
+            };
+            let Err(error) = kind_limit.limit_rate(k, 1) else {
+                continue;
+            };
+            let rate = rates[k].expect("a kind with a limit has a rate");
+            let rate_field = match rate.per {
+                Per::Second => RATE_FIELDS[k][0],
+                Per::Minute => RATE_FIELDS[k][1],
+            };
+            let (burst_field, burst_written) = match k {
+                kind::BYTES => ("burstBytes", limit.burst_bytes.is_some()),
+                _ => ("burst", limit.burst.is_some()),
+            };
+            let field = if burst_written {
+                burst_field
+            } else {
+                rate_field
+            };
+            let rate_text = format!("{} per {}", units(rate.count, k), rate.per.name());
+            let message = match error {
+                RateError::BurstTooLong => format!(
+                    "{burst_field} {} at {rate_text} is {} of traffic; at most one hour's worth \
+                     ({}) is accepted",
+                    kind_limit.burst,
+                    burst_duration(kind_limit.burst, rate),
+                    longest_burst(k, kind_limit.count, kind_limit.period_ns),
+                ),
+                RateError::Zero => "must be at least 1".to_owned(),
+                RateError::TooFast => format!("{rate_text} is too fast to meter"),
+            };
+            self.issue(at.field(field), message);
+            ok = false;
+        }
+        ok.then_some(limit)
+    }
+
+    /// One rate number, in the bounds of its kind.
+    fn rate_count(
+        &mut self,
+        path: At<'_>,
+        k: usize,
+        value: i64,
+        per: Per,
+        of: LimitOf,
+    ) -> Option<u64> {
+        let periods = per.ns() / Per::Second.ns();
+        let max = MAX_PER_SECOND[k] * periods;
+        let min = match k {
+            kind::BYTES => MIN_BYTES_PER_SECOND * periods,
+            _ => 1,
+        };
+        let what = format!("{} per {}", kind::NAMES[k], per.name());
+        let message = if value < 0 {
+            format!("{value} is negative; a rate counts {what}, at least 1")
+        } else if value == 0 {
+            format!("must be at least 1; {}", of.instead_of_zero())
+        } else if (value as u64) > max {
+            format!("{value} {what} is more than any node carries; at most {max} is accepted")
+        } else if (value as u64) < min {
+            format!(
+                "{value} {what} is below 1 KiB/s, at which no TCP connection works; at least \
+                 {min} is accepted"
+            )
+        } else {
+            return Some(value as u64);
+        };
+        self.issue(path, message);
+        None
+    }
+
+    /// A burst: `Some(None)` if not written, `Some(Some(n))` if valid, `None` after an issue.
+    fn burst(
+        &mut self,
+        path: At<'_>,
+        value: Option<i64>,
+        applies: bool,
+        not_applicable: &str,
+    ) -> Option<Option<u64>> {
+        let Some(value) = value else {
+            return Some(None);
+        };
+        if !applies {
+            self.issue(path, not_applicable);
+            return None;
+        }
+        match u64::try_from(value) {
+            Ok(n) if n >= 1 => Some(Some(n)),
+            _ => {
+                self.issue(
+                    path,
+                    format!(
+                        "{value} is not a burst; it is how much may pass at once from a full \
+                         bucket, at least 1 (leave it out for one period's worth)"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn port(&mut self, at: At<'_>, entry: model::PortEntry) -> Option<PortSpec> {
@@ -538,7 +880,8 @@ impl Validator {
     }
 }
 
-fn known_names(identities: &[Identity]) -> String {
+/// Declared identity names, then `reserved`.
+fn known_names(identities: &[Identity], reserved: &[&str]) -> String {
     let mut seen = HashSet::new();
     let declared: Vec<&str> = identities
         .iter()
@@ -553,7 +896,7 @@ fn known_names(identities: &[Identity]) -> String {
     if declared.len() > KNOWN_NAMES_SHOWN {
         list.push(format!("{} more", declared.len() - KNOWN_NAMES_SHOWN));
     }
-    list.extend(RESERVED_IDENTITIES.map(str::to_owned));
+    list.extend(reserved.iter().map(|n| n.to_string()));
     list.join(", ")
 }
 
