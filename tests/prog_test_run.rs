@@ -1701,3 +1701,342 @@ fn a_restart_never_switches_the_idle_clock_under_live_flows() {
     f.assert_passes_as(&syn.reply().flags(ACK).build(), Verdict::AllowEstablished);
     f.assert_passes_as(&syn.flags(ACK).build(), Verdict::AllowEstablished);
 }
+
+// Rate limits. The fixture's datapath measures time on the kernel's tick, so the waits below
+// are a few ticks long at least; every wait is bounded.
+
+fn limited(name: &str, rule_limit: &str, quota: &str) -> DatapathFixture {
+    let mut f = DatapathFixture::new(name);
+    f.apply(&limited_policy(rule_limit, quota));
+    f
+}
+
+fn limited_policy(rule_limit: &str, quota: &str) -> String {
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{ name: limited }}
+spec:
+  identities:
+    - {{ name: frontend, cidrs: ["10.200.1.0/24", "fd00:200:1::/64"] }}
+    - {{ name: orders, cidrs: ["10.200.2.0/24", "fd00:200:2::/64"] }}
+  rules:
+    - name: login
+      from: frontend
+      to: orders
+      ports: [{{ port: 8080, protocol: TCP }}, {{ port: 9000, protocol: UDP }}]
+      {rule_limit}
+  {quota}
+"#
+    )
+}
+
+/// The bucket counters of the live limit owned by `owner` ("rule login").
+fn limit_counters(f: &DatapathFixture, owner: &str) -> tollgate_common::LimitBucket {
+    f.datapath
+        .limit_status()
+        .into_iter()
+        .find(|(info, _)| info.owner == owner)
+        .unwrap_or_else(|| panic!("no live limit of {owner}"))
+        .1
+}
+
+#[test]
+fn the_connection_past_the_burst_is_refused_and_gets_no_conntrack_entry() {
+    let f = limited(
+        "rl_conn_burst",
+        "rateLimit: { connectionsPerMinute: 5 }",
+        "",
+    );
+    for sport in 41000..41005 {
+        f.assert_passes_as(
+            &PacketSpec::tcp(FRONTEND, sport, ORDERS, 8080)
+                .flags(SYN)
+                .build(),
+            Verdict::AllowNew,
+        );
+    }
+    let sixth = PacketSpec::tcp(FRONTEND, 41005, ORDERS, 8080).flags(SYN);
+    f.assert_dropped_as(&sixth.build(), Verdict::DropRateLimited);
+    let key = key_of(&sixth);
+    assert_eq!(
+        f.flow(&key),
+        None,
+        "a refused connection must leave no entry"
+    );
+    assert_eq!(
+        limit_counters(&f, "rule login").dropped[tollgate_common::ratelimit::kind::CONNECTIONS],
+        1
+    );
+    // Its retry is a new attempt, refused again; the admitted flows carry on (no packet limit).
+    f.assert_dropped_as(&sixth.build(), Verdict::DropRateLimited);
+    f.assert_passes_as(
+        &PacketSpec::tcp(ORDERS, 8080, FRONTEND, 41000)
+            .flags(SYN | ACK)
+            .build(),
+        Verdict::AllowEstablished,
+    );
+    // IPv6 shares the rule's bucket.
+    f.assert_dropped_as(
+        &PacketSpec::tcp(FRONTEND6, 41006, ORDERS6, 8080)
+            .flags(SYN)
+            .build(),
+        Verdict::DropRateLimited,
+    );
+}
+
+#[test]
+fn packets_over_the_rate_are_dropped_and_refill_over_time() {
+    // 20 packets/s, burst 3: one every 50 ms.
+    let f = limited(
+        "rl_refill",
+        "rateLimit: { packetsPerSecond: 20, burst: 3 }",
+        "",
+    );
+    let out = PacketSpec::udp(FRONTEND, 42000, ORDERS, 9000);
+    let back = out.reply();
+    // The first packet admits the flow and takes one token; two more pass.
+    f.assert_passes_as(&out.build(), Verdict::AllowNew);
+    f.assert_passes_as(&back.build(), Verdict::AllowEstablished);
+    f.assert_passes_as(&out.build(), Verdict::AllowEstablished);
+    // Both directions of the rule's flows share its bucket: empty now.
+    f.assert_dropped_as(&out.build(), Verdict::DropRateLimited);
+    f.assert_dropped_as(&back.build(), Verdict::DropRateLimited);
+    assert_eq!(
+        limit_counters(&f, "rule login").dropped[tollgate_common::ratelimit::kind::PACKETS],
+        2
+    );
+    // After a refill of the whole burst (150 ms, and a tick or two of the clock), exactly the
+    // burst passes again; waits are bounded.
+    std::thread::sleep(Duration::from_millis(250));
+    let passed = (0..10).filter(|_| f.run(&out.build()) == TC_ACT_OK).count();
+    assert_eq!(passed, 3, "a full bucket passes its burst, no more");
+    // A refill of about one token: one passes, then none.
+    std::thread::sleep(Duration::from_millis(60));
+    let passed = (0..10).filter(|_| f.run(&out.build()) == TC_ACT_OK).count();
+    assert!(
+        (1..=2).contains(&passed),
+        "{passed} passed after one interval"
+    );
+}
+
+#[test]
+fn a_gso_packet_is_charged_every_segment() {
+    // 100 packets/s, burst 10: a 10-segment GSO packet takes the whole burst.
+    let f = limited(
+        "rl_gso",
+        "rateLimit: { packetsPerSecond: 100, burst: 10 }",
+        "",
+    );
+    let syn = PacketSpec::tcp(FRONTEND, 43000, ORDERS, 8080).flags(SYN);
+    f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+    let mut data = PacketSpec::tcp(FRONTEND, 43000, ORDERS, 8080).flags(ACK);
+    data.payload = vec![0; 1400];
+    let gso = SkbContext {
+        gso_size: 140,
+        gso_segs: 10,
+        ..Default::default()
+    };
+    let ret = f
+        .try_run_with(
+            tollgate_common::program_names::TC_INGRESS,
+            &data.build(),
+            &gso,
+        )
+        .unwrap();
+    assert_eq!(ret, TC_ACT_OK, "a full enough bucket passes it");
+    f.assert_dropped_as(&data.build(), Verdict::DropRateLimited);
+}
+
+#[test]
+fn bytes_are_counted_on_the_wire_with_every_segments_headers() {
+    // 10 kB/s, burst 3000 bytes (300 ms). A 1554-byte frame of 40 segments is 1554 + 39 x 66
+    // bytes of headers (Ethernet, IPv4, TCP) on the wire: 4128 bytes, 413 ms of debt, past the
+    // burst, so the next packet waits; as one plain packet it would leave room.
+    let f = limited(
+        "rl_bytes",
+        "rateLimit: { bytesPerSecond: 10000, burstBytes: 3000 }",
+        "",
+    );
+    let mut data = PacketSpec::tcp(FRONTEND, 44000, ORDERS, 8080).flags(ACK);
+    data.payload = vec![0; 1500];
+    let small = PacketSpec::tcp(FRONTEND, 44000, ORDERS, 8080).flags(ACK);
+    f.assert_passes_as(
+        &PacketSpec::tcp(FRONTEND, 44000, ORDERS, 8080)
+            .flags(SYN)
+            .build(),
+        Verdict::AllowNew,
+    );
+    f.assert_passes_as(&data.build(), Verdict::AllowEstablished);
+    f.assert_passes_as(&small.build(), Verdict::AllowEstablished);
+    // Let the bucket fill again.
+    std::thread::sleep(Duration::from_millis(700));
+    let gso = SkbContext {
+        gso_size: 38,
+        gso_segs: 40,
+        ..Default::default()
+    };
+    let ret = f
+        .try_run_with(
+            tollgate_common::program_names::TC_INGRESS,
+            &data.build(),
+            &gso,
+        )
+        .unwrap();
+    assert_eq!(ret, TC_ACT_OK);
+    f.assert_dropped_as(&small.build(), Verdict::DropRateLimited);
+    assert_eq!(
+        limit_counters(&f, "rule login").dropped[tollgate_common::ratelimit::kind::BYTES],
+        1
+    );
+}
+
+#[test]
+fn a_new_connection_must_pass_the_rule_limit_and_the_quota_and_a_refusal_gives_back() {
+    let rule = "rateLimit: { connectionsPerMinute: 3 }";
+    let quota =
+        |n: u32| format!("rateLimits: [{{ identity: frontend, connectionsPerMinute: {n} }}]");
+    let mut f = DatapathFixture::new("rl_both");
+    f.apply(&limited_policy(rule, &quota(2)));
+    let syn = |sport: u16| {
+        PacketSpec::tcp(FRONTEND, sport, ORDERS, 8080)
+            .flags(SYN)
+            .build()
+    };
+    f.assert_passes_as(&syn(45000), Verdict::AllowNew);
+    f.assert_passes_as(&syn(45001), Verdict::AllowNew);
+    // The quota (2) refuses the third; the rule (3) had room for it, and keeps it.
+    f.assert_dropped_as(&syn(45002), Verdict::DropRateLimited);
+    let quota_refused = limit_counters(&f, "identity frontend").dropped
+        [tollgate_common::ratelimit::kind::CONNECTIONS];
+    assert_eq!(quota_refused, 1);
+    // A new quota (changed: a fresh bucket) beside the unchanged rule limit (its bucket kept):
+    // the rule's third connection is still there, and only that one.
+    f.apply(&limited_policy(rule, &quota(10)));
+    f.assert_passes_as(&syn(45003), Verdict::AllowNew);
+    f.assert_dropped_as(&syn(45004), Verdict::DropRateLimited);
+    assert_eq!(
+        limit_counters(&f, "rule login").dropped[tollgate_common::ratelimit::kind::CONNECTIONS],
+        1
+    );
+    // Re-applying the same policy gives no fresh burst either.
+    f.apply(&limited_policy(rule, &quota(10)));
+    f.assert_dropped_as(&syn(45005), Verdict::DropRateLimited);
+}
+
+#[test]
+fn an_audit_mode_limit_counts_would_drops_and_passes() {
+    let mut f = DatapathFixture::new("rl_audit");
+    f.apply(&limited_policy(
+        "rateLimit: { connectionsPerMinute: 1 }\n      mode: audit",
+        "",
+    ));
+    let syn = |sport: u16| {
+        PacketSpec::tcp(FRONTEND, sport, ORDERS, 8080)
+            .flags(SYN)
+            .build()
+    };
+    f.assert_passes_as(&syn(46000), Verdict::AllowNew);
+    f.assert_passes_as(&syn(46001), Verdict::AuditWouldDrop);
+    let b = limit_counters(&f, "rule login");
+    let k = tollgate_common::ratelimit::kind::CONNECTIONS;
+    assert_eq!((b.dropped[k], b.would_drop[k]), (0, 1));
+    // The flow passed as a would-drop is tracked like any admitted flow.
+    assert!(f
+        .flow(&key_of(&PacketSpec::tcp(FRONTEND, 46001, ORDERS, 8080)))
+        .is_some());
+}
+
+#[test]
+fn a_packet_metered_at_its_ingress_is_not_metered_again_where_it_leaves() {
+    // pod-a (on d0) to pod-b (on d1), 20 packets/s, burst 4: a packet seen at the ingress of
+    // d0 and again where it leaves by d1 costs one token, not two.
+    let net = RoutedNs::new("rl_once");
+    let mut f = DatapathFixture::new("rl_once");
+    for ifindex in [net.d0, net.d1] {
+        f.datapath
+            .write_interface(ifindex, false, Some(true), [Some(0), Some(0)])
+            .unwrap();
+    }
+    let interfaces = [("d0".to_string(), net.d0), ("d1".to_string(), net.d1)];
+    f.apply_with_interfaces(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: { name: once }
+spec:
+  identities:
+    - { name: pod-a, cidrs: ["10.200.50.2/32"], interfaces: ["d0"] }
+    - { name: pod-b, cidrs: ["10.200.60.2/32"] }
+  rules:
+    - name: a-to-b
+      from: pod-a
+      to: pod-b
+      ports: [{ port: 9000, protocol: UDP }]
+      rateLimit: { packetsPerSecond: 20, burst: 4 }
+"#,
+        &interfaces,
+        &[
+            "10.200.50.1".parse().unwrap(),
+            "10.200.60.1".parse().unwrap(),
+        ],
+    );
+    let _inside = EnterNetNs::new(&net.ns);
+    let out = PacketSpec::udp("10.200.50.2", 47000, "10.200.60.2", 9000).build();
+    let at_ingress = SkbContext {
+        ifindex: net.d0,
+        ..Default::default()
+    };
+    let leaving = SkbContext {
+        ifindex: net.d1,
+        ingress_ifindex: net.d0,
+        ..Default::default()
+    };
+    for i in 0..4 {
+        for (prog, skb) in [
+            (tollgate_common::program_names::TC_INGRESS, &at_ingress),
+            (tollgate_common::program_names::TC_EGRESS, &leaving),
+        ] {
+            let ret = f.try_run_with(prog, &out, skb).unwrap();
+            assert_eq!(
+                ret, TC_ACT_OK,
+                "packet {i} at {prog}: within the burst of 4"
+            );
+        }
+    }
+    let ret = f
+        .try_run_with(
+            tollgate_common::program_names::TC_INGRESS,
+            &out,
+            &at_ingress,
+        )
+        .unwrap();
+    assert_eq!(ret, TC_ACT_SHOT, "the fifth packet is over the burst");
+}
+
+#[test]
+fn check_reports_the_limits_that_apply() {
+    let f = limited(
+        "rl_check",
+        "rateLimit: { connectionsPerMinute: 5 }",
+        "rateLimits: [{ identity: orders, packetsPerSecond: 1000 }]",
+    );
+    let packet = PacketSpec::tcp(FRONTEND, 48000, ORDERS, 8080)
+        .flags(SYN)
+        .build();
+    f.run_program(tollgate_common::program_names::TC_CHECK, &packet);
+    let r = f.datapath.check_result().unwrap();
+    assert_eq!(r.verdict, Verdict::AllowNew as u32);
+    assert_ne!(r.rule_limit, 0);
+    assert_eq!(r.src_limit, 0, "frontend has no quota");
+    assert_ne!(r.dst_limit, 0, "orders' quota meters its replies");
+    assert_eq!(
+        f.datapath.limit_info(r.rule_limit).unwrap().owner,
+        "rule login"
+    );
+    assert_eq!(
+        f.datapath.limit_info(r.dst_limit).unwrap().owner,
+        "identity orders"
+    );
+}

@@ -63,6 +63,9 @@ pub struct StatusResponse {
     /// created, and entries of the live policy slot for policy maps.
     #[serde(default)]
     pub maps: Vec<MapStatus>,
+    /// The rate limits of the live policy, with their drops.
+    #[serde(default)]
+    pub limits: Vec<LimitStatus>,
     /// Enforced interfaces: role (uplink or workload-facing) and binding.
     #[serde(default)]
     pub interfaces: Vec<InterfaceStatus>,
@@ -123,6 +126,40 @@ pub struct CheckResponse {
     pub from_identity: String,
     pub to_identity: String,
     pub generation: u64,
+    /// The rate limits an admitted flow would be metered by: the rule's, the source identity's
+    /// quota (the flow's packets), the destination identity's quota (its replies).
+    #[serde(default)]
+    pub limits: Vec<CheckLimit>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckLimit {
+    /// "rule login", "identity frontend".
+    pub owner: String,
+    /// What it meters of this flow: "new connections and packets", "packets from frontend",
+    /// "replies from backend".
+    pub applies_to: String,
+    /// The rates ("5 connections/min (burst 5)").
+    pub limit: String,
+    /// `enforce` or `audit` (over the rate: would-drops, passed).
+    pub mode: String,
+}
+
+/// One rate limit of the live policy and what it has dropped (`status`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitStatus {
+    pub owner: String,
+    pub limit: String,
+    pub mode: String,
+    /// Packets dropped by the packet and byte limits, connections refused, since the limit was
+    /// made (a changed limit starts again).
+    pub dropped_packets: u64,
+    pub dropped_bytes_limit: u64,
+    pub refused_connections: u64,
+    /// The same, passed in audit mode.
+    pub would_drop_packets: u64,
+    pub would_drop_bytes_limit: u64,
+    pub would_refuse_connections: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

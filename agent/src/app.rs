@@ -16,15 +16,17 @@ use anyhow::{anyhow, Context as _, Result};
 use axum::http::StatusCode;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tollgate_common::{
-    map_names, slot_of,
+    map_names,
+    ratelimit::kind,
+    slot_of,
     verdict::{COUNTER_EVENTS_LOST, COUNTER_EVENTS_SUPPRESSED, VERDICT_COUNT},
     FlowEvent, Verdict,
 };
 
 use crate::{
     api::{
-        self, ApiError, CheckRequest, CheckResponse, InterfaceStatus, PolicyResponse,
-        StatusResponse,
+        self, ApiError, CheckLimit, CheckRequest, CheckResponse, InterfaceStatus, LimitStatus,
+        PolicyResponse, StatusResponse,
     },
     datapath::Datapath,
     host::host_addresses,
@@ -351,13 +353,44 @@ impl Agent {
             (_, Some(n)) => n.rule_name(r.rule_id).to_owned(),
             (_, None) => format!("rule #{}", r.rule_id),
         };
+        let from_identity = name(r.src_identity);
+        let to_identity = name(r.dst_identity);
+        let limits = [
+            (
+                r.rule_limit,
+                "new connections and packets, both ways".to_owned(),
+            ),
+            (
+                r.src_limit,
+                format!("new connections and packets from {from_identity}"),
+            ),
+            (r.dst_limit, format!("replies from {to_identity}")),
+        ]
+        .into_iter()
+        .filter(|(id, _)| *id != 0 && verdict.passes())
+        .map(|(id, applies_to)| match st.datapath.limit_info(id) {
+            Some(info) => CheckLimit {
+                owner: info.owner.clone(),
+                applies_to,
+                limit: info.description.clone(),
+                mode: if info.audit { "audit" } else { "enforce" }.to_owned(),
+            },
+            None => CheckLimit {
+                owner: format!("limit #{id}"),
+                applies_to,
+                limit: "unknown to this agent".to_owned(),
+                mode: "unknown".to_owned(),
+            },
+        })
+        .collect();
         Ok(CheckResponse {
             verdict: verdict.name().to_string(),
             allowed: verdict.passes(),
             rule,
-            from_identity: name(r.src_identity),
-            to_identity: name(r.dst_identity),
+            from_identity,
+            to_identity,
             generation: r.generation,
+            limits,
         })
     }
 
@@ -376,6 +409,22 @@ impl Agent {
             map_usage: st.datapath.usage(slot_of(st.generation)),
             conntrack_entries: st.datapath.conntrack_entries(),
             maps: st.datapath.map_status(slot_of(st.generation)),
+            limits: st
+                .datapath
+                .limit_status()
+                .into_iter()
+                .map(|(info, b)| LimitStatus {
+                    owner: info.owner,
+                    limit: info.description,
+                    mode: if info.audit { "audit" } else { "enforce" }.to_owned(),
+                    dropped_packets: b.dropped[kind::PACKETS],
+                    dropped_bytes_limit: b.dropped[kind::BYTES],
+                    refused_connections: b.dropped[kind::CONNECTIONS],
+                    would_drop_packets: b.would_drop[kind::PACKETS],
+                    would_drop_bytes_limit: b.would_drop[kind::BYTES],
+                    would_refuse_connections: b.would_drop[kind::CONNECTIONS],
+                })
+                .collect(),
             verdicts: Verdict::ALL
                 .iter()
                 .map(|v| (v.name().to_string(), counters[*v as usize]))
@@ -497,7 +546,25 @@ impl Agent {
             }
             _ => format!("port {}", ev.dport),
         };
-        let (from, to, rule) = name_event(st.names_of(ev.generation), ev);
+        let (from, to, mut rule) = name_event(st.names_of(ev.generation), ev);
+        if ev.verdict == Verdict::DropRateLimited as u32
+            || ev.verdict == Verdict::AuditWouldDrop as u32
+        {
+            let kind = tollgate_common::ratelimit::kind::NAMES
+                .get(usize::from(ev.limit_kind))
+                .copied()
+                .unwrap_or("unknown");
+            rule = match st.datapath.limit_info(ev.limit_id) {
+                Some(info) => format!(
+                    "the {kind} limit of {} ({}; flow admitted by {rule})",
+                    info.owner, info.description
+                ),
+                None => format!(
+                    "the {kind} limit #{} (flow admitted by {rule})",
+                    ev.limit_id
+                ),
+            };
+        }
         // The sampler's count of this edge's events it held back before this one.
         let repeats = if ev.suppressed > 0 {
             format!(" (+{} like it suppressed)", ev.suppressed)

@@ -231,6 +231,17 @@ pub fn run(cli: Cli) -> Result<u8> {
                 "{what}: {} ({}) -> {} ({}) {}{port}: {}",
                 req.from, r.from_identity, req.to, r.to_identity, req.protocol, r.rule
             );
+            for l in &r.limits {
+                let audit = if l.mode == "audit" {
+                    " [audit: over the rate passes as a would-drop]"
+                } else {
+                    ""
+                };
+                println!(
+                    "  rate limit: {} meters {}: {}{audit}",
+                    l.owner, l.applies_to, l.limit
+                );
+            }
             Ok(if r.allowed { 0 } else { EXIT_DENY })
         }
     }
@@ -349,6 +360,23 @@ fn print_status(s: &StatusResponse) {
     println!("verdicts");
     for (name, n) in &s.verdicts {
         println!("  {name:<20} {n}");
+    }
+    if !s.limits.is_empty() {
+        println!("rate limits  (dropped packets / dropped by bytes / refused connections)");
+        for l in &s.limits {
+            let audit = if l.mode == "audit" {
+                format!(
+                    "; audit, would have dropped {} / {} / {}",
+                    l.would_drop_packets, l.would_drop_bytes_limit, l.would_refuse_connections
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "  {:<24} {} / {} / {}  ({}{audit})",
+                l.owner, l.dropped_packets, l.dropped_bytes_limit, l.refused_connections, l.limit
+            );
+        }
     }
     println!(
         "events       {} read, {} lost, {} suppressed by sampling",

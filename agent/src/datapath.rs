@@ -18,11 +18,15 @@ use tollgate_common::{
     slot_of,
     verdict::COUNTER_SLOTS,
     FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue, InterfaceValue,
-    RuleKey, RuleValue, SlotConfig, ABI_VERSION, ACTIVE_ABI_INDEX, ACTIVE_GENERATION_INDEX,
-    ACTIVE_NS_PER_JIFFY_INDEX, SLOT_COUNT,
+    LimitBucket, RuleKey, RuleValue, SlotConfig, ABI_VERSION, ACTIVE_ABI_INDEX,
+    ACTIVE_GENERATION_INDEX, ACTIVE_NS_PER_JIFFY_INDEX, SLOT_COUNT,
 };
 
-use crate::{paths::PinLayout, policy::CompiledPolicy};
+use crate::{
+    limits::{LimitInfo, LimitTable},
+    paths::PinLayout,
+    policy::{CompiledLimit, CompiledPolicy},
+};
 
 /// The eBPF object built by `build.rs` (release profile).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate"));
@@ -173,6 +177,9 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     interfaces: HashMap<MapData, u32, InterfaceValue>,
     check: Array<MapData, tollgate_common::CheckResult>,
+    limits: Array<MapData, LimitBucket>,
+    /// Which bucket each limit of the live policy uses.
+    limit_table: LimitTable,
     /// When this process last flipped `TG_ACTIVE`; the slot it left must not be cleared before
     /// `SLOT_GRACE` has passed.
     last_flip: Option<std::time::Instant>,
@@ -190,6 +197,15 @@ pub struct MapUsage {
 impl Datapath {
     /// Opens every map from `layout` (they must already be pinned, i.e. the object was loaded).
     pub fn open(layout: &PinLayout) -> Result<Self> {
+        let limits: Array<MapData, LimitBucket> = pinned(layout, map_names::LIMITS)?.try_into()?;
+        // The buckets a previous agent wrote are in use until a policy says otherwise.
+        let limit_table = LimitTable::new(
+            limits.len(),
+            (1..limits.len()).filter_map(|id| {
+                let b = limits.get(&id, 0).ok()?;
+                (b.fingerprint != 0).then_some((id, b.fingerprint))
+            }),
+        );
         Ok(Self {
             active: pinned(layout, map_names::ACTIVE)?.try_into()?,
             slot_config: pinned(layout, map_names::SLOT_CONFIG)?.try_into()?,
@@ -204,6 +220,8 @@ impl Datapath {
             counters: pinned(layout, map_names::COUNTERS)?.try_into()?,
             interfaces: pinned(layout, map_names::INTERFACES)?.try_into()?,
             check: pinned(layout, map_names::CHECK)?.try_into()?,
+            limits,
+            limit_table,
             // Another process (a previous agent) may have flipped just now.
             last_flip: Some(std::time::Instant::now()),
             layout: layout.clone(),
@@ -275,6 +293,19 @@ impl Datapath {
         for (prefix, _, _) in &policy.rules {
             count(1, is_exact_rule(*prefix), &mut need_rules);
         }
+        // Buckets freed by the last swap are past the slot grace now: cleared, and free.
+        for id in self.limit_table.release_quarantined() {
+            self.limits
+                .set(id, LimitBucket::default(), 0)
+                .context("clearing a rate-limit bucket")?;
+        }
+        let plan = self.limit_table.plan(&policy.limits)?;
+        let tick_ns = self.tick_ns()?;
+        let fresh: Vec<(u32, LimitBucket)> = plan
+            .fresh
+            .iter()
+            .map(|&(position, id)| Ok((id, bucket(&policy.limits[position], tick_ns)?)))
+            .collect::<Result<_>>()?;
         for (spec, needed, live) in [
             (&maps::IDENTITY_V4_EXACT, need_v4[0], live_x4),
             (&maps::IDENTITY_V4, need_v4[1], live_v4),
@@ -312,7 +343,19 @@ impl Datapath {
         for k in stale_rules {
             let _ = self.rules.remove(&k);
         }
+        // New and changed limits get their buckets before any entry names them.
+        for (id, b) in &fresh {
+            self.limits
+                .set(*id, b, 0)
+                .context("writing a rate-limit bucket")?;
+        }
+        // Entries name limits by position; the maps by bucket.
+        let identity = |v: &IdentityValue| IdentityValue {
+            limit_id: plan.bucket(v.limit_id),
+            ..*v
+        };
         for (prefix, key, value) in &policy.identities_v4 {
+            let value = identity(value);
             if is_exact_identity(4, *prefix) {
                 self.addr_id_v4.insert(key, value, 0)
             } else {
@@ -321,6 +364,7 @@ impl Datapath {
             .context("writing an IPv4 identity entry")?;
         }
         for (prefix, key, value) in &policy.identities_v6 {
+            let value = identity(value);
             if is_exact_identity(6, *prefix) {
                 self.addr_id_v6.insert(key, value, 0)
             } else {
@@ -329,6 +373,10 @@ impl Datapath {
             .context("writing an IPv6 identity entry")?;
         }
         for (prefix, key, value) in &policy.rules {
+            let value = RuleValue {
+                limit_id: plan.bucket(value.limit_id),
+                ..*value
+            };
             if is_exact_rule(*prefix) {
                 self.rules_exact.insert(key, value, 0)
             } else {
@@ -350,7 +398,47 @@ impl Datapath {
         )?;
         self.active.set(ACTIVE_GENERATION_INDEX, generation, 0)?;
         self.last_flip = Some(std::time::Instant::now());
+        self.limit_table.commit(&plan, &policy.limits);
         Ok(())
+    }
+
+    /// The resolution of the datapath's clock (`policy::clock_ns` in the kernel): the tick the
+    /// agent recorded at map creation, or the coarse clock's resolution.
+    fn tick_ns(&self) -> Result<u64> {
+        let ns = self.active.get(&ACTIVE_NS_PER_JIFFY_INDEX, 0)?;
+        if ns != 0 {
+            return Ok(ns);
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres writes one timespec to a valid pointer.
+        if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
+            bail!(
+                "reading the coarse clock's resolution: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok((ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64)
+    }
+
+    /// The buckets of the live policy's rate limits, with what they meter and what they
+    /// dropped.
+    pub fn limit_status(&self) -> Vec<(LimitInfo, LimitBucket)> {
+        self.limit_table
+            .live()
+            .into_iter()
+            .filter_map(|id| {
+                let info = self.limit_table.info(id)?.clone();
+                Some((info, self.limits.get(&id, 0).ok()?))
+            })
+            .collect()
+    }
+
+    /// What bucket `id` meters, if the live policy (or the one before it) has it.
+    pub fn limit_info(&self, id: u32) -> Option<&LimitInfo> {
+        self.limit_table.info(id)
     }
 
     /// Describes an interface (before a program is attached to it, once it is, and whenever
@@ -611,4 +699,22 @@ pub fn flow_addr(addr: IpAddr) -> [u8; 16] {
         IpAddr::V4(a) => v4_mapped(a.octets()),
         IpAddr::V6(a) => a.octets(),
     }
+}
+
+/// The bucket of a new or changed limit: its rates on the datapath's clock of `tick_ns`
+/// resolution, full, counters at zero.
+fn bucket(limit: &CompiledLimit, tick_ns: u64) -> Result<LimitBucket> {
+    let mut b = LimitBucket {
+        fingerprint: limit.fingerprint,
+        flags: limit.flags,
+        ..LimitBucket::default()
+    };
+    for (k, kind) in limit.kinds.iter().enumerate() {
+        if let Some(kind) = kind {
+            b.rates[k] = kind.limit_rate(k, tick_ns).map_err(|e| {
+                anyhow!("{}: {e:?} (validation should have refused it)", limit.owner)
+            })?;
+        }
+    }
+    Ok(b)
 }

@@ -9,6 +9,7 @@ pub mod client;
 mod connections;
 pub mod datapath;
 pub mod host;
+pub mod limits;
 pub mod linkwatch;
 pub mod loader;
 pub mod paths;
