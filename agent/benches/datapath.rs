@@ -43,6 +43,8 @@
     reason = "the kernel tests use the rest of the packet builder"
 )]
 mod packet;
+#[path = "parts/ratelimit.rs"]
+mod ratelimit;
 
 use std::{
     fmt::Write as _,
@@ -1244,6 +1246,8 @@ fn main() {
             b.measure(shape, family, i == 0, &mut results);
         }
     }
+    eprintln!("  rate limits ...");
+    let limits = ratelimit::run(&mut b);
     let verifier = b.verifier_stats();
     let load_time = b.load_time;
     let sampled_events = b.sampled_events;
@@ -1318,6 +1322,7 @@ fn main() {
     );
     println!();
     print_floors(&results, &baselines);
+    ratelimit::print(&limits, &baselines);
 
     println!("Verifier (a second load of the object against the same maps)");
     println!(

@@ -196,11 +196,18 @@ const OVER: u64 = u64::MAX;
 /// Shaped for the verifier: each kind is one call that returns a cost or `OVER`, and only the
 /// rare refusal branches further (`refuse`). Branching per kind and per compare-and-swap
 /// attempt in one body multiplied the states it walks past its million-instruction budget.
-#[inline(never)]
+#[inline(always)]
 fn charge(id: u32, units: &Units, now: u64, taken: &mut [u64; LIMIT_KINDS]) -> u64 {
+    let Some(bucket) = LIMITS.get_ptr_mut(id) else {
+        return PASS;
+    };
+    let bucket = bucket as *mut LimitBucket;
     let mut over = 0u64;
     for k in 0..LIMIT_KINDS {
-        if units.0[k] == 0 {
+        // SAFETY: a `TG_LIMITS` value; its configuration only changes while no policy names
+        // it.
+        let limited = unsafe { (*bucket).rates[k].is_set() };
+        if units.0[k] == 0 || !limited {
             continue;
         }
         let cost = tollgate_take(id, k as u64, units.0[k], now);
@@ -213,10 +220,7 @@ fn charge(id: u32, units: &Units, now: u64, taken: &mut [u64; LIMIT_KINDS]) -> u
     if over == 0 {
         return PASS;
     }
-    let Some(bucket) = LIMITS.get_ptr_mut(id) else {
-        return PASS;
-    };
-    refuse(bucket as *mut LimitBucket, id, over, taken)
+    refuse(bucket, id, over, taken)
 }
 
 /// Charges `n` units of kind `k` to `bucket`: the cost charged (0: nothing to charge, the kind
