@@ -580,6 +580,7 @@ impl Datapath {
                     }
                     n if n == map_names::RULES => Some(keys_in_slot(&self.rules, slot).len()),
                     n if n == map_names::INTERFACES => Some(self.described_interfaces().len()),
+                    n if n == map_names::LIMITS => Some(self.limit_table.live().len()),
                     _ => None,
                 };
                 crate::api::MapStatus {

@@ -75,6 +75,7 @@ pub fn run() -> Result<()> {
 
     for (w, port) in [
         ("orders", 8080),
+        ("orders", 2222),
         ("orders", 5432),
         ("payments", 9090),
         ("frontend", 8080),
@@ -175,6 +176,7 @@ pub fn run() -> Result<()> {
     }
 
     spoof_attempt(&topo, &agent)?;
+    login_attempts(&topo, &agent)?;
 
     let wait = expires
         .duration_since(SystemTime::now())
@@ -252,7 +254,7 @@ fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
         &intruder.host_if,
     ])?;
     let why = String::from_utf8_lossy(&out.stdout);
-    let why = why.trim().rsplit(": ").next().unwrap_or("").to_owned();
+    let why = first_line(&why).rsplit(": ").next().unwrap_or("").to_owned();
     println!(
         "  {:<40} {:<8} {why} on {} ({dropped} SYNs counted drop_spoofed)",
         "intruder as frontend -> orders tcp/8080",
@@ -260,6 +262,53 @@ fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
         intruder.host_if,
     );
     Ok(())
+}
+
+/// Frontend tries orders' login port (tcp/2222) eight times in a row; its rule allows 5 new
+/// connections a minute, so the kernel refuses the last three SYNs.
+fn login_attempts(topo: &Topology, agent: &AgentProcess) -> Result<()> {
+    let frontend = topo.workload("frontend");
+    let orders = topo.workload("orders");
+    println!(
+        "\nfrontend tries orders' login port tcp/2222 eight times in a row (rule orders-login: \
+         5 new connections a minute):\n"
+    );
+    let out = agent.cli(&[
+        "check",
+        "--from",
+        &frontend.v4.to_string(),
+        "--to",
+        &orders.v4.to_string(),
+        "--port",
+        "2222",
+        "--protocol",
+        "tcp",
+    ])?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  tollgate check: {}", line.trim());
+    }
+    println!();
+    let before = verdict_count(agent, "drop_rate_limited")?;
+    for attempt in 1..=8 {
+        check_interrupted()?;
+        let passed = tcp_reachable(&frontend.ns, IpAddr::V4(orders.v4), 2222);
+        println!(
+            "  attempt {attempt}: {}",
+            if passed {
+                "connected"
+            } else {
+                "REFUSED (SYN dropped by the rate limit; no conntrack entry)"
+            }
+        );
+    }
+    let refused = verdict_count(agent, "drop_rate_limited")? - before;
+    println!("  ({refused} SYNs counted drop_rate_limited, client retries included)");
+    Ok(())
+}
+
+/// The first line of a command's output, trimmed (`check` adds one line per rate limit).
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("").trim()
 }
 
 fn verdict_count(agent: &AgentProcess, verdict: &str) -> Result<u64> {
@@ -326,7 +375,7 @@ fn drive(topo: &Topology, agent: &AgentProcess, f: &Flow) -> Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = agent.cli(&args).context("tollgate check")?;
     let why = String::from_utf8_lossy(&out.stdout);
-    let why = why.trim();
+    let why = first_line(&why);
     let why = why.rsplit(": ").next().unwrap_or(why);
     println!(
         "  {label:<40} {:<8} {why}",
