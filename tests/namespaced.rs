@@ -710,3 +710,128 @@ fn an_l3_device_matching_the_interfaces_is_left_alone_with_a_warning() {
     assert_eq!(names.len(), 4, "both veths, both directions: {names:?}");
     assert!(agent.log_text().contains("without Ethernet framing"));
 }
+
+/// frontend → orders: TCP 8080 (no limit) and the login port 2222, 3 new connections a minute.
+const LOGIN: &str = r#"apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata:
+  name: login
+spec:
+  identities:
+    - name: frontend
+      cidrs: ["10.200.1.2/32", "fd00:200:1::2/128"]
+    - name: orders
+      cidrs: ["10.200.2.2/32", "fd00:200:2::2/128"]
+  rules:
+    - name: frontend-to-orders
+      from: frontend
+      to: orders
+      ports: [{ port: 8080, protocol: TCP }]
+    - name: login
+      from: frontend
+      to: orders
+      ports: [{ port: 2222, protocol: TCP }]
+      rateLimit: { connectionsPerMinute: 3 }
+"#;
+
+/// How many of `attempts` connections from frontend to orders:`port` (IPv4) echo.
+fn connections(env: &Env, port: u16, attempts: usize) -> usize {
+    (0..attempts)
+        .filter(|_| tcp_reachable(env.ns("frontend"), env.addr("orders", false), port))
+        .count()
+}
+
+#[test]
+fn status_counts_refused_connections_per_limit_and_check_names_the_limit() {
+    let env = Env::new("rl-status", LOGIN);
+    serve_tcp(&env, "orders", false, &[8080, 2222]);
+    assert_eq!(
+        connections(&env, 2222, 5),
+        3,
+        "the burst of 3, then refused"
+    );
+    assert_eq!(
+        connections(&env, 8080, 5),
+        5,
+        "the unlimited rule is not slowed"
+    );
+    let status = env.status_json();
+    let limits = status["limits"].as_array().expect("limits in status");
+    assert_eq!(limits.len(), 1, "{status}");
+    assert_eq!(limits[0]["owner"], "rule login");
+    assert_eq!(limits[0]["mode"], "enforce");
+    // Two refused attempts, each a SYN and its retries within the probe's timeout.
+    assert!(
+        limits[0]["refused_connections"].as_u64().unwrap() >= 2,
+        "{status}"
+    );
+    let verdicts = status["verdicts"].as_array().unwrap();
+    let limited = verdicts
+        .iter()
+        .find(|v| v[0] == "drop_rate_limited")
+        .unwrap();
+    assert!(limited[1].as_u64().unwrap() >= 2);
+    let text = String::from_utf8_lossy(&env.agent.cli(&["status"]).unwrap().stdout).into_owned();
+    assert!(text.contains("rule login"), "{text}");
+
+    let out = env
+        .agent
+        .cli(&[
+            "check",
+            "--from",
+            "10.200.1.2",
+            "--to",
+            "10.200.2.2",
+            "--port",
+            "2222",
+            "--protocol",
+            "tcp",
+        ])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("rate limit: rule login meters new connections and packets")
+            && text.contains("3 connections/min (burst 3)"),
+        "{text}"
+    );
+    let out = env.check_tcp_8080("10.200.1.2", "10.200.2.2", &[]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("rate limit"),
+        "no limit on 8080"
+    );
+    // The agent logged the refusals, naming the limit.
+    let log = env.agent.log_text();
+    assert!(
+        log.contains("drop_rate_limited") && log.contains("the connections limit of rule login"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_restarted_agent_keeps_the_buckets_no_fresh_burst() {
+    let mut env = Env::new("rl-restart", LOGIN);
+    serve_tcp(&env, "orders", false, &[2222]);
+    assert_eq!(connections(&env, 2222, 4), 3);
+    env.agent.stop().unwrap();
+    // While the agent is down the kernel keeps limiting.
+    assert_eq!(
+        connections(&env, 2222, 1),
+        0,
+        "limited while the agent is down"
+    );
+    let policy = env.dir.path().join("policy.yaml");
+    env.agent.spawn(&env.topo.node, "tg-*", &policy).unwrap();
+    env.status_json();
+    assert_eq!(
+        connections(&env, 2222, 2),
+        0,
+        "the restarted agent applied the same limit: its bucket, not a fresh one"
+    );
+    // A changed limit starts full.
+    let changed = env.write_policy(
+        "changed.yaml",
+        &LOGIN.replace("connectionsPerMinute: 3", "connectionsPerMinute: 2"),
+    );
+    assert_eq!(env.apply(&changed).0, 0);
+    assert_eq!(connections(&env, 2222, 3), 2);
+}

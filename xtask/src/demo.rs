@@ -254,7 +254,11 @@ fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
         &intruder.host_if,
     ])?;
     let why = String::from_utf8_lossy(&out.stdout);
-    let why = first_line(&why).rsplit(": ").next().unwrap_or("").to_owned();
+    let why = first_line(&why)
+        .rsplit(": ")
+        .next()
+        .unwrap_or("")
+        .to_owned();
     println!(
         "  {:<40} {:<8} {why} on {} ({dropped} SYNs counted drop_spoofed)",
         "intruder as frontend -> orders tcp/8080",
