@@ -2040,3 +2040,34 @@ fn check_reports_the_limits_that_apply() {
         "identity orders"
     );
 }
+
+#[test]
+fn an_established_packet_refused_by_the_quota_gives_back_what_the_rule_limit_took() {
+    let rule = "rateLimit: { packetsPerSecond: 1, burst: 5 }";
+    let quota = |burst: u32| {
+        format!("rateLimits: [{{ identity: frontend, packetsPerSecond: 1, burst: {burst} }}]")
+    };
+    let mut f = DatapathFixture::new("rl_giveback");
+    f.apply(&limited_policy(rule, &quota(2)));
+    let out = PacketSpec::udp(FRONTEND, 49000, ORDERS, 9000);
+    // The first packet admits the flow: one token of each (rule 4 left, quota 1).
+    f.assert_passes_as(&out.build(), Verdict::AllowNew);
+    f.assert_passes_as(&out.build(), Verdict::AllowEstablished);
+    // The quota is empty: dropped, and the rule's token given back (rule 3 left).
+    f.assert_dropped_as(&out.build(), Verdict::DropRateLimited);
+    f.assert_dropped_as(&out.build(), Verdict::DropRateLimited);
+    assert_eq!(
+        limit_counters(&f, "identity frontend").dropped[tollgate_common::ratelimit::kind::PACKETS],
+        2
+    );
+    // A larger quota (a fresh bucket); the rule limit is unchanged and keeps its 3.
+    f.apply(&limited_policy(rule, &quota(100)));
+    for _ in 0..3 {
+        assert_eq!(f.run(&out.build()), TC_ACT_OK);
+    }
+    f.assert_dropped_as(&out.build(), Verdict::DropRateLimited);
+    assert_eq!(
+        limit_counters(&f, "rule login").dropped[tollgate_common::ratelimit::kind::PACKETS],
+        1
+    );
+}

@@ -219,7 +219,7 @@ fn established<const V4: bool>(pc: &mut PacketContext, entry: &mut FlowValue) ->
         if (entry.rule_limit | entry.sender_limit) != 0
             && (pc.ingress || pc.origin == 0 || entry.metered_ifindex != pc.origin)
         {
-            let outcome = ratelimit::meter(pc, entry.rule_limit, entry.sender_limit, 0);
+            let outcome = ratelimit::meter_established(pc, entry.rule_limit, entry.sender_limit);
             if outcome != ratelimit::PASS {
                 return Established::Done(limited(pc, outcome, entry.rule_id, 0));
             }

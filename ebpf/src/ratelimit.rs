@@ -166,6 +166,106 @@ pub extern "C" fn tollgate_meter(
     would
 }
 
+/// The established path's way through a flow's buckets: each bucket that limits at most one of
+/// packets and bytes is charged inline, in one compare-and-swap; only a bucket that limits both,
+/// one over its rate or one the other CPU changed in between goes through [`tollgate_meter`]
+/// (which counts and decides as always). What the inline charge took is given back if the meter
+/// then drops the packet.
+///
+/// Inline because calls were most of what a bucket cost here: through the meter's call and the
+/// per-kind call inside it a bucket added 26 ns to an established packet in the runner (0.79x
+/// the empty classifier; the compare-and-swap itself about 3 ns of it), inline 6 ns (0.18x).
+/// The verifier walks this for every way the classifier reaches it; it is short, with few
+/// branches, and leaves every harder case to the meter.
+#[inline(always)]
+pub fn meter_established(pc: &PacketContext, rule_limit: u32, sender_limit: u32) -> u64 {
+    let units = packet_units(pc);
+    let now = pc.coarse;
+    let rule = quick_take(rule_limit, units, now);
+    let sender = quick_take(sender_limit, units, now);
+    let rule_left = if rule == QUICK_UNDECIDED {
+        rule_limit
+    } else {
+        0
+    };
+    let sender_left = if sender == QUICK_UNDECIDED {
+        sender_limit
+    } else {
+        0
+    };
+    if rule_left | sender_left == 0 {
+        return PASS;
+    }
+    let outcome = tollgate_meter(rule_left, sender_left, 0, now, units);
+    if outcome & OUTCOME_MASK == DROP {
+        quick_give_back(rule_limit, rule);
+        quick_give_back(sender_limit, sender);
+    }
+    outcome
+}
+
+/// [`quick_take`]: the bucket must go through [`tollgate_meter`]; nothing was charged.
+const QUICK_UNDECIDED: u64 = u64::MAX;
+/// [`quick_take`]'s answer packs the kind charged above the cost.
+const QUICK_KIND_SHIFT: u32 = 62;
+
+/// Charges the packet to bucket `id` (0: none) if it limits at most one of packets and bytes and
+/// one compare-and-swap settles it: 0 if there was nothing to charge, else the cost charged
+/// with its kind in the top bits; `QUICK_UNDECIDED` otherwise (over the rate, both kinds
+/// limited, or the other CPU changed the bucket in between), with nothing charged.
+#[inline(always)]
+fn quick_take(id: u32, units: u64, now: u64) -> u64 {
+    if id == 0 {
+        return 0;
+    }
+    let Some(bucket) = LIMITS.get_ptr_mut(id) else {
+        return 0;
+    };
+    let bucket = bucket as *mut LimitBucket;
+    // SAFETY: a `TG_LIMITS` value; its configuration only changes while no policy names it.
+    let (packets, bytes) = unsafe {
+        (
+            (*bucket).rates[kind::PACKETS].is_set(),
+            (*bucket).rates[kind::BYTES].is_set(),
+        )
+    };
+    let (k, n) = match (packets, bytes) {
+        (false, false) => return 0,
+        (true, false) => (kind::PACKETS, units >> 32),
+        (false, true) => (kind::BYTES, units & 0xffff_ffff),
+        (true, true) => return QUICK_UNDECIDED,
+    };
+    // SAFETY: as above; the state only accessed atomically.
+    let rate = unsafe { (*bucket).rates[k] };
+    let tat = Shared(unsafe { &raw mut (*bucket).tat_ns[k] });
+    let seen = tat.load();
+    let cost = nonzero(cost_ns(n, &rate, dither(seen)));
+    let Some(next) = conform(seen, now, cost, &rate) else {
+        return QUICK_UNDECIDED;
+    };
+    match tat.compare_exchange(seen, next) {
+        Ok(_) => cost | ((k as u64) << QUICK_KIND_SHIFT),
+        Err(_) => QUICK_UNDECIDED,
+    }
+}
+
+/// Gives back what [`quick_take`] charged bucket `id` (`taken`: its answer).
+#[inline(always)]
+fn quick_give_back(id: u32, taken: u64) {
+    if id == 0 || taken == 0 || taken == QUICK_UNDECIDED {
+        return;
+    }
+    let k = (taken >> QUICK_KIND_SHIFT) as usize;
+    let cost = taken & ((1 << QUICK_KIND_SHIFT) - 1);
+    if k >= LIMIT_KINDS {
+        return;
+    }
+    if let Some(bucket) = LIMITS.get_ptr_mut(id) {
+        // SAFETY: an aligned `u64` of a `TG_LIMITS` value, only accessed atomically.
+        Shared(unsafe { &raw mut (*(bucket as *mut LimitBucket)).tat_ns[k] }).sub(cost);
+    }
+}
+
 /// [`tollgate_meter`] for the packet in `pc`.
 #[inline(always)]
 pub fn meter(pc: &PacketContext, rule_limit: u32, sender_limit: u32, connection: u64) -> u64 {
