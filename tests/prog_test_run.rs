@@ -2071,3 +2071,40 @@ fn an_established_packet_refused_by_the_quota_gives_back_what_the_rule_limit_too
         1
     );
 }
+
+#[test]
+fn icmp_errors_are_charged_as_packets_not_as_connections() {
+    // orders' quota: 2 new connections a minute. The ICMP errors orders' kernel sends (port
+    // unreachable for probes from frontend) are not connections: a peer cannot spend the quota
+    // by provoking them.
+    let mut f = DatapathFixture::new("rl_icmp_error");
+    f.apply(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: { name: icmp }
+spec:
+  identities:
+    - { name: frontend, cidrs: ["10.200.1.0/24"] }
+    - { name: orders, cidrs: ["10.200.2.0/24"] }
+  rules:
+    - { name: back, from: orders, to: frontend, ports: [{ protocol: ANY }] }
+  rateLimits:
+    - { identity: orders, connectionsPerMinute: 2 }
+"#,
+    );
+    let mut unreachable = PacketSpec::echo_request(ORDERS, FRONTEND, 0);
+    unreachable.icmp_type = 3;
+    unreachable.icmp_code = 3;
+    for _ in 0..10 {
+        f.assert_passes_as(&unreachable.build(), Verdict::AllowNew);
+    }
+    let syn = |sport: u16| {
+        PacketSpec::tcp(ORDERS, sport, FRONTEND, 80)
+            .flags(SYN)
+            .build()
+    };
+    f.assert_passes_as(&syn(50000), Verdict::AllowNew);
+    f.assert_passes_as(&syn(50001), Verdict::AllowNew);
+    f.assert_dropped_as(&syn(50002), Verdict::DropRateLimited);
+}

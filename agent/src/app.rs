@@ -705,6 +705,13 @@ fn install(
     );
     let policy = LivePolicy::from(policy);
     datapath.install(&compiled, generation, interfaces)?;
+    for limit in compiled.limits.iter().filter(|l| !l.used) {
+        tracing::warn!(
+            limit = %limit.owner,
+            "this rate limit applies to no traffic: other rules decide all of its rule's traffic \
+             (they last longer, or enforce where it audits); it has no bucket"
+        );
+    }
     Ok((policy, compiled.names, generation))
 }
 

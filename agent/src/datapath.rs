@@ -23,7 +23,7 @@ use tollgate_common::{
 };
 
 use crate::{
-    limits::{LimitInfo, LimitTable},
+    limits::{config_of, LimitInfo, LimitTable},
     paths::PinLayout,
     policy::{CompiledLimit, CompiledPolicy},
 };
@@ -203,7 +203,7 @@ impl Datapath {
             limits.len(),
             (1..limits.len()).filter_map(|id| {
                 let b = limits.get(&id, 0).ok()?;
-                (b.fingerprint != 0).then_some((id, b.fingerprint))
+                (b.fingerprint != 0).then_some((id, b))
             }),
         );
         Ok(Self {
@@ -299,13 +299,19 @@ impl Datapath {
                 .set(id, LimitBucket::default(), 0)
                 .context("clearing a rate-limit bucket")?;
         }
-        let plan = self.limit_table.plan(&policy.limits)?;
         let tick_ns = self.tick_ns()?;
+        let buckets: Vec<LimitBucket> = policy
+            .limits
+            .iter()
+            .map(|limit| bucket(limit, tick_ns))
+            .collect::<Result<_>>()?;
+        let configs: Vec<_> = buckets.iter().map(config_of).collect();
+        let plan = self.limit_table.plan(&policy.limits, &configs)?;
         let fresh: Vec<(u32, LimitBucket)> = plan
             .fresh
             .iter()
-            .map(|&(position, id)| Ok((id, bucket(&policy.limits[position], tick_ns)?)))
-            .collect::<Result<_>>()?;
+            .map(|&(position, id)| (id, buckets[position]))
+            .collect();
         for (spec, needed, live) in [
             (&maps::IDENTITY_V4_EXACT, need_v4[0], live_x4),
             (&maps::IDENTITY_V4, need_v4[1], live_v4),
@@ -398,7 +404,7 @@ impl Datapath {
         )?;
         self.active.set(ACTIVE_GENERATION_INDEX, generation, 0)?;
         self.last_flip = Some(std::time::Instant::now());
-        self.limit_table.commit(&plan, &policy.limits);
+        self.limit_table.commit(&plan, &policy.limits, &configs);
         Ok(())
     }
 

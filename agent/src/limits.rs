@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{bail, Result};
-use tollgate_common::{maps, ratelimit::LimitId};
+use tollgate_common::{maps, ratelimit::LimitId, LimitBucket, LimitRate};
 
 use crate::policy::CompiledLimit;
 
@@ -43,11 +43,22 @@ impl LimitInfo {
     }
 }
 
+/// What the kernel reads of a bucket: its rates and flags. A bucket is only kept for a limit
+/// whose configuration is the same, not merely its fingerprint (a 64-bit hash a crafted pair of
+/// names could make collide).
+pub type BucketConfig = ([LimitRate; tollgate_common::ratelimit::LIMIT_KINDS], u32);
+
+pub fn config_of(b: &LimitBucket) -> BucketConfig {
+    (b.rates, b.flags)
+}
+
 /// The buckets of the live policy, those waiting to be freed, and the free ones.
 #[derive(Debug)]
 pub struct LimitTable {
     /// Fingerprint → bucket, for the buckets the live policy uses.
     live: HashMap<u64, LimitId>,
+    /// What each live bucket holds.
+    configs: HashMap<LimitId, BucketConfig>,
     /// Bucket → what it meters (live and quarantined buckets; a restarted agent knows nothing
     /// of the buckets it found until a policy names them).
     info: HashMap<LimitId, LimitInfo>,
@@ -77,17 +88,20 @@ impl LimitPlan {
 }
 
 impl LimitTable {
-    /// Ids 1.. of a map with `capacity` slots; `in_use`: (id, fingerprint) of buckets already
-    /// written (a fingerprint of 0 is a free bucket).
-    pub fn new(capacity: u32, in_use: impl IntoIterator<Item = (LimitId, u64)>) -> Self {
+    /// Ids 1.. of a map with `capacity` slots; `in_use`: buckets already written (a
+    /// fingerprint of 0 is a free bucket).
+    pub fn new(capacity: u32, in_use: impl IntoIterator<Item = (LimitId, LimitBucket)>) -> Self {
         let mut live = HashMap::new();
+        let mut configs = HashMap::new();
         let mut taken = vec![false; capacity as usize];
         let mut quarantined = Vec::new();
-        for (id, fingerprint) in in_use {
+        for (id, bucket) in in_use {
+            let fingerprint = bucket.fingerprint;
             if id == 0 || id >= capacity || fingerprint == 0 {
                 continue;
             }
             taken[id as usize] = true;
+            configs.insert(id, config_of(&bucket));
             // Two buckets of one fingerprint (a limit changed and changed back): the lower id
             // is kept, the other freed through quarantine.
             match live.get(&fingerprint) {
@@ -107,57 +121,75 @@ impl LimitTable {
             .collect();
         Self {
             live,
+            configs,
             info: HashMap::new(),
             quarantined,
             free,
         }
     }
 
-    /// The buckets for `limits` (a policy's, in position order), without changing anything:
-    /// an error, before any map is written, if there are not enough free buckets.
-    pub fn plan(&self, limits: &[CompiledLimit]) -> Result<LimitPlan> {
+    /// The buckets for `limits` (a policy's, in position order; `configs`: what each one's
+    /// bucket holds), without changing anything: an error, before any map is written, if there
+    /// are not enough free buckets. An unused limit gets none (id 0).
+    pub fn plan(&self, limits: &[CompiledLimit], configs: &[BucketConfig]) -> Result<LimitPlan> {
         let mut ids = Vec::with_capacity(limits.len());
         let mut fresh = Vec::new();
-        let mut next_free = self.free.iter().rev();
-        for (position, limit) in limits.iter().enumerate() {
-            match self.live.get(&limit.fingerprint) {
-                Some(&id) => ids.push(id),
-                None => match next_free.next() {
-                    Some(&id) => {
-                        ids.push(id);
-                        fresh.push((position, id));
-                    }
-                    None => bail!(
-                        "the policy has {} rate limits, {} of them new or changed, but {} has \
-                         room for {} more beside the {} the live policy uses and {} freed by \
-                         the last swap",
-                        limits.len(),
-                        fresh.len() + 1,
-                        maps::LIMITS.name,
-                        self.free.len(),
-                        self.live.len(),
-                        self.quarantined.len()
-                    ),
-                },
+        let mut kept = HashSet::new();
+        for (position, (limit, config)) in limits.iter().zip(configs).enumerate() {
+            if !limit.used {
+                ids.push(0);
+                continue;
             }
+            match self.live.get(&limit.fingerprint) {
+                Some(&id) if self.configs.get(&id) == Some(config) && kept.insert(id) => {
+                    ids.push(id)
+                }
+                _ => {
+                    ids.push(0);
+                    fresh.push((position, 0));
+                }
+            }
+        }
+        if fresh.len() > self.free.len() {
+            bail!(
+                "the policy has {} rate limits, {} of them new or changed, but {} has room for \
+                 {} new ones now: it holds {} buckets, the live policy uses {}, and a changed \
+                 limit needs a new bucket while the live policy still uses the old one (change \
+                 fewer limits at once)",
+                limits.iter().filter(|l| l.used).count(),
+                fresh.len(),
+                maps::LIMITS.name,
+                self.free.len(),
+                maps::LIMITS.max_entries - 1,
+                self.live.len(),
+            );
+        }
+        for ((position, id), &free) in fresh.iter_mut().zip(self.free.iter().rev()) {
+            *id = free;
+            ids[*position] = free;
         }
         Ok(LimitPlan { ids, fresh })
     }
 
     /// Records that the policy `plan` was made for is live: its buckets are the live ones, the
     /// previous policy's others go to quarantine.
-    pub fn commit(&mut self, plan: &LimitPlan, limits: &[CompiledLimit]) {
+    pub fn commit(&mut self, plan: &LimitPlan, limits: &[CompiledLimit], configs: &[BucketConfig]) {
         let fresh: HashSet<LimitId> = plan.fresh.iter().map(|&(_, id)| id).collect();
         self.free.retain(|id| !fresh.contains(id));
         let used: HashSet<LimitId> = plan.ids.iter().copied().collect();
         let mut live = HashMap::with_capacity(limits.len());
-        for (limit, &id) in limits.iter().zip(&plan.ids) {
+        for ((limit, &id), config) in limits.iter().zip(&plan.ids).zip(configs) {
+            if id == 0 {
+                continue;
+            }
             live.insert(limit.fingerprint, id);
+            self.configs.insert(id, *config);
             self.info.insert(id, LimitInfo::of(limit));
         }
         for (_, id) in std::mem::replace(&mut self.live, live) {
             if !used.contains(&id) {
                 self.quarantined.push(id);
+                self.configs.remove(&id);
             }
         }
     }
@@ -194,6 +226,21 @@ mod tests {
     use super::*;
     use crate::policy::{parse_policy, ClockReading};
 
+    fn configs(limits: &[CompiledLimit]) -> Vec<BucketConfig> {
+        limits
+            .iter()
+            .map(|l| {
+                let mut rates = [LimitRate::NONE; 3];
+                for (k, kind) in l.kinds.iter().enumerate() {
+                    if let Some(kind) = kind {
+                        rates[k] = kind.limit_rate(k, 1).unwrap();
+                    }
+                }
+                (rates, l.flags)
+            })
+            .collect()
+    }
+
     fn limits(text: &str) -> Vec<CompiledLimit> {
         let p = parse_policy(text, "t.yaml").unwrap();
         let clock = ClockReading {
@@ -228,44 +275,60 @@ spec:
     fn an_unchanged_limit_keeps_its_bucket_and_a_changed_one_gets_a_fresh_one() {
         let mut t = LimitTable::new(16, []);
         let first = limits(&policy(5, 100));
-        let p1 = t.plan(&first).unwrap();
+        let p1 = t.plan(&first, &configs(&first)).unwrap();
         assert_eq!(p1.ids, [1, 2]);
         assert_eq!(p1.fresh, [(0, 1), (1, 2)]);
-        t.commit(&p1, &first);
+        t.commit(&p1, &first, &configs(&first));
 
         let same = limits(&policy(5, 100));
-        let p2 = t.plan(&same).unwrap();
+        let p2 = t.plan(&same, &configs(&same)).unwrap();
         assert_eq!(p2.ids, [1, 2]);
         assert!(p2.fresh.is_empty());
-        t.commit(&p2, &same);
+        t.commit(&p2, &same, &configs(&same));
         assert!(t.release_quarantined().is_empty());
 
         let changed = limits(&policy(6, 100));
-        let p3 = t.plan(&changed).unwrap();
+        let p3 = t.plan(&changed, &configs(&changed)).unwrap();
         assert_eq!(p3.ids, [3, 2]);
         assert_eq!(p3.fresh, [(0, 3)]);
-        t.commit(&p3, &changed);
+        t.commit(&p3, &changed, &configs(&changed));
         assert_eq!(t.info(3).unwrap().owner, "rule login");
         // Bucket 1 is quarantined, not reused by the very next plan...
         assert_eq!(t.release_quarantined(), [1]);
         // ...but after its release.
         let back = limits(&policy(7, 100));
-        assert_eq!(t.plan(&back).unwrap().ids, [1, 2]);
+        assert_eq!(t.plan(&back, &configs(&back)).unwrap().ids, [1, 2]);
     }
 
     #[test]
     fn a_restarted_agent_finds_its_buckets_by_fingerprint() {
         let first = limits(&policy(5, 100));
-        let t = LimitTable::new(16, [(4, first[0].fingerprint), (9, first[1].fingerprint)]);
-        let p = t.plan(&limits(&policy(5, 100))).unwrap();
+        let c = configs(&first);
+        let bucket = |i: usize| LimitBucket {
+            fingerprint: first[i].fingerprint,
+            rates: c[i].0,
+            flags: c[i].1,
+            ..Default::default()
+        };
+        let t = LimitTable::new(16, [(4, bucket(0)), (9, bucket(1))]);
+        let again = limits(&policy(5, 100));
+        let p = t.plan(&again, &configs(&again)).unwrap();
         assert_eq!(p.ids, [4, 9]);
         assert!(p.fresh.is_empty());
+        // A bucket whose fingerprint matches but whose rates differ (a collision, or a bucket
+        // written by another build) is not taken over.
+        let mut other = configs(&again);
+        other[0].0[2].interval_ns += 1;
+        let p = t.plan(&again, &other).unwrap();
+        assert_eq!(p.fresh.len(), 1);
+        assert_ne!(p.ids[0], 4);
     }
 
     #[test]
     fn too_many_limits_are_refused_before_anything_is_written() {
         let t = LimitTable::new(2, []);
-        let e = t.plan(&limits(&policy(5, 100))).unwrap_err().to_string();
+        let l = limits(&policy(5, 100));
+        let e = t.plan(&l, &configs(&l)).unwrap_err().to_string();
         assert!(e.contains("TG_LIMITS"), "{e}");
     }
 

@@ -290,7 +290,7 @@ pub fn forget(pc: &PacketContext, key_is_reply: bool) {
 /// Echo requests and replies are tracked; other ICMP messages (errors, timestamps) are decided
 /// one by one.
 #[inline(always)]
-fn is_trackable(pkt: &Packet) -> bool {
+pub fn is_trackable(pkt: &Packet) -> bool {
     match pkt.proto {
         proto::ICMP => pkt.icmp_type == ICMP_ECHO_REQUEST,
         proto::ICMPV6 => pkt.icmp_type == ICMPV6_ECHO_REQUEST,

@@ -289,7 +289,11 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
                 }
                 None => {
                     if limited_flow {
-                        let outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, 1);
+                        // A connection is a flow that will be tracked: an ICMP error or other
+                        // message decided on its own is charged as a packet only (or a peer
+                        // could spend a quota with the errors it provokes).
+                        let connection = conntrack::is_trackable(&pc.pkt) as u64;
+                        let outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, connection);
                         if outcome & ratelimit::OUTCOME_MASK == ratelimit::DROP {
                             // Refused: no conntrack entry, so its next attempt is new again.
                             return limited(pc, outcome, d.rule_id, ids);

@@ -88,9 +88,8 @@ pub fn run(b: &mut Bench) -> Results {
         (
             2,
             format!("rateLimit: {HUGE}"),
-            format!(
-                "rateLimits: [{{ identity: a, packetsPerSecond: 1000000000, burst: 1000000000 }}]"
-            ),
+            "rateLimits: [{ identity: a, packetsPerSecond: 1000000000, burst: 1000000000 }]"
+                .to_owned(),
         ),
     ] {
         b.apply(&policy(&rule, &quota));

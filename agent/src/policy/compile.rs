@@ -176,6 +176,9 @@ pub struct CompiledLimit {
     /// different when any of them changes. A policy swap keeps the bucket (its token state) of
     /// a limit whose fingerprint the live policy has.
     pub fingerprint: u64,
+    /// Some entry names it. A rule limit is unused when other rules decide all of its rule's
+    /// traffic (see `rank`); an unused limit gets no bucket, and the agent warns of it.
+    pub used: bool,
 }
 
 impl CompiledLimit {
@@ -189,6 +192,7 @@ impl CompiledLimit {
             kinds,
             flags,
             fingerprint,
+            used: true,
         }
     }
 
@@ -350,6 +354,20 @@ pub fn compile_policy(
         })
         .collect();
     bindings.sort();
+    let rules = rule_entries(policy, slot, clock, &ids, &limits.by_rule);
+    let mut compiled_limits = limits.limits;
+    let mut used = vec![false; compiled_limits.len()];
+    let positions = rules
+        .iter()
+        .map(|(_, _, v)| v.limit_id)
+        .chain(identities_v4.iter().map(|(_, _, v)| v.limit_id))
+        .chain(identities_v6.iter().map(|(_, _, v)| v.limit_id));
+    for position in positions.filter(|&p| p != 0) {
+        used[position as usize - 1] = true;
+    }
+    for (limit, used) in compiled_limits.iter_mut().zip(used) {
+        limit.used = used;
+    }
     CompiledPolicy {
         slot,
         flags: match policy.mode {
@@ -358,8 +376,8 @@ pub fn compile_policy(
         },
         identities_v4,
         identities_v6,
-        rules: rule_entries(policy, slot, clock, &ids, &limits.by_rule),
-        limits: limits.limits,
+        rules,
+        limits: compiled_limits,
         names: Arc::new(PolicyNames {
             rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
             identity_names,
@@ -515,9 +533,10 @@ fn is_covered(merged: &[(u128, u128)], addr: u128) -> bool {
 
 /// Which rule decides where several cover the same traffic; lower wins. In order: latest expiry
 /// (a rule that never expires is latest of all), so a short grant never hides a standing rule;
-/// then enforce before audit, so an audit rule never weakens an enforced one; then policy
-/// order, so the result is deterministic.
-type Rank = (u128, bool, usize);
+/// then enforce before audit, so an audit rule never weakens an enforced one; then a rule with a
+/// `rateLimit` before one without, so a limit is never lifted by a rule that merely allows the
+/// same traffic as long; then policy order, so the result is deterministic.
+type Rank = (u128, bool, bool, usize);
 
 fn rank(policy: &Policy, index: usize) -> Rank {
     let rule = &policy.rules[index];
@@ -525,7 +544,12 @@ fn rank(policy: &Policy, index: usize) -> Rank {
         None => 0,
         Some(t) => u128::MAX - t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
     };
-    (expiry_order, rule.mode == Some(Mode::Audit), index)
+    (
+        expiry_order,
+        rule.mode == Some(Mode::Audit),
+        rule.rate_limit.is_none(),
+        index,
+    )
 }
 
 /// The protocols that have their own entries, in output order.
@@ -693,7 +717,7 @@ impl PortSweep {
                 }
                 at += 1;
             }
-            let (Some(&(next, _, _)), Some((&(_, _, rule), _))) =
+            let (Some(&(next, _, _)), Some((&(_, _, _, rule), _))) =
                 (self.events.get(at), self.active.first_key_value())
             else {
                 continue;

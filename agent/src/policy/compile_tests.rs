@@ -994,3 +994,34 @@ fn limit_owners_display_as_status_names_them() {
     assert_eq!(rule_owner("login").to_string(), "rule login");
     assert_eq!(identity_owner("frontend").to_string(), "identity frontend");
 }
+
+#[test]
+fn a_limited_rule_decides_the_traffic_it_shares_with_an_unlimited_one() {
+    // An earlier rule allows everything between a and b without a limit; the login rule's
+    // limit must still apply to port 22 (and nowhere else).
+    let c = compile(&[
+        "from: a, to: b, ports: [{ protocol: ANY }]",
+        "from: a, to: b, ports: [{ port: 22, protocol: TCP }], \
+         rateLimit: { connectionsPerMinute: 5 }",
+    ]);
+    assert_eq!(c.limits.len(), 1);
+    assert!(c.limits[0].used);
+    let login = lookup(&c, A, B, TCP, 22).expect("an entry for port 22");
+    assert_eq!((login.rule_id, login.limit_id), (2, 1));
+    let other = lookup(&c, A, B, TCP, 80).expect("an entry for port 80");
+    assert_eq!((other.rule_id, other.limit_id), (1, 0));
+}
+
+#[test]
+fn a_limit_whose_rule_decides_nothing_is_unused() {
+    // A longer-lasting rule wins the overlap (a standing rule over a grant): the grant's limit
+    // applies to no traffic, and says so instead of taking a bucket.
+    let c = compile(&[
+        "from: a, to: b, ports: [{ port: 22, protocol: TCP }]",
+        "from: a, to: b, ports: [{ port: 22, protocol: TCP }], expires: \"2030-01-01T00:00:00Z\", \
+         rateLimit: { connectionsPerMinute: 5 }",
+    ]);
+    assert_eq!(c.limits.len(), 1);
+    assert!(!c.limits[0].used);
+    assert_eq!(lookup(&c, A, B, TCP, 22).unwrap().limit_id, 0);
+}

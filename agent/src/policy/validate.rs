@@ -232,6 +232,22 @@ impl Validator {
             &policy.identities,
         );
         policy.rate_limits = self.quotas(spec.rate_limits.unwrap_or_default(), &policy.identities);
+        let limits = policy
+            .rules
+            .iter()
+            .filter(|r| r.rate_limit.is_some())
+            .count()
+            + policy.rate_limits.len();
+        let room = tollgate_common::maps::LIMITS.max_entries as usize - 1;
+        if limits > room {
+            self.issue(
+                "spec",
+                format!(
+                    "{limits} rate limits (rules' rateLimit and rateLimits quotas together); the \
+                     datapath holds at most {room}"
+                ),
+            );
+        }
         policy
     }
 
