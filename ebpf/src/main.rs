@@ -143,6 +143,7 @@ fn classify(ctx: &TcContext, dir: u8) -> i32 {
     };
     let tracked = match outcome {
         Established::Done(action) => return action,
+        Established::Limited { outcome, rule_id } => return limited(&pc, outcome, rule_id),
         Established::NewFlow => None,
         Established::Recheck { reply } => Some(reply),
     };
@@ -184,6 +185,9 @@ enum Established {
     /// The flow's admission must be decided again (new generation, expired rule); `reply`:
     /// the packet travels the flow's reply way.
     Recheck { reply: bool },
+    /// Over a rate limit (`outcome` of `ratelimit::meter_established`, not `PASS`); decided in
+    /// `classify`, one place for both families.
+    Limited { outcome: u64, rule_id: u32 },
 }
 
 /// A packet that matched a live conntrack entry.
@@ -221,7 +225,10 @@ fn established<const V4: bool>(pc: &mut PacketContext, entry: &mut FlowValue) ->
         {
             let outcome = ratelimit::meter_established(pc, entry.rule_limit, entry.sender_limit);
             if outcome != ratelimit::PASS {
-                return Established::Done(limited(pc, outcome, entry.rule_id, 0));
+                return Established::Limited {
+                    outcome,
+                    rule_id: entry.rule_id,
+                };
             }
         }
         return Established::Done(finish(Verdict::AllowEstablished));
@@ -263,23 +270,21 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
         return drop_spoofed(pc, e.src_id, e.dst_id);
     }
     let d = e.decision;
-    let ids = identities(e.src_id, e.dst_id);
-    match d.verdict {
+    // Every way out below meets at one `emit` (each call site of it is verified on its own).
+    let (verdict, limit, event) = match d.verdict {
         Verdict::AllowNew | Verdict::AuditWouldDeny => {
             let sender_limit = if reply { e.dst_limit } else { e.src_limit };
             // Metered here unless the packet was metered at the ingress it entered by.
             let metered_here = pc.ingress || !pc.source.origin_enforced;
             let limited_flow = (e.rule_limit | sender_limit) != 0 && metered_here;
-            let verdict = match tracked {
+            let mut outcome = ratelimit::PASS;
+            let passed = match tracked {
                 Some(_) => {
                     // Re-admitted first, so that a packet over a limit leaves the flow under
                     // the live generation and the next one is not re-decided again.
                     conntrack::readmit(pc, &e, reply);
                     if limited_flow {
-                        let outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, 0);
-                        if outcome != ratelimit::PASS {
-                            return limited(pc, outcome, d.rule_id, ids);
-                        }
+                        outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, 0);
                     }
                     if d.verdict == Verdict::AllowNew {
                         Verdict::AllowEstablished
@@ -293,24 +298,23 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
                         // message decided on its own is charged as a packet only (or a peer
                         // could spend a quota with the errors it provokes).
                         let connection = conntrack::is_trackable(&pc.pkt) as u64;
-                        let outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, connection);
-                        if outcome & ratelimit::OUTCOME_MASK == ratelimit::DROP {
-                            // Refused: no conntrack entry, so its next attempt is new again.
-                            return limited(pc, outcome, d.rule_id, ids);
-                        }
-                        if outcome != ratelimit::PASS && d.verdict == Verdict::AllowNew {
-                            conntrack::track(pc, &e);
-                            return limited(pc, outcome, d.rule_id, ids);
-                        }
+                        outcome = ratelimit::meter(pc, e.rule_limit, sender_limit, connection);
                     }
-                    conntrack::track(pc, &e);
+                    // Refused: no conntrack entry, so its next attempt is new again.
+                    if outcome & ratelimit::OUTCOME_MASK != ratelimit::DROP {
+                        conntrack::track(pc, &e);
+                    }
                     d.verdict
                 }
             };
-            if d.verdict == Verdict::AuditWouldDeny {
-                emit(pc, d.verdict, d.rule_id, ids, 0);
+            match outcome & ratelimit::OUTCOME_MASK {
+                ratelimit::DROP => (Verdict::DropRateLimited, outcome, true),
+                // A would-deny stays the news of a would-denied flow that is also over a limit.
+                ratelimit::WOULD_DROP if passed != Verdict::AuditWouldDeny => {
+                    (Verdict::AuditWouldDrop, outcome, true)
+                }
+                _ => (passed, 0, d.verdict == Verdict::AuditWouldDeny),
             }
-            finish(verdict)
         }
         denied => {
             let verdict = if tracked.is_some() {
@@ -319,22 +323,38 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
             } else {
                 denied
             };
-            emit(pc, verdict, d.rule_id, ids, 0);
-            finish(verdict)
+            (verdict, 0, true)
         }
+    };
+    if event {
+        emit(
+            pc,
+            verdict,
+            d.rule_id,
+            identities(e.src_id, e.dst_id),
+            limit,
+        );
     }
+    finish(verdict)
 }
 
-/// A packet over a rate limit (`outcome` from `ratelimit::meter`, not `PASS`): dropped, or in
-/// audit passed as a would-drop; an event either way (sampled like every event).
+/// A packet of an established flow over a rate limit (`outcome` from `ratelimit`, not
+/// `PASS`): dropped, or in audit passed as a would-drop; an event either way (sampled like
+/// every event; the identities are not looked up on this path).
 #[inline(always)]
-fn limited(pc: &PacketContext, outcome: u64, rule_id: u32, ids: u64) -> i32 {
+fn limited(pc: &PacketContext, outcome: u64, rule_id: u32) -> i32 {
     let verdict = if outcome & ratelimit::OUTCOME_MASK == ratelimit::DROP {
         Verdict::DropRateLimited
     } else {
         Verdict::AuditWouldDrop
     };
-    emit(pc, verdict, rule_id, ids, outcome);
+    emit(
+        pc,
+        verdict,
+        rule_id,
+        identities(EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED),
+        outcome,
+    );
     finish(verdict)
 }
 
