@@ -242,10 +242,14 @@ pub fn offer_connections(load: &ConnectionLoad) -> Result<Offered> {
             });
             next_ns += interval_ns;
         }
-        // Wait for handshakes until the next attempt is due (at most a pacing tick).
-        let wait_ns = next_ns
-            .saturating_sub(monotonic_ns())
-            .min(PACING_TICK.as_nanos() as u64);
+        // Wait for handshakes until the next attempt is due, at most a pacing tick (a whole
+        // tick once the attempts are over).
+        let tick_ns = PACING_TICK.as_nanos() as u64;
+        let wait_ns = if next_ns < end {
+            next_ns.saturating_sub(monotonic_ns()).min(tick_ns)
+        } else {
+            tick_ns
+        };
         let mut fds: Vec<libc::pollfd> = pending
             .iter()
             .map(|a| libc::pollfd {
