@@ -35,12 +35,20 @@ use tollgate_testbed::{
 /// topology gives), with `rules` and `rate_limits` as YAML list items (indented for `spec:`).
 fn policy(workloads: &[&str], rules: &str, rate_limits: &str) -> String {
     let mut text = String::from(
-        "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: ratelimit\nspec:\n  identities:\n",
+        "apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata:
+  name: ratelimit
+spec:
+  identities:
+",
     );
     for (i, name) in workloads.iter().enumerate() {
         let subnet = i + 1;
         text.push_str(&format!(
-            "    - name: {name}\n      cidrs: [\"10.200.{subnet}.2/32\", \"fd00:200:{subnet:x}::2/128\"]\n"
+            "    - name: {name}
+      cidrs: [\"10.200.{subnet}.2/32\", \"fd00:200:{subnet:x}::2/128\"]
+"
         ));
     }
     text.push_str("  rules:\n");
@@ -50,6 +58,22 @@ fn policy(workloads: &[&str], rules: &str, rate_limits: &str) -> String {
         text.push_str(rate_limits);
     }
     text
+}
+
+/// One item of `policy`'s `rules`: `from` → `to` on `ports` (a YAML list), limited by
+/// `rate_limit` (a YAML mapping) unless that is empty.
+fn rule(name: &str, from: &str, to: &str, ports: &str, rate_limit: &str) -> String {
+    let mut text =
+        format!("    - name: {name}\n      from: {from}\n      to: {to}\n      ports: {ports}\n");
+    if !rate_limit.is_empty() {
+        text.push_str(&format!("      rateLimit: {rate_limit}\n"));
+    }
+    text
+}
+
+/// One item of `policy`'s `rateLimits`: a quota of `identity` with `fields` (rates, bursts).
+fn quota(identity: &str, fields: &str) -> String {
+    format!("    - {{ identity: {identity}, {fields} }}\n")
 }
 
 const CLIENT_SERVER: &[&str] = &["client", "server"];
@@ -188,12 +212,18 @@ const CONN_BURST: f64 = 5.0;
 #[test]
 fn connections_per_second_limit_holds_from_two_processes() {
     offer_load_if_asked();
-    let rules = "    - name: client-to-server\n      from: client\n      to: server\n      ports: [{ protocol: TCP, port: 8080 }]\n      rateLimit: { connectionsPerSecond: 20, burst: 5 }\n";
+    let rules = rule(
+        "client-to-server",
+        "client",
+        "server",
+        "[{ protocol: TCP, port: 8080 }]",
+        "{ connectionsPerSecond: 20, burst: 5 }",
+    );
     let env = Env::new(
         "conn",
         CLIENT_SERVER,
         TopologyOptions::default(),
-        &policy(CLIENT_SERVER, rules, ""),
+        &policy(CLIENT_SERVER, &rules, ""),
     );
     let to = env.socket_addr("server", false, 8080);
     let server = AcceptCounter::start(env.ns("server"), to).unwrap();
@@ -250,12 +280,18 @@ const UDP_BURST: f64 = 20.0;
 
 #[test]
 fn packets_per_second_limit_holds_for_udp() {
-    let rules = "    - name: client-to-server\n      from: client\n      to: server\n      ports: [{ protocol: UDP, port: 9000 }]\n      rateLimit: { packetsPerSecond: 2000, burst: 20 }\n";
+    let rules = rule(
+        "client-to-server",
+        "client",
+        "server",
+        "[{ protocol: UDP, port: 9000 }]",
+        "{ packetsPerSecond: 2000, burst: 20 }",
+    );
     let env = Env::new(
         "udp",
         CLIENT_SERVER,
         TopologyOptions::default(),
-        &policy(CLIENT_SERVER, rules, ""),
+        &policy(CLIENT_SERVER, &rules, ""),
     );
     let to = env.socket_addr("server", false, 9000);
     let server = DatagramCounter::start(env.ns("server"), to).unwrap();
@@ -352,12 +388,18 @@ const BULK_BYTES_PER_SECOND: f64 = 20_000_000.0;
 // a second's worth 94-101%. A sender that cannot reach the rate tests TCP, not the limiter.
 
 fn bytes_limit_holds_for_bulk_tcp(short: &str, v6: bool) {
-    let rules = "    - name: client-to-server\n      from: client\n      to: server\n      ports: [{ protocol: TCP, port: 5201 }]\n      rateLimit: { bytesPerSecond: 20000000, burstBytes: 20000000 }\n";
+    let rules = rule(
+        "client-to-server",
+        "client",
+        "server",
+        "[{ protocol: TCP, port: 5201 }]",
+        "{ bytesPerSecond: 20000000, burstBytes: 20000000 }",
+    );
     let env = Env::new(
         short,
         CLIENT_SERVER,
         JUMBO,
-        &policy(CLIENT_SERVER, rules, ""),
+        &policy(CLIENT_SERVER, &rules, ""),
     );
     assert_offloads_on(env.ns("client"), "eth0");
     assert_offloads_on(&env.topo.node, "tg-client");
@@ -390,9 +432,26 @@ const QUOTA_BYTES_PER_SECOND: f64 = 10_000_000.0;
 #[test]
 fn a_limit_on_one_identity_does_not_slow_another() {
     let workloads = &["a", "b", "server"];
-    let rules = "    - name: a-to-server\n      from: a\n      to: server\n      ports: [{ protocol: TCP, port: 5201 }]\n    - name: b-to-server\n      from: b\n      to: server\n      ports: [{ protocol: TCP, port: 5202 }]\n";
-    let quotas = "    - { identity: a, bytesPerSecond: 10000000, burstBytes: 10000000 }\n";
-    let env = Env::new("apart", workloads, JUMBO, &policy(workloads, rules, quotas));
+    let rules = rule(
+        "a-to-server",
+        "a",
+        "server",
+        "[{ protocol: TCP, port: 5201 }]",
+        "",
+    ) + &rule(
+        "b-to-server",
+        "b",
+        "server",
+        "[{ protocol: TCP, port: 5202 }]",
+        "",
+    );
+    let quotas = quota("a", "bytesPerSecond: 10000000, burstBytes: 10000000");
+    let env = Env::new(
+        "apart",
+        workloads,
+        JUMBO,
+        &policy(workloads, &rules, &quotas),
+    );
     let (to_a, to_b) = (
         env.socket_addr("server", false, 5201),
         env.socket_addr("server", false, 5202),
@@ -422,13 +481,25 @@ const QUOTA_CONN_BURST: f64 = 10.0;
 
 #[test]
 fn a_login_port_rule_limit_is_stricter_than_the_identity_quota() {
-    let rules = "    - name: login\n      from: client\n      to: server\n      ports: [{ protocol: TCP, port: 2222 }]\n      rateLimit: { connectionsPerSecond: 2, burst: 2 }\n    - name: web\n      from: client\n      to: server\n      ports: [{ protocol: TCP, port: 8080 }]\n";
-    let quotas = "    - { identity: client, connectionsPerSecond: 50, burst: 10 }\n";
+    let rules = rule(
+        "login",
+        "client",
+        "server",
+        "[{ protocol: TCP, port: 2222 }]",
+        "{ connectionsPerSecond: 2, burst: 2 }",
+    ) + &rule(
+        "web",
+        "client",
+        "server",
+        "[{ protocol: TCP, port: 8080 }]",
+        "",
+    );
+    let quotas = quota("client", "connectionsPerSecond: 50, burst: 10");
     let env = Env::new(
         "login",
         CLIENT_SERVER,
         TopologyOptions::default(),
-        &policy(CLIENT_SERVER, rules, quotas),
+        &policy(CLIENT_SERVER, &rules, &quotas),
     );
     let (login, web) = (
         env.socket_addr("server", false, 2222),
@@ -511,10 +582,25 @@ fn connects(env: &Env, server: &AcceptCounter, to: SocketAddr, ports: std::ops::
 
 #[test]
 fn applying_an_unchanged_limit_gives_no_fresh_burst() {
+    let limited = |rate_limit| {
+        rule(
+            "client-to-server",
+            "client",
+            "server",
+            "[{ protocol: TCP, port: 8080 }]",
+            rate_limit,
+        )
+    };
+    let unrelated = rule(
+        "server-to-client",
+        "server",
+        "client",
+        "[{ protocol: TCP, port: 9999 }]",
+        "",
+    );
     // A token every 30 s: nothing refills while the test runs.
-    let limited = "    - name: client-to-server\n      from: client\n      to: server\n      ports: [{ protocol: TCP, port: 8080 }]\n      rateLimit: { connectionsPerMinute: 2, burst: 5 }\n";
-    let unrelated = "    - name: server-to-client\n      from: server\n      to: client\n      ports: [{ protocol: TCP, port: 9999 }]\n";
-    let original = policy(CLIENT_SERVER, limited, "");
+    let exhaustible = limited("{ connectionsPerMinute: 2, burst: 5 }");
+    let original = policy(CLIENT_SERVER, &exhaustible, "");
     let env = Env::new(
         "apply",
         CLIENT_SERVER,
@@ -534,7 +620,7 @@ fn applying_an_unchanged_limit_gives_no_fresh_burst() {
     env.apply("same.yaml", &original);
     let after_same = connects(&env, &server, to, 20_100..20_103);
     // The unrelated rule goes first, so the limited rule's position changes too.
-    let with_unrelated = policy(CLIENT_SERVER, &format!("{unrelated}{limited}"), "");
+    let with_unrelated = policy(CLIENT_SERVER, &format!("{unrelated}{exhaustible}"), "");
     env.apply("unrelated.yaml", &with_unrelated);
     let after_unrelated = connects(&env, &server, to, 20_200..20_203);
     let elapsed = exhausted_at.elapsed();
@@ -551,7 +637,7 @@ fn applying_an_unchanged_limit_gives_no_fresh_burst() {
         "applying an unrelated change gave the exhausted limit a fresh burst"
     );
 
-    let changed = limited.replace("burst: 5", "burst: 4");
+    let changed = limited("{ connectionsPerMinute: 2, burst: 4 }");
     env.apply(
         "changed.yaml",
         &policy(CLIENT_SERVER, &format!("{unrelated}{changed}"), ""),
