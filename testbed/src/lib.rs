@@ -2,8 +2,9 @@
 //! workload namespaces over veth pairs (the node side named `tg-<workload>`, like a pod's host
 //! veth), agent processes running inside the node namespace, bounded traffic probes (from a
 //! one-line echo to megabytes over one connection), hand-built spoofed packets, and a packet tap
-//! that shows what actually arrived in a namespace, and load generators (connection and
-//! request/response rates) for the traffic benchmark.
+//! that shows what actually arrived in a namespace, load generators (connection and
+//! request/response rates) for the traffic benchmark, and paced offered load with counting sinks
+//! for the rate-limit tests.
 //!
 //! Everything is created by exact name and removed in Drop by that name or by pid, also when
 //! setup fails half-way. Addresses come from 10.200.0.0/16 and fd00:200::/48.
@@ -11,6 +12,7 @@
 pub mod agent;
 pub mod load;
 pub mod netns;
+pub mod offered;
 pub mod spoof;
 pub mod tap;
 pub mod topology;

@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod env;
+pub mod load_process;
 pub mod packet;
 
 use std::{fs::File, os::fd::AsRawFd as _, path::PathBuf};

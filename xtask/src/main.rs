@@ -120,8 +120,12 @@ fn build_debug_ebpf() -> Result<PathBuf> {
 
 /// The test binaries that hold root-only kernel tests: each must run and pass at least this
 /// many tests, so a filter, a skip or a missing binary fails the run.
-const KERNEL_TEST_BINARIES: [(&str, usize); 3] =
-    [("prog_test_run", 78), ("namespaced", 24), ("traffic", 25)];
+const KERNEL_TEST_BINARIES: [(&str, usize); 4] = [
+    ("prog_test_run", 78),
+    ("namespaced", 24),
+    ("traffic", 25),
+    ("ratelimit", 7),
+];
 
 fn test() -> Result<()> {
     // SAFETY: geteuid cannot fail.
