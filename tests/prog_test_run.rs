@@ -1732,6 +1732,18 @@ spec:
     )
 }
 
+/// Runs the ingress classifier on `packet` marked as a GSO packet of `segs` segments of
+/// `size` bytes.
+fn run_gso(f: &DatapathFixture, packet: &[u8], size: u32, segs: u32) -> u32 {
+    let gso = SkbContext {
+        gso_size: size,
+        gso_segs: segs,
+        ..Default::default()
+    };
+    f.try_run_with(tollgate_common::program_names::TC_INGRESS, packet, &gso)
+        .unwrap()
+}
+
 /// The bucket counters of the live limit owned by `owner` ("rule login").
 fn limit_counters(f: &DatapathFixture, owner: &str) -> tollgate_common::LimitBucket {
     f.datapath
@@ -1833,18 +1845,7 @@ fn a_gso_packet_is_charged_every_segment() {
     f.assert_passes_as(&syn.build(), Verdict::AllowNew);
     let mut data = PacketSpec::tcp(FRONTEND, 43000, ORDERS, 8080).flags(ACK);
     data.payload = vec![0; 1400];
-    let gso = SkbContext {
-        gso_size: 140,
-        gso_segs: 10,
-        ..Default::default()
-    };
-    let ret = f
-        .try_run_with(
-            tollgate_common::program_names::TC_INGRESS,
-            &data.build(),
-            &gso,
-        )
-        .unwrap();
+    let ret = run_gso(&f, &data.build(), 140, 10);
     assert_eq!(ret, TC_ACT_OK, "a full enough bucket passes it");
     f.assert_dropped_as(&data.build(), Verdict::DropRateLimited);
 }
@@ -1872,19 +1873,7 @@ fn bytes_are_counted_on_the_wire_with_every_segments_headers() {
     f.assert_passes_as(&small.build(), Verdict::AllowEstablished);
     // Let the bucket fill again.
     std::thread::sleep(Duration::from_millis(700));
-    let gso = SkbContext {
-        gso_size: 38,
-        gso_segs: 40,
-        ..Default::default()
-    };
-    let ret = f
-        .try_run_with(
-            tollgate_common::program_names::TC_INGRESS,
-            &data.build(),
-            &gso,
-        )
-        .unwrap();
-    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!(run_gso(&f, &data.build(), 38, 40), TC_ACT_OK);
     f.assert_dropped_as(&small.build(), Verdict::DropRateLimited);
     assert_eq!(
         limit_counters(&f, "rule login").dropped[tollgate_common::ratelimit::kind::BYTES],

@@ -53,7 +53,7 @@ impl Rate {
 }
 
 /// A listening TCP socket created inside `ns`, non-blocking so its accept loop can stop.
-fn listen_in(ns: &NetNs, addr: SocketAddr) -> Result<Socket> {
+pub(crate) fn listen_in(ns: &NetNs, addr: SocketAddr) -> Result<Socket> {
     let socket = ns.run(move || -> std::io::Result<Socket> {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         s.set_reuse_address(true)?;
@@ -65,15 +65,15 @@ fn listen_in(ns: &NetNs, addr: SocketAddr) -> Result<Socket> {
     socket.with_context(|| format!("listening on {addr} in {}", ns.name()))
 }
 
-/// Waits up to `STOP_POLL` for `fd` to become readable; true if it did.
-fn readable(fd: RawFd) -> bool {
+/// Waits up to `within` for `fd` to become readable; true if it did.
+pub(crate) fn readable(fd: RawFd, within: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, STOP_POLL.as_millis() as i32) };
+    let n = unsafe { libc::poll(&mut pfd, 1, within.as_millis() as i32) };
     n > 0
 }
 
@@ -108,7 +108,7 @@ impl AcceptCloseServer {
                 let (listener, stop) = (Arc::clone(&listener), Arc::clone(&stop));
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        if !readable(listener.as_raw_fd()) {
+                        if !readable(listener.as_raw_fd(), STOP_POLL) {
                             continue;
                         }
                         // Another acceptor may have taken it: WouldBlock, try again. The
@@ -143,7 +143,7 @@ impl ByteEchoServer {
                     }
                 }
                 while !stop.load(Ordering::Relaxed) {
-                    if !readable(listener.as_raw_fd()) {
+                    if !readable(listener.as_raw_fd(), STOP_POLL) {
                         continue;
                     }
                     let Ok((conn, _)) = listener.accept() else {

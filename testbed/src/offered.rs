@@ -30,7 +30,10 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::netns::NetNs;
+use crate::{
+    load::{listen_in, readable},
+    netns::NetNs,
+};
 
 /// Nanoseconds of CLOCK_MONOTONIC: comparable between processes, unlike `Instant`.
 pub fn monotonic_ns() -> u64 {
@@ -310,33 +313,6 @@ impl Drop for SinkThreads {
 /// How often a sink blocked in accept or read looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
-/// Deep enough that no SYN is ever dropped for a full accept queue: the count must be the
-/// limiter's alone.
-const LISTEN_BACKLOG: i32 = 4096;
-
-/// Waits up to `STOP_POLL` for `fd` to become readable; true if it did.
-fn readable(fd: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, STOP_POLL.as_millis() as i32) > 0 }
-}
-
-fn listen_in(ns: &NetNs, addr: SocketAddr) -> Result<Socket> {
-    let socket = ns.run(move || -> std::io::Result<Socket> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_reuse_address(true)?;
-        s.bind(&SockAddr::from(addr))?;
-        s.listen(LISTEN_BACKLOG)?;
-        s.set_nonblocking(true)?;
-        Ok(s)
-    })?;
-    socket.with_context(|| format!("listening on {addr} in {}", ns.name()))
-}
-
 impl AcceptCounter {
     pub fn start(ns: &NetNs, addr: SocketAddr) -> Result<Self> {
         let listener = listen_in(ns, addr)?;
@@ -346,7 +322,7 @@ impl AcceptCounter {
             let (accepted, stop) = (Arc::clone(&accepted), Arc::clone(&stop));
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    if !readable(listener.as_raw_fd()) {
+                    if !readable(listener.as_raw_fd(), STOP_POLL) {
                         continue;
                     }
                     // Drain the queue; each accepted socket is closed as it is dropped.
@@ -556,7 +532,7 @@ impl BulkSink {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    if readable(listener.as_raw_fd()) {
+                    if readable(listener.as_raw_fd(), STOP_POLL) {
                         if let Ok((conn, _)) = listener.accept() {
                             break conn;
                         }

@@ -240,20 +240,13 @@ fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
     )
     .is_ok();
     let dropped = verdict_count(agent, "drop_spoofed")? - before;
-    let out = agent.cli(&[
-        "check",
-        "--from",
-        &frontend.v4.to_string(),
-        "--to",
-        &orders.v4.to_string(),
-        "--port",
-        "8080",
-        "--protocol",
-        "tcp",
-        "--interface",
-        &intruder.host_if,
-    ])?;
-    let why = String::from_utf8_lossy(&out.stdout);
+    let why = check_tcp(
+        agent,
+        frontend.v4.into(),
+        orders.v4.into(),
+        8080,
+        &["--interface", &intruder.host_if],
+    )?;
     let why = first_line(&why)
         .rsplit(": ")
         .next()
@@ -277,18 +270,8 @@ fn login_attempts(topo: &Topology, agent: &AgentProcess) -> Result<()> {
         "\nfrontend tries orders' login port tcp/2222 eight times in a row (rule orders-login: \
          5 new connections a minute):\n"
     );
-    let out = agent.cli(&[
-        "check",
-        "--from",
-        &frontend.v4.to_string(),
-        "--to",
-        &orders.v4.to_string(),
-        "--port",
-        "2222",
-        "--protocol",
-        "tcp",
-    ])?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    let out = check_tcp(agent, frontend.v4.into(), orders.v4.into(), 2222, &[])?;
+    for line in out.lines() {
         println!("  tollgate check: {}", line.trim());
     }
     println!();
@@ -308,6 +291,31 @@ fn login_attempts(topo: &Topology, agent: &AgentProcess) -> Result<()> {
     let refused = verdict_count(agent, "drop_rate_limited")? - before;
     println!("  ({refused} SYNs counted drop_rate_limited, client retries included)");
     Ok(())
+}
+
+/// `tollgate check` of TCP `from` -> `to`:`port` with `extra` arguments: its output.
+fn check_tcp(
+    agent: &AgentProcess,
+    from: IpAddr,
+    to: IpAddr,
+    port: u16,
+    extra: &[&str],
+) -> Result<String> {
+    let (from, to, port) = (from.to_string(), to.to_string(), port.to_string());
+    let mut args = vec![
+        "check",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--port",
+        &port,
+        "--protocol",
+        "tcp",
+    ];
+    args.extend_from_slice(extra);
+    let out = agent.cli(&args).context("tollgate check")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The first line of a command's output, trimmed (`check` adds one line per rate limit).
