@@ -556,11 +556,11 @@ impl Agent {
                 .unwrap_or("unknown");
             rule = match st.datapath.limit_info(ev.limit_id) {
                 Some(info) => format!(
-                    "the {kind} limit of {} ({}; flow admitted by {rule})",
+                    "the {kind} limit of {} ({}; the flow's rule: {rule})",
                     info.owner, info.description
                 ),
                 None => format!(
-                    "the {kind} limit #{} (flow admitted by {rule})",
+                    "the {kind} limit #{} (the flow's rule: {rule})",
                     ev.limit_id
                 ),
             };
