@@ -39,7 +39,6 @@
 
 /// Index of a bucket in `TG_LIMITS`; 0 is "no limit".
 pub type LimitId = u32;
-pub const LIMIT_NONE: LimitId = 0;
 
 /// The kinds a bucket meters, as indexes of its per-kind arrays.
 pub mod kind {
@@ -147,29 +146,6 @@ pub const fn conform(tat: u64, now: u64, cost: u64, rate: &LimitRate) -> Option<
     }
     let base = if tat > now { tat } else { now };
     Some(base.saturating_add(cost))
-}
-
-/// Whole units available at `now` (what a burst could send at once), for status and tests.
-pub const fn available(tat: u64, now: u64, rate: &LimitRate) -> u64 {
-    if !rate.is_set() {
-        return u64::MAX;
-    }
-    let ahead = tat.saturating_sub(now);
-    if ahead > rate.horizon_ns {
-        return available(0, now, rate);
-    }
-    if ahead > rate.tolerance_ns {
-        return 0;
-    }
-    // Fixed point in 2^-32 ns: the conforming packets until the debt passes the tolerance.
-    let room = ((rate.tolerance_ns - ahead) as u128) << 32;
-    let interval = ((rate.interval_ns as u128) << 32) | rate.interval_frac as u128;
-    let n = room / interval + 1;
-    if n > u64::MAX as u128 {
-        u64::MAX
-    } else {
-        n as u64
-    }
 }
 
 /// Why a rate cannot be built; the agent's validation reports these with the field.
@@ -433,17 +409,6 @@ mod tests {
             Err(RateError::BurstTooLong)
         );
         assert!(LimitRate::new(5, MIN, 300, 1, 1).is_ok());
-    }
-
-    #[test]
-    fn available_counts_whole_units() {
-        let r = rate(10, SEC, 5, 1);
-        assert_eq!(available(0, SEC, &r), 5);
-        let (_, tat) = burst(0, SEC, 2, 1, &r);
-        assert_eq!(available(tat, SEC, &r), 3);
-        assert_eq!(available(tat, SEC + 100_000_000, &r), 4);
-        assert_eq!(available(u64::MAX, SEC, &r), 5);
-        assert_eq!(available(0, 0, &LimitRate::NONE), u64::MAX);
     }
 
     #[test]
