@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{run_command, workspace_root};
 
 /// Debian packages: LLVM 22 for bpf-linker, the tools the tests and demo call.
-const APT_PACKAGES: [&str; 11] = [
+const APT_PACKAGES: [&str; 12] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -24,6 +24,9 @@ const APT_PACKAGES: [&str; 11] = [
     // legacy backend) that Tollgate is compared with.
     "iperf3",
     "iptables",
+    // The metrics test scrapes the agent with a real Prometheus and lints the exposition with
+    // promtool (both from this package, 2.42 on Debian 12).
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -41,6 +44,7 @@ pub fn bpf_toolchain() -> Result<String> {
 pub fn run() -> Result<()> {
     nightly_with_rust_src()?;
     apt_packages()?;
+    prometheus_service_off()?;
     bpf_linker()?;
     bpffs()?;
     eprintln!("setup: all prerequisites present");
@@ -105,6 +109,46 @@ fn apt_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Debian's `prometheus` package enables a `prometheus.service` and, where systemd runs and no
+/// policy-rc.d forbids it, starts it on :9090 with a TSDB in /var/lib/prometheus. The tests start
+/// their own server on a free loopback port and never use that one; left running it would only
+/// scrape and store in the background of every benchmark, so setup stops it and keeps it from
+/// coming back at boot. In a container without systemd (PID 1 is something else) the install
+/// starts nothing but still enables the unit; `systemctl disable` works there offline, `--now`
+/// would fail, so it is only added when systemd is running.
+fn prometheus_service_off() -> Result<()> {
+    const UNIT: &str = "prometheus.service";
+    if output_ok(Command::new("systemctl").arg("--version")).is_none() {
+        return Ok(());
+    }
+    // `is-enabled` exits 0 for "static" and other states too; only "enabled" is one to undo.
+    let enabled = output_ok(Command::new("systemctl").args(["is-enabled", UNIT]))
+        .is_some_and(|s| s.trim() == "enabled");
+    // sd_booted(3): systemd is the running init iff this directory exists.
+    let systemd_running = std::path::Path::new("/run/systemd/system").is_dir();
+    let active = systemd_running
+        && output_ok(Command::new("systemctl").args(["is-active", UNIT]))
+            .is_some_and(|s| s.trim() == "active");
+    if !enabled && !active {
+        return Ok(());
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "setup: warning: {UNIT} is {}; the tests do not need it (run `cargo xtask setup` as \
+             root to disable it)",
+            if active { "running" } else { "enabled" }
+        );
+        return Ok(());
+    }
+    let mut cmd = Command::new("systemctl");
+    cmd.args(["disable", UNIT]);
+    if active {
+        cmd.arg("--now");
+    }
+    run_command(&mut cmd)
 }
 
 fn bpf_linker() -> Result<()> {
