@@ -4,7 +4,8 @@
 //! one-line echo to megabytes over one connection), hand-built spoofed packets, and a packet tap
 //! that shows what actually arrived in a namespace, load generators (connection and
 //! request/response rates) for the traffic benchmark, and paced offered load with counting sinks
-//! for the rate-limit tests.
+//! for the rate-limit tests. A real Prometheus server (and promtool) scrapes and lints agents'
+//! metrics.
 //!
 //! Everything is created by exact name and removed in Drop by that name or by pid, also when
 //! setup fails half-way. Addresses come from 10.200.0.0/16 and fd00:200::/48.
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod load;
 pub mod netns;
 pub mod offered;
+pub mod prometheus;
 pub mod spoof;
 pub mod tap;
 pub mod topology;
@@ -20,5 +22,6 @@ pub mod traffic;
 
 pub use agent::AgentProcess;
 pub use netns::NetNs;
+pub use prometheus::{PrometheusServer, Sample};
 pub use tap::{CapturedPacket, PacketTap};
 pub use topology::{Topology, TopologyOptions, Workload};
