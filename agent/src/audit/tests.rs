@@ -957,3 +957,38 @@ fn checkpoint_argument_is_seq_colon_64_hex() {
         assert!(parse_checkpoint(bad).is_err(), "{bad}");
     }
 }
+#[test]
+fn audit_verify_command_exit_statuses() {
+    use clap::Parser as _;
+
+    use crate::cli::{run, Cli};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_of(dir.path(), 3);
+    let shown = path.to_str().unwrap();
+    let parse =
+        |args: &[&str]| Cli::try_parse_from(["tollgate", "audit", "verify"].iter().chain(args));
+    assert_eq!(run(parse(&[shown]).unwrap()).unwrap(), 0);
+    let head = hash_of(&lines(&path)[2]);
+    assert_eq!(
+        run(parse(&[shown, "--checkpoint", &format!("3:{head}")]).unwrap()).unwrap(),
+        0
+    );
+    // A bad --checkpoint is a usage error (exit 2), found by clap before anything runs.
+    let usage = parse(&[shown, "--checkpoint", "3:nothex"]).unwrap_err();
+    assert_eq!(usage.kind(), clap::error::ErrorKind::ValueValidation);
+    assert_eq!(usage.exit_code(), 2);
+    // A failed verification is an error (exit 1) naming the line.
+    edit_line(&path, 2, "10.10.1.5", "10.10.1.6");
+    let e = run(parse(&[shown]).unwrap()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{shown} line 2 (seq 2): hash does not match its contents (edited)")
+    );
+    // A key others may read is refused before any verifying.
+    let key = dir.path().join("key");
+    fs::write(&key, KEY).unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let e = run(parse(&[shown, "--hmac-key", key.to_str().unwrap()]).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+}
