@@ -61,6 +61,31 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Ask what the datapath would decide for a new flow, without sending traffic.
     Check(CheckArgs),
+    /// Check the audit log's hash chain (no agent needed).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Verify audit log files, oldest first (e.g. audit.log.2 audit.log.1 audit.log): report
+    /// the first record that was edited, removed, inserted or reordered.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AuditVerifyArgs {
+    /// Log files, oldest first.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// A record kept elsewhere (a checkpoint's head_seq:head): the log must reach seq SEQ with
+    /// hash HASH, which also detects a log cut short or rewritten before it.
+    #[arg(long, value_name = "SEQ:HASH", value_parser = crate::audit::parse_checkpoint)]
+    pub checkpoint: Option<(u64, String)>,
+    /// The key checkpoints are signed with (a file only its owner may read): every checkpoint
+    /// record must carry a valid signature.
+    #[arg(long, value_name = "FILE")]
+    pub hmac_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -204,6 +229,9 @@ pub fn run(cli: Cli) -> Result<u8> {
                 print_status(&s);
             }
             Ok(0)
+        }
+        Command::Audit(AuditCommand::Verify(args)) => {
+            crate::audit::run_verify_command(&args.files, args.checkpoint, args.hmac_key.as_deref())
         }
         Command::Check(args) => {
             let req = CheckRequest {
