@@ -69,6 +69,8 @@ pub const RULE_FLAG_ALLOW: u32 = 1 << 0;
 pub const RULE_FLAG_AUDIT: u32 = 1 << 1;
 /// Reserved: the rule requires mutual-TLS authentication of the pair (a later issue).
 pub const RULE_FLAG_AUTH_MTLS: u32 = 1 << 2;
+/// The rule's `log: true`: each new flow it admits is reported as an event.
+pub const RULE_FLAG_LOG: u32 = 1 << 3;
 
 /// Rule ids index the agent's table of rule names; 0 means "no rule" (`default-deny`).
 pub type RuleId = u32;

@@ -313,7 +313,12 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
                 ratelimit::WOULD_DROP if passed != Verdict::AuditWouldDeny => {
                     (Verdict::AuditWouldDrop, outcome, true)
                 }
-                _ => (passed, 0, d.verdict == Verdict::AuditWouldDeny),
+                // A new flow of a rule with `log: true` is news too (a re-admitted one is not).
+                _ => (
+                    passed,
+                    0,
+                    d.verdict == Verdict::AuditWouldDeny || (tracked.is_none() && e.log),
+                ),
             }
         }
         denied => {

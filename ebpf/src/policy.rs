@@ -132,6 +132,8 @@ pub struct Evaluation {
     pub rule_limit: u32,
     pub src_limit: u32,
     pub dst_limit: u32,
+    /// The deciding rule allows and asks for its new flows to be reported (`log: true`).
+    pub log: bool,
 }
 
 impl Evaluation {
@@ -147,6 +149,7 @@ impl Evaluation {
         rule_limit: 0,
         src_limit: 0,
         dst_limit: 0,
+        log: false,
     };
 }
 
@@ -214,6 +217,8 @@ pub fn evaluate(pc: &PacketContext, reply: bool, out: &mut Evaluation) {
     } else {
         0
     };
+    out.log = out.decision.verdict == Verdict::AllowNew
+        && rule.flags & tollgate_common::rule::RULE_FLAG_LOG != 0;
     out.src_limit = src.limit_id;
     out.dst_limit = dst.limit_id;
 }

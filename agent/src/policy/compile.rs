@@ -30,7 +30,7 @@ use tollgate_common::{
     ports::for_each_prefix,
     ratelimit::{self, LIMIT_FLAG_AUDIT, LIMIT_KINDS},
     rule::{
-        is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_ID_NONE,
+        is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_LOG, RULE_ID_NONE,
         RULE_PAIR_PREFIX_BITS, RULE_PROTO_PREFIX_BITS,
     },
     time::{wall_to_boot_ns, NEVER},
@@ -586,6 +586,11 @@ fn rule_entries(
             | match policy.rules[rule].mode {
                 Some(Mode::Audit) => RULE_FLAG_AUDIT,
                 _ => 0,
+            }
+            | if policy.rules[rule].log.unwrap_or(policy.log) {
+                RULE_FLAG_LOG
+            } else {
+                0
             },
         expires_ns: expiries[rule],
         limit_id: limit_ids[rule],

@@ -592,6 +592,7 @@ fn hundred_thousand_rules_compile() {
                 end_port: None,
             }],
             mode: None,
+            log: None,
             expires: None,
             rate_limit: None,
         })
@@ -599,6 +600,7 @@ fn hundred_thousand_rules_compile() {
     let policy = Policy {
         name: "big".to_owned(),
         mode: Mode::Enforce,
+        log: false,
         identities,
         rules,
         rate_limits: Vec::new(),

@@ -161,6 +161,9 @@ pub struct Rule {
     pub ports: Vec<PortSpec>,
     /// `None` when the rule does not say; the policy's mode applies.
     pub mode: Option<Mode>,
+    /// `log`: report each new flow this rule admits as an event (audit log, `flows`). `None`:
+    /// the policy's `spec.log`.
+    pub log: Option<bool>,
     pub expires: Option<SystemTime>,
     /// Meters both directions of the flows this rule admits.
     pub rate_limit: Option<RateLimit>,
@@ -307,6 +310,8 @@ pub struct IdentityQuota {
 pub struct Policy {
     pub name: String,
     pub mode: Mode,
+    /// `spec.log`: every rule's new flows are reported as events (a rule's own `log` wins).
+    pub log: bool,
     pub identities: Vec<Identity>,
     pub rules: Vec<Rule>,
     /// Per-identity quotas (`spec.rateLimits`), in file order.

@@ -35,6 +35,7 @@ pub(super) struct Metadata {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct Spec {
     pub mode: Option<String>,
+    pub log: Option<bool>,
     pub identities: Option<Vec<IdentityEntry>>,
     pub rules: Option<Box<[RuleEntry]>>,
     pub rate_limits: Option<Vec<QuotaEntry>>,
@@ -57,6 +58,7 @@ pub(super) struct RuleEntry {
     pub to: Option<Box<str>>,
     pub ports: Option<Box<[PortEntry]>>,
     pub mode: Option<Box<str>>,
+    pub log: Option<bool>,
     pub expires: Option<Box<str>>,
     #[serde(default, deserialize_with = "present")]
     pub authentication: Option<Present>,

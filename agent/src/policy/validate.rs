@@ -192,6 +192,7 @@ impl Validator {
         let mut policy = Policy {
             name: String::new(),
             mode: Mode::Enforce,
+            log: false,
             identities: Vec::new(),
             rules: Vec::new(),
             rate_limits: Vec::new(),
@@ -226,6 +227,7 @@ impl Validator {
         if let Some(mode) = self.mode(At::Path("spec.mode"), spec.mode.as_deref()) {
             policy.mode = mode;
         }
+        policy.log = spec.log.unwrap_or(false);
         policy.identities = self.identities(spec.identities.unwrap_or_default());
         policy.rules = self.rules(
             spec.rules.unwrap_or_default().into_vec(),
@@ -569,6 +571,7 @@ impl Validator {
                 to,
                 ports,
                 mode,
+                log: entry.log,
                 expires,
                 rate_limit,
             });
