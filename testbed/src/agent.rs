@@ -20,6 +20,12 @@ pub struct AgentProcess {
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub log: PathBuf,
+    /// The agent's `--state-dir` (the flow inventory): `<workdir>/state`.
+    pub state_dir: PathBuf,
+    /// More `tollgate agent` arguments (`--audit-log ...`, `--metrics-addr ...`). Without a
+    /// `--metrics-addr` among them the agent serves no metrics, so that two agents of one
+    /// namespace do not compete for the default port.
+    pub extra_args: Vec<String>,
 }
 
 /// How long an agent may take to answer on its socket after start.
@@ -39,6 +45,36 @@ impl AgentProcess {
         Self::start_with_nofile_limit(binary, ns, interfaces, policy, workdir, bpffs, None)
     }
 
+    /// Like `start`, with more `tollgate agent` arguments (kept for restarts).
+    pub fn start_with_args(
+        binary: &Path,
+        ns: &NetNs,
+        interfaces: &str,
+        policy: &Path,
+        workdir: &Path,
+        bpffs: &Path,
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let mut agent = Self::new(binary, workdir, bpffs, None)?;
+        agent.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        agent.spawn(ns, interfaces, policy)?;
+        Ok(agent)
+    }
+
+    fn new(binary: &Path, workdir: &Path, bpffs: &Path, nofile_limit: Option<u64>) -> Result<Self> {
+        std::fs::create_dir_all(workdir)?;
+        Ok(AgentProcess {
+            binary: binary.to_path_buf(),
+            child: None,
+            nofile_limit,
+            socket: workdir.join("tollgate.sock"),
+            bpffs: bpffs.to_path_buf(),
+            log: workdir.join("agent.log"),
+            state_dir: workdir.join("state"),
+            extra_args: Vec::new(),
+        })
+    }
+
     /// Like `start`, with the agent's open-file limit (soft and hard) set to `nofile_limit`:
     /// the agent cannot raise it, as when a node runs it under a tight limit.
     pub fn start_with_nofile_limit(
@@ -50,17 +86,7 @@ impl AgentProcess {
         bpffs: &Path,
         nofile_limit: Option<u64>,
     ) -> Result<Self> {
-        std::fs::create_dir_all(workdir)?;
-        let socket = workdir.join("tollgate.sock");
-        let log = workdir.join("agent.log");
-        let mut agent = AgentProcess {
-            binary: binary.to_path_buf(),
-            child: None,
-            nofile_limit,
-            socket,
-            bpffs: bpffs.to_path_buf(),
-            log,
-        };
+        let mut agent = Self::new(binary, workdir, bpffs, nofile_limit)?;
         agent.spawn(ns, interfaces, policy)?;
         Ok(agent)
     }
@@ -96,6 +122,15 @@ impl AgentProcess {
             .arg(&self.socket)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(
+                (!self.extra_args.iter().any(|a| a == "--metrics-addr"))
+                    .then_some(["--metrics-addr", "none"])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -30,18 +30,37 @@ impl AgentEnv {
         options: TopologyOptions,
         policy: &str,
     ) -> AgentEnv {
+        Self::start_with_args(ns_prefix, pin_name, workloads, options, policy, &[])
+    }
+
+    /// Like `start`, with more `tollgate agent` arguments; `{dir}` in them stands for the
+    /// scratch directory.
+    pub fn start_with_args(
+        ns_prefix: &str,
+        pin_name: &str,
+        workloads: &[&str],
+        options: TopologyOptions,
+        policy: &str,
+        extra_args: &[&str],
+    ) -> AgentEnv {
         super::require_root();
         let topo = Topology::with_options(ns_prefix, workloads, options).expect("topology");
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).unwrap();
-        let agent = AgentProcess::start(
+        let extra: Vec<String> = extra_args
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
+            .collect();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let agent = AgentProcess::start_with_args(
             Path::new(BINARY),
             &topo.node,
             "tg-*",
             &policy_path,
             dir.path(),
             &super::test_pin_dir(pin_name),
+            &extra,
         )
         .expect("agent starts");
         AgentEnv { agent, topo, dir }
