@@ -1,5 +1,5 @@
 //! The control socket: HTTP/JSON over a unix socket, created 0600, every connection's peer uid
-//! checked with SO_PEERCRED. The wire types here are shared by the server and the CLI client.
+//! checked with SO_PEERCRED. The wire types are in `wire`, shared with the CLI client.
 //!
 //! The socket must keep answering however its clients behave: a failing accept (EMFILE) backs
 //! off instead of spinning, at most [`ServeConfig::max_connections`] are served at once with
@@ -8,16 +8,14 @@
 //! [`ServeConfig::request_timeout`] for the rest, and carries one request (the CLI sends one).
 
 use std::{
-    net::IpAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use axum::{
-    extract::{FromRequest, State},
+    extract::{FromRequest, Query, State},
     http::{header::CONTENT_LENGTH, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -28,144 +26,20 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::net::UnixListener;
 
 use crate::{
-    app::Agent,
     connections::{Connections, LogThrottle, Tracked},
-    datapath::MapUsage,
-    loader::Attachment,
+    error::Error,
+    handles::Handles,
     policy::{too_large_message, MAX_POLICY_BYTES},
+    wire::{
+        CheckRequest, CheckResponse, ErrorResponse, FlowsResponse, InventoryResponse,
+        PolicyResponse, StatusResponse, PATH_CHECK, PATH_FLOWS, PATH_INVENTORY, PATH_POLICY,
+        PATH_STATUS,
+    },
 };
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StatusResponse {
-    pub version: String,
-    pub bpffs: String,
-    pub interfaces_selector: String,
-    pub attachments: Vec<Attachment>,
-    pub policy_name: String,
-    pub generation: u64,
-    pub rules: usize,
-    pub identities: usize,
-    pub map_usage: MapUsage,
-    pub conntrack_entries: usize,
-    /// Packet counters by verdict name, summed over CPUs since the maps were created.
-    pub verdicts: Vec<(String, u64)>,
-    pub events_lost: u64,
-    pub events_read: u64,
-    /// Deny events the datapath's sampler held back (counted exactly; packets are counted in
-    /// `verdicts` either way).
-    #[serde(default)]
-    pub events_suppressed: u64,
-    /// Every map of the datapath (from the registry in `tollgate_common::maps`): capacity as
-    /// created, and entries of the live policy slot for policy maps.
-    #[serde(default)]
-    pub maps: Vec<MapStatus>,
-    /// The rate limits of the live policy, with their drops.
-    #[serde(default)]
-    pub limits: Vec<LimitStatus>,
-    /// Enforced interfaces: role (uplink or workload-facing) and binding.
-    #[serde(default)]
-    pub interfaces: Vec<InterfaceStatus>,
-    /// Links found unpinned or detached and attached again since the agent started.
-    #[serde(default)]
-    pub links_restored: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MapStatus {
-    pub name: String,
-    pub what: String,
-    /// Entries (ring buffer: bytes) the map was created with.
-    pub capacity: u32,
-    /// Entries in use where that is cheap to know (policy maps, live slot), else `None`.
-    pub entries: Option<usize>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct InterfaceStatus {
-    pub name: String,
-    pub ifindex: u32,
-    /// `uplink` (no source validation) or `workload`.
-    pub role: String,
-    /// The identity the interface is bound to, if any.
-    pub bound_identity: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PolicyResponse {
-    pub name: String,
-    pub generation: u64,
-    pub rules: usize,
-    /// The policy as applied (YAML text).
-    pub text: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CheckRequest {
-    pub from: IpAddr,
-    pub to: IpAddr,
-    pub port: u16,
-    pub protocol: String,
-    /// The enforced interface the packet arrives on: its source is then validated as there
-    /// (reverse path, binding). None: source validation is not part of the answer.
-    #[serde(default)]
-    pub interface: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CheckResponse {
-    /// Verdict name (`allow_new`, `deny_default`, `deny_expired`, `audit_would_deny`).
-    pub verdict: String,
-    /// Would the packet pass?
-    pub allowed: bool,
-    /// The rule that decided, or `default-deny`.
-    pub rule: String,
-    pub from_identity: String,
-    pub to_identity: String,
-    pub generation: u64,
-    /// The rate limits an admitted flow would be metered by: the rule's, the source identity's
-    /// quota (the flow's packets), the destination identity's quota (its replies).
-    #[serde(default)]
-    pub limits: Vec<CheckLimit>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CheckLimit {
-    /// "rule login", "identity frontend".
-    pub owner: String,
-    /// What it meters of this flow: "new connections and packets", "packets from frontend",
-    /// "replies from backend".
-    pub applies_to: String,
-    /// The rates ("5 connections/min (burst 5)").
-    pub limit: String,
-    /// `enforce` or `audit` (over the rate: would-drops, passed).
-    pub mode: String,
-}
-
-/// One rate limit of the live policy and what it has dropped (`status`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LimitStatus {
-    pub owner: String,
-    pub limit: String,
-    pub mode: String,
-    /// Packets dropped by the packet and byte limits, connections refused, since the limit was
-    /// made (a changed limit starts again).
-    pub dropped_packets: u64,
-    pub dropped_bytes_limit: u64,
-    pub refused_connections: u64,
-    /// The same, passed in audit mode.
-    pub would_drop_packets: u64,
-    pub would_drop_bytes_limit: u64,
-    pub would_refuse_connections: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorResponse {
-    pub error: String,
-}
 
 /// An error answered to the client: status code and one-line message.
 pub struct ApiError(pub StatusCode, pub String);
@@ -176,45 +50,120 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+/// The one place where the agent's errors become HTTP status codes.
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidPolicy(_) => StatusCode::BAD_REQUEST,
+            Error::NotInstalled(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
     }
 }
 
-pub const PATH_STATUS: &str = "/v1/status";
-pub const PATH_POLICY: &str = "/v1/policy";
-pub const PATH_CHECK: &str = "/v1/check";
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        ApiError::from(self).into_response()
+    }
+}
 
-pub fn router(agent: Arc<Agent>) -> Router {
+pub fn router(handles: Handles) -> Router {
     Router::new()
         .route(PATH_STATUS, get(status))
         .route(PATH_POLICY, get(policy_get).put(policy_apply))
         .route(PATH_CHECK, post(check))
-        .with_state(agent)
+        .route(PATH_FLOWS, get(flows))
+        .route(PATH_INVENTORY, get(inventory))
+        .with_state(handles)
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+async fn status(State(h): State<Handles>) -> Result<Json<StatusResponse>, Error> {
+    Ok(Json(crate::status::status(&h)?))
 }
 
-async fn status(State(agent): State<Arc<Agent>>) -> Result<Json<StatusResponse>, ApiError> {
-    blocking(move || Ok(Json(agent.status()?))).await
-}
-
-async fn policy_get(State(agent): State<Arc<Agent>>) -> Result<Json<PolicyResponse>, ApiError> {
-    blocking(move || Ok(Json(agent.policy()?))).await
+async fn policy_get(State(h): State<Handles>) -> Json<PolicyResponse> {
+    let installed = h.installer.installed();
+    Json(PolicyResponse {
+        name: installed.policy.name.clone(),
+        generation: installed.generation,
+        rules: installed.policy.rules,
+        text: installed.policy.source_text.clone(),
+    })
 }
 
 async fn policy_apply(
-    State(agent): State<Arc<Agent>>,
+    State(h): State<Handles>,
     PolicyText(body): PolicyText,
-) -> Result<Json<PolicyResponse>, ApiError> {
-    blocking(move || agent.apply_text(body).map(Json)).await
+) -> Result<Json<PolicyResponse>, Error> {
+    Ok(Json(h.installer.apply(body).await?))
+}
+
+async fn check(
+    State(h): State<Handles>,
+    Json(req): Json<CheckRequest>,
+) -> Result<Json<CheckResponse>, Error> {
+    Ok(Json(h.installer.check(req).await?))
+}
+
+/// `GET /v1/flows`: recent decisions after `after`, long-polling up to `wait_ms`.
+#[derive(Debug, Deserialize)]
+struct FlowsQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    wait_ms: u64,
+    #[serde(default)]
+    denied: bool,
+    identity: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn flows(
+    State(h): State<Handles>,
+    Query(q): Query<FlowsQuery>,
+) -> Result<Json<FlowsResponse>, Error> {
+    if let Some(name) = &q.identity {
+        let installed = h.installer.installed();
+        let known = installed
+            .live_names()
+            .identity_names
+            .iter()
+            .any(|(_, n)| n == name);
+        if !known {
+            return Err(Error::NotFound(format!(
+                "no identity named {name:?} in the live policy {:?}",
+                installed.policy.name
+            )));
+        }
+    }
+    let identity = q.identity.clone();
+    let denied = q.denied;
+    let answer = h
+        .flows
+        .after(
+            q.after,
+            Duration::from_millis(q.wait_ms),
+            q.limit.unwrap_or(crate::flows::MAX_PAGE),
+            move |r| {
+                (!denied || r.outcome != "allow")
+                    && identity
+                        .as_ref()
+                        .is_none_or(|n| &r.from_identity == n || &r.to_identity == n)
+            },
+        )
+        .await;
+    Ok(Json(answer))
+}
+
+async fn inventory(State(h): State<Handles>) -> Json<InventoryResponse> {
+    Json(InventoryResponse {
+        edges: h.flows.inventory(),
+        path: h.flows.inventory_path().map(|p| p.display().to_string()),
+    })
 }
 
 /// The body of `PUT /v1/policy`: UTF-8 text of at most [`MAX_POLICY_BYTES`]. axum's `String`
@@ -282,13 +231,6 @@ impl<S: Send + Sync> FromRequest<S> for PolicyText {
             )
         })
     }
-}
-
-async fn check(
-    State(agent): State<Arc<Agent>>,
-    Json(req): Json<CheckRequest>,
-) -> Result<Json<CheckResponse>, ApiError> {
-    blocking(move || agent.check(&req).map(Json)).await
 }
 
 /// Binds the control socket. A socket file left by a dead agent is replaced; one that a live

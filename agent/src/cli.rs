@@ -7,16 +7,19 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    api::{
-        CheckRequest, CheckResponse, PolicyResponse, StatusResponse, PATH_CHECK, PATH_POLICY,
-        PATH_STATUS,
-    },
-    app::{self, AgentConfig},
+    app::{self, AgentConfig, AuditSettings},
+    audit::AuditConfig,
     client::Client,
+    installer::InstallerConfig,
     loader::{self, InterfaceSelector},
-    paths::{PinLayout, DEFAULT_BPFFS, DEFAULT_SOCKET},
+    paths::{PinLayout, DEFAULT_BPFFS, DEFAULT_SOCKET, DEFAULT_STATE_DIR},
     policy::load_policy_file,
     rlimit,
+    wire::{
+        CheckRequest, CheckResponse, FlowRecord, FlowsResponse, InventoryEdge, InventoryResponse,
+        PolicyResponse, StatusResponse, PATH_CHECK, PATH_FLOWS, PATH_INVENTORY, PATH_POLICY,
+        PATH_STATUS,
+    },
 };
 
 pub const EXIT_ERROR: u8 = 1;
@@ -64,6 +67,9 @@ pub enum Command {
     /// Check the audit log's hash chain (no agent needed).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Show recent decisions (denies, would-denies, limit drops, logged new flows), follow them
+    /// live, or print the flow inventory.
+    Flows(FlowsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,6 +92,33 @@ pub struct AuditVerifyArgs {
     /// record must carry a valid signature.
     #[arg(long, value_name = "FILE")]
     pub hmac_key: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FlowsArgs {
+    /// Only denies, would-denies and drops (no logged allows).
+    #[arg(long)]
+    pub denied: bool,
+    /// Keep printing decisions as they happen (Ctrl-C to stop).
+    #[arg(long, conflicts_with = "inventory")]
+    pub follow: bool,
+    /// Only decisions from or to this identity.
+    #[arg(long, value_name = "NAME")]
+    pub identity: Option<String>,
+    /// Print the inventory of distinct edges (from, to, port, protocol, verdict) instead:
+    /// what would break if everything audited were enforced.
+    #[arg(long)]
+    pub inventory: bool,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,6 +149,34 @@ pub struct AgentArgs {
         )
     )]
     pub conntrack_entries: u32,
+    /// Directory for what must survive a restart (the flow inventory).
+    #[arg(long, conflicts_with = "uninstall", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Address of `/metrics`, `/healthz` and `/readyz` (HTTP), or `none`.
+    #[arg(long, conflicts_with = "uninstall", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+    /// Write the hash-chained audit log (JSON Lines) to this file.
+    #[arg(long, conflicts_with = "uninstall", value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+    /// Write the audit records to standard output as well (for Kubernetes log collectors).
+    #[arg(long, conflicts_with = "uninstall")]
+    pub audit_stdout: bool,
+    /// Sign audit checkpoints with HMAC-SHA256 using the key in this file (mode 0600 or
+    /// stricter, at least 16 bytes).
+    #[arg(long, conflicts_with = "uninstall", value_name = "FILE")]
+    pub audit_hmac_key: Option<PathBuf>,
+    /// Rotate the audit log when it would grow past this many bytes.
+    #[arg(long, conflicts_with = "uninstall", default_value_t = 100 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept (FILE.1 ... FILE.N).
+    #[arg(long, conflicts_with = "uninstall", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub audit_keep: u64,
+    /// How often the audit log gets a checkpoint (also logged and exported as a metric).
+    #[arg(long, conflicts_with = "uninstall", default_value = "60s", value_parser = parse_timeout)]
+    pub audit_checkpoint_interval: Duration,
+    /// This node's name in audit records (default: the host name).
+    #[arg(long, conflicts_with = "uninstall", env = "TOLLGATE_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Detach every program and remove every pin under --bpffs, then exit.
     #[arg(long, conflicts_with_all = ["interfaces", "policy"])]
     pub uninstall: bool,
@@ -153,6 +214,19 @@ pub struct CheckArgs {
     /// does there (reverse path, interface binding).
     #[arg(long)]
     pub interface: Option<String>,
+}
+
+/// `--metrics-addr`: an address, or `none`.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "none" {
+        return Ok(MetricsAddr(None));
+    }
+    text.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{e} (write e.g. 127.0.0.1:9464, [::1]:9464 or none)"))
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -233,6 +307,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Audit(AuditCommand::Verify(args)) => {
             crate::audit::run_verify_command(&args.files, args.checkpoint, args.hmac_key.as_deref())
         }
+        Command::Flows(args) => run_flows(args, &cli.socket, cli.timeout),
         Command::Check(args) => {
             let req = CheckRequest {
                 from: args.from,
@@ -275,6 +350,181 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+fn run_flows(args: FlowsArgs, socket: &std::path::Path, timeout: Duration) -> Result<u8> {
+    let rt = runtime()?;
+    let client = Client::new(socket, timeout);
+    if args.inventory {
+        let r: InventoryResponse = rt.block_on(client.get(PATH_INVENTORY))?;
+        let edges: Vec<&InventoryEdge> = r
+            .edges
+            .iter()
+            .filter(|e| !args.denied || e.outcome != "allow")
+            .filter(|e| {
+                args.identity
+                    .as_ref()
+                    .is_none_or(|n| &e.from_identity == n || &e.to_identity == n)
+            })
+            .collect();
+        match args.output {
+            Output::Json => {
+                for e in edges {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+            }
+            Output::Text => print_inventory(&edges, Paint::for_stdout()),
+        }
+        return Ok(0);
+    }
+    let mut query = format!("{PATH_FLOWS}?denied={}", args.denied);
+    if let Some(name) = &args.identity {
+        query.push_str(&format!("&identity={}", url_encode(name)));
+    }
+    let paint = Paint::for_stdout();
+    let mut after = 0u64;
+    let mut header = args.output == Output::Text;
+    loop {
+        // A follow polls for up to 25 s at a time, within the client's timeout.
+        let wait = if args.follow {
+            timeout
+                .saturating_sub(Duration::from_secs(2))
+                .min(Duration::from_secs(25))
+        } else {
+            Duration::ZERO
+        };
+        let r: FlowsResponse = rt.block_on(client.get(&format!(
+            "{query}&after={after}&wait_ms={}",
+            wait.as_millis()
+        )))?;
+        if r.gap && after > 0 {
+            eprintln!("tollgate: some decisions were missed (the agent restarted or kept only its most recent ones)");
+        }
+        for rec in &r.records {
+            match args.output {
+                Output::Json => println!("{}", serde_json::to_string(rec)?),
+                Output::Text => {
+                    if header {
+                        println!("{}", flow_header());
+                        header = false;
+                    }
+                    println!("{}", flow_line(rec, paint));
+                }
+            }
+        }
+        after = r.last_seq;
+        if !args.follow {
+            if header && r.records.is_empty() {
+                println!("no recent decisions");
+            }
+            return Ok(0);
+        }
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// ANSI colour, only when standard output is a terminal (and NO_COLOR is not set).
+#[derive(Clone, Copy)]
+struct Paint(bool);
+
+impl Paint {
+    fn for_stdout() -> Self {
+        Paint(
+            std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
+    }
+
+    fn outcome(self, outcome: &str, text: &str) -> String {
+        let code = match outcome {
+            "deny" => "31",
+            "audit" => "33",
+            _ => "32",
+        };
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+}
+
+fn flow_header() -> String {
+    format!(
+        "{:<23} {:<18} {:<30} {:<30} {:<12} {:>7}  BY",
+        "TIME", "VERDICT", "FROM", "TO", "PROTO/PORT", "PACKETS"
+    )
+}
+
+fn flow_line(r: &FlowRecord, paint: Paint) -> String {
+    let what = match r.protocol.as_str() {
+        "tcp" | "udp" => format!("{}/{}", r.protocol, r.dport),
+        "icmp" | "icmpv6" => format!("{} t{}", r.protocol, r.sport),
+        p => p.to_owned(),
+    };
+    let by = match &r.limit {
+        Some(limit) => format!("{limit} (rule {})", r.rule),
+        None => r.rule.clone(),
+    };
+    let count = if r.repeated {
+        format!("+{}", r.count)
+    } else {
+        r.count.to_string()
+    };
+    format!(
+        "{:<23} {} {:<30} {:<30} {:<12} {:>7}  {}",
+        r.time.get(..23).unwrap_or(&r.time),
+        paint.outcome(&r.outcome, &format!("{:<18}", r.verdict)),
+        format!("{} {}", r.from_identity, r.src),
+        format!("{} {}", r.to_identity, r.dst),
+        what,
+        count,
+        by
+    )
+}
+
+fn print_inventory(edges: &[&InventoryEdge], paint: Paint) {
+    if edges.is_empty() {
+        println!("the inventory is empty: no decisions recorded yet");
+        return;
+    }
+    println!(
+        "{:<20} {:<20} {:<12} {:<18} {:>9}  {:<24} {:<24} RULE",
+        "FROM", "TO", "PROTO/PORT", "VERDICT", "PACKETS", "FIRST SEEN", "LAST SEEN"
+    );
+    for e in edges {
+        let what = match e.protocol.as_str() {
+            "tcp" | "udp" => format!("{}/{}", e.protocol, e.port),
+            p => p.to_owned(),
+        };
+        let mark = match e.outcome.as_str() {
+            "deny" => "  <- denied",
+            "audit" => "  <- would be denied if enforced",
+            _ => "",
+        };
+        println!(
+            "{:<20} {:<20} {:<12} {} {:>9}  {:<24} {:<24} {}{}",
+            e.from_identity,
+            e.to_identity,
+            what,
+            paint.outcome(&e.outcome, &format!("{:<18}", e.verdict)),
+            e.count,
+            e.first_seen,
+            e.last_seen,
+            e.rule,
+            paint.outcome(&e.outcome, mark)
+        );
+    }
+}
+
 fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
     let layout = PinLayout::new(&args.bpffs);
     if args.uninstall {
@@ -310,19 +560,52 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         ),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit (RLIMIT_NOFILE)"),
     }
-    let config = AgentConfig {
-        selector: InterfaceSelector::parse(&interfaces)?,
-        uplinks: args
-            .uplinks
+    let node = args.node_name.unwrap_or_else(app::hostname);
+    let audit = if args.audit_log.is_some() || args.audit_stdout {
+        let hmac_key = args
+            .audit_hmac_key
             .as_deref()
-            .map(|u| InterfaceSelector::parse(u).context("--uplinks"))
-            .transpose()?,
+            .map(crate::audit::load_hmac_key)
+            .transpose()
+            .context("--audit-hmac-key")?;
+        Some(AuditSettings {
+            log: AuditConfig {
+                path: args.audit_log,
+                stdout: args.audit_stdout,
+                max_bytes: args.audit_max_bytes,
+                keep: args.audit_keep as usize,
+                hmac_key,
+                node: node.clone(),
+            },
+            checkpoint_interval: args.audit_checkpoint_interval,
+        })
+    } else {
+        if args.audit_hmac_key.is_some() {
+            anyhow::bail!(
+                "--audit-hmac-key signs the audit log: give --audit-log or --audit-stdout too"
+            );
+        }
+        None
+    };
+    let config = AgentConfig {
+        installer: InstallerConfig {
+            selector: InterfaceSelector::parse(&interfaces)?,
+            uplinks: args
+                .uplinks
+                .as_deref()
+                .map(|u| InterfaceSelector::parse(u).context("--uplinks"))
+                .transpose()?,
+            bpffs: args.bpffs,
+            load: loader::LoadOptions {
+                conntrack_entries: args.conntrack_entries,
+            },
+        },
         policy_path: policy,
         socket,
-        bpffs: args.bpffs,
-        load: loader::LoadOptions {
-            conntrack_entries: args.conntrack_entries,
-        },
+        state_dir: Some(args.state_dir),
+        metrics_addr: args.metrics_addr.0,
+        audit,
+        node,
     };
     runtime()?.block_on(app::run(config))?;
     Ok(0)
@@ -375,7 +658,13 @@ fn print_status(s: &StatusResponse) {
             s.links_restored
         );
     }
-    println!("flows        {} conntrack entries", s.conntrack_entries);
+    println!(
+        "flows        {} conntrack entries{}",
+        s.conntrack_entries,
+        s.conntrack_counted_at
+            .as_deref()
+            .map_or(String::new(), |t| format!(" (counted {t})"))
+    );
     if !s.maps.is_empty() {
         println!("maps");
         for m in &s.maps {
@@ -407,9 +696,19 @@ fn print_status(s: &StatusResponse) {
         }
     }
     println!(
-        "events       {} read, {} lost, {} suppressed by sampling",
-        s.events_read, s.events_lost, s.events_suppressed
+        "events       {} read, {} lost, {} suppressed by sampling, {} skipped",
+        s.events_read, s.events_lost, s.events_suppressed, s.events_unknown
     );
+    if let Some(a) = &s.audit {
+        println!(
+            "audit        {}: head seq {} ({}), last checkpoint {}, {} write errors",
+            a.destination,
+            a.head_seq,
+            a.head.get(..16).unwrap_or(&a.head),
+            a.last_checkpoint.as_deref().unwrap_or("none yet"),
+            a.write_errors
+        );
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use crate::api::ErrorResponse;
+use crate::wire::ErrorResponse;
 
 /// Why a call failed. Each displays as one line.
 #[derive(Debug, thiserror::Error)]

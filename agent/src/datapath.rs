@@ -15,10 +15,8 @@ use tollgate_common::{
     interface::{INTERFACE_FLAG_ENFORCED, INTERFACE_FLAG_UPLINK},
     map_names, maps,
     rule::is_exact_rule,
-    slot_of,
-    verdict::COUNTER_SLOTS,
-    FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue, InterfaceValue,
-    LimitBucket, RuleKey, RuleValue, SlotConfig, ABI_VERSION, ACTIVE_ABI_INDEX,
+    slot_of, FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue,
+    InterfaceValue, LimitBucket, RuleKey, RuleValue, SlotConfig, ABI_VERSION, ACTIVE_ABI_INDEX,
     ACTIVE_GENERATION_INDEX, ACTIVE_NS_PER_JIFFY_INDEX, SLOT_COUNT,
 };
 
@@ -26,6 +24,7 @@ use crate::{
     limits::{config_of, LimitInfo, LimitTable},
     paths::PinLayout,
     policy::{CompiledLimit, CompiledPolicy},
+    wire::MapUsage,
 };
 
 /// The eBPF object built by `build.rs` (release profile).
@@ -184,14 +183,6 @@ pub struct Datapath {
     /// `SLOT_GRACE` has passed.
     last_flip: Option<std::time::Instant>,
     layout: PinLayout,
-}
-
-/// Entries currently in each policy map, for status and metrics.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct MapUsage {
-    pub identities_v4: usize,
-    pub identities_v6: usize,
-    pub rules: usize,
 }
 
 impl Datapath {
@@ -442,6 +433,16 @@ impl Datapath {
             .collect()
     }
 
+    /// What every bucket of the live policy (and of the one before it) meters, by id.
+    pub fn limit_infos(&self) -> std::collections::HashMap<u32, LimitInfo> {
+        self.limit_table.infos()
+    }
+
+    /// The live policy's buckets, by id.
+    pub fn live_limits(&self) -> Vec<u32> {
+        self.limit_table.live()
+    }
+
     /// What bucket `id` meters, if the live policy (or the one before it) has it.
     pub fn limit_info(&self, id: u32) -> Option<&LimitInfo> {
         self.limit_table.info(id)
@@ -499,12 +500,7 @@ impl Datapath {
 
     /// Packet counters summed over CPUs, indexed like `TG_COUNTERS`.
     pub fn counters(&self) -> Result<Vec<u64>> {
-        (0..COUNTER_SLOTS)
-            .map(|i| {
-                let per_cpu = self.counters.get(&i, 0)?;
-                Ok(per_cpu.iter().sum())
-            })
-            .collect()
+        crate::reader::sum_counters(&self.counters)
     }
 
     /// Forgets every tracked flow: their next packets are decided as new flows. (Benchmarks use
@@ -561,7 +557,7 @@ impl Datapath {
 
     /// Every map of the registry: its capacity as created and, for policy maps, the entries of
     /// `slot`. Walks the policy maps; for status, not for hot paths.
-    pub fn map_status(&self, slot: u32) -> Vec<crate::api::MapStatus> {
+    pub fn map_status(&self, slot: u32) -> Vec<crate::wire::MapStatus> {
         maps::ALL
             .iter()
             .map(|spec| {
@@ -589,7 +585,7 @@ impl Datapath {
                     n if n == map_names::LIMITS => Some(self.limit_table.live().len()),
                     _ => None,
                 };
-                crate::api::MapStatus {
+                crate::wire::MapStatus {
                     name: spec.name.to_owned(),
                     what: spec.what.to_owned(),
                     capacity,

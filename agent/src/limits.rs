@@ -213,6 +213,11 @@ impl LimitTable {
         self.info.get(&id)
     }
 
+    /// What every known bucket meters, by id.
+    pub fn infos(&self) -> HashMap<LimitId, LimitInfo> {
+        self.info.clone()
+    }
+
     /// The live policy's buckets, by id.
     pub fn live(&self) -> Vec<LimitId> {
         let mut ids: Vec<LimitId> = self.live.values().copied().collect();

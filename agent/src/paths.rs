@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_SOCKET: &str = "/run/tollgate/tollgate.sock";
 /// Where programs, links and maps are pinned, unless `--bpffs` says otherwise.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/tollgate";
+/// Where the agent keeps what must survive it (`--state-dir`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
 /// The bpf filesystem mount point; `--bpffs` must be below a bpffs mount.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 

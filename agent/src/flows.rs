@@ -1,0 +1,497 @@
+//! Recent decisions and the flow inventory (`tollgate flows`).
+//!
+//! The agent keeps the most recent [`RECENT`] aggregated records, numbered, so `flows` can list
+//! them and `flows --follow` can ask for everything after the last one it printed (a long poll:
+//! the answer comes as soon as there is something new, or after the wait).
+//!
+//! The inventory is every distinct (source identity, destination identity, protocol, port,
+//! verdict) the datapath decided, with first and last seen and a packet count: the "what would
+//! break if we enforced" view. It is written to `inventory.json` in the state directory (to a
+//! temporary file, synced, then renamed) every [`PERSIST_INTERVAL`] when it changed and at stop,
+//! and read back at start, so it survives restarts.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{
+    error::Error,
+    events::{Control, Sink},
+    wire::{FlowRecord, FlowsResponse, InventoryEdge},
+};
+
+/// Recent records kept.
+pub const RECENT: usize = 10_000;
+/// Edges the inventory keeps; beyond it, the edges seen longest ago make room.
+pub const MAX_EDGES: usize = 100_000;
+/// How often a changed inventory is written.
+pub const PERSIST_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest a `flows --follow` poll waits for something new.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// At most this many records per answer.
+pub const MAX_PAGE: usize = 5_000;
+
+const INVENTORY_FILE: &str = "inventory.json";
+/// Bumped when the file's layout changes; a file of another version is set aside, not read.
+const INVENTORY_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct EdgeKey {
+    from_identity: String,
+    to_identity: String,
+    protocol: String,
+    port: u16,
+    verdict: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct InventoryFile {
+    version: u32,
+    edges: Vec<InventoryEdge>,
+}
+
+struct Inner {
+    recent: VecDeque<FlowRecord>,
+    /// Seq of the last record added (0: none yet).
+    last_seq: u64,
+    inventory: BTreeMap<EdgeKey, InventoryEdge>,
+    dirty: bool,
+}
+
+/// Shared between the event pipeline (the writer, through [`FlowsSink`]) and the API.
+#[derive(Clone)]
+pub struct Flows {
+    inner: Arc<Mutex<Inner>>,
+    /// The last seq, for long polls.
+    latest: watch::Sender<u64>,
+    path: Option<PathBuf>,
+}
+
+impl Flows {
+    /// A store whose inventory lives in `state_dir` (read now if it is there), or only in
+    /// memory.
+    pub fn open(state_dir: Option<&Path>) -> Result<Self> {
+        let path = state_dir.map(|d| d.join(INVENTORY_FILE));
+        let inventory = match &path {
+            Some(p) => load_inventory(p)?,
+            None => BTreeMap::new(),
+        };
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner {
+                recent: VecDeque::new(),
+                last_seq: 0,
+                inventory,
+                dirty: false,
+            })),
+            latest: watch::channel(0).0,
+            path,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add_recent(&self, record: &FlowRecord) {
+        let seq = {
+            let mut inner = self.lock();
+            inner.last_seq += 1;
+            let seq = inner.last_seq;
+            if inner.recent.len() == RECENT {
+                inner.recent.pop_front();
+            }
+            inner.recent.push_back(FlowRecord {
+                seq,
+                ..record.clone()
+            });
+            seq
+        };
+        self.latest.send_replace(seq);
+    }
+
+    fn add_to_inventory(&self, r: &FlowRecord) {
+        let key = EdgeKey {
+            from_identity: r.from_identity.clone(),
+            to_identity: r.to_identity.clone(),
+            protocol: r.protocol.clone(),
+            port: match r.protocol.as_str() {
+                "tcp" | "udp" => r.dport,
+                _ => 0,
+            },
+            verdict: r.verdict.clone(),
+        };
+        let mut inner = self.lock();
+        inner.dirty = true;
+        if let Some(edge) = inner.inventory.get_mut(&key) {
+            edge.count += r.count;
+            edge.rule.clone_from(&r.rule);
+            if r.time > edge.last_seen {
+                edge.last_seen.clone_from(&r.time);
+            }
+            return;
+        }
+        if inner.inventory.len() >= MAX_EDGES {
+            // Make room: the edge seen longest ago goes.
+            if let Some(oldest) = inner
+                .inventory
+                .iter()
+                .min_by(|a, b| a.1.last_seen.cmp(&b.1.last_seen))
+                .map(|(k, _)| k.clone())
+            {
+                inner.inventory.remove(&oldest);
+            }
+        }
+        inner.inventory.insert(
+            key.clone(),
+            InventoryEdge {
+                from_identity: key.from_identity,
+                to_identity: key.to_identity,
+                protocol: key.protocol,
+                port: key.port,
+                verdict: key.verdict,
+                outcome: r.outcome.clone(),
+                rule: r.rule.clone(),
+                first_seen: r.time.clone(),
+                last_seen: r.time.clone(),
+                count: r.count,
+            },
+        );
+    }
+
+    /// Records after `after` that pass `filter`, waiting up to `wait` for the first one when
+    /// there is none yet.
+    pub async fn after(
+        &self,
+        after: u64,
+        wait: Duration,
+        limit: usize,
+        filter: impl Fn(&FlowRecord) -> bool,
+    ) -> FlowsResponse {
+        let mut latest = self.latest.subscribe();
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let answer = self.collect(after, limit, &filter);
+            if !answer.records.is_empty() || wait.is_zero() {
+                return answer;
+            }
+            let after = answer.last_seq;
+            tokio::select! {
+                r = latest.wait_for(|seq| *seq > after) => if r.is_err() { return answer },
+                _ = tokio::time::sleep_until(deadline) => return self.collect(after, limit, &filter),
+            }
+        }
+    }
+
+    fn collect(
+        &self,
+        after: u64,
+        limit: usize,
+        filter: &impl Fn(&FlowRecord) -> bool,
+    ) -> FlowsResponse {
+        let inner = self.lock();
+        let limit = limit.clamp(1, MAX_PAGE);
+        let first_kept = inner.recent.front().map_or(inner.last_seq + 1, |r| r.seq);
+        // A cursor from before a restart (beyond what this agent has numbered) starts over.
+        let restarted = after > inner.last_seq;
+        let after = if restarted { 0 } else { after };
+        let gap = restarted || (after > 0 && after + 1 < first_kept);
+        let mut records: Vec<FlowRecord> = inner
+            .recent
+            .iter()
+            .rev()
+            .take_while(|r| r.seq > after)
+            .filter(|r| filter(r))
+            .take(limit)
+            .cloned()
+            .collect();
+        records.reverse();
+        FlowsResponse {
+            last_seq: if records.len() == limit {
+                records.last().map_or(inner.last_seq, |r| r.seq)
+            } else {
+                inner.last_seq
+            },
+            records,
+            gap,
+        }
+    }
+
+    /// The inventory, sorted by (from, to, protocol, port, verdict).
+    pub fn inventory(&self) -> Vec<InventoryEdge> {
+        self.lock().inventory.values().cloned().collect()
+    }
+
+    pub fn inventory_path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Writes the inventory if it changed since the last write.
+    pub fn persist(&self) -> Result<(), Error> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let file = {
+            let mut inner = self.lock();
+            if !inner.dirty {
+                return Ok(());
+            }
+            inner.dirty = false;
+            InventoryFile {
+                version: INVENTORY_VERSION,
+                edges: inner.inventory.values().cloned().collect(),
+            }
+        };
+        let result = write_atomically(
+            path,
+            &serde_json::to_vec(&file).map_err(anyhow::Error::from)?,
+        );
+        if result.is_err() {
+            self.lock().dirty = true;
+        }
+        Ok(result?)
+    }
+}
+
+fn load_inventory(path: &Path) -> Result<BTreeMap<EdgeKey, InventoryEdge>> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    match serde_json::from_slice::<InventoryFile>(&text) {
+        Ok(file) if file.version == INVENTORY_VERSION => Ok(file
+            .edges
+            .into_iter()
+            .map(|e| {
+                (
+                    EdgeKey {
+                        from_identity: e.from_identity.clone(),
+                        to_identity: e.to_identity.clone(),
+                        protocol: e.protocol.clone(),
+                        port: e.port,
+                        verdict: e.verdict.clone(),
+                    },
+                    e,
+                )
+            })
+            .collect()),
+        other => {
+            // Never lose it: set it aside and start a new one.
+            let aside = path.with_extension(format!(
+                "json.unreadable-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ));
+            std::fs::rename(path, &aside)
+                .with_context(|| format!("setting {} aside", path.display()))?;
+            tracing::warn!(
+                file = %aside.display(),
+                reason = %match other {
+                    Ok(f) => format!("version {} (this agent reads {INVENTORY_VERSION})", f.version),
+                    Err(e) => e.to_string(),
+                },
+                "the flow inventory could not be read; set aside, starting a new one"
+            );
+            Ok(BTreeMap::new())
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new one, whole.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Feeds the store from the event pipeline.
+pub struct FlowsSink {
+    flows: Flows,
+    last_persist: Instant,
+}
+
+impl FlowsSink {
+    pub fn new(flows: Flows) -> Self {
+        Self {
+            flows,
+            last_persist: Instant::now(),
+        }
+    }
+
+    fn persist(&mut self) {
+        if let Err(e) = self.flows.persist() {
+            tracing::warn!(error = %e, "writing the flow inventory failed; retrying later");
+        }
+    }
+}
+
+impl Sink for FlowsSink {
+    fn decision(&mut self, r: &FlowRecord) {
+        self.flows.add_to_inventory(r);
+    }
+
+    fn record(&mut self, r: &FlowRecord) {
+        self.flows.add_recent(r);
+    }
+
+    fn control(&mut self, _c: &Control) {}
+
+    fn tick(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_persist) >= PERSIST_INTERVAL {
+            self.last_persist = now;
+            self.persist();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.persist();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(verdict: &str, from: &str, dport: u16, time: &str) -> FlowRecord {
+        FlowRecord {
+            seq: 0,
+            time: time.into(),
+            verdict: verdict.into(),
+            outcome: if verdict.starts_with("deny") {
+                "deny"
+            } else {
+                "allow"
+            }
+            .into(),
+            rule: "default-deny".into(),
+            limit: None,
+            from_identity: from.into(),
+            to_identity: "orders".into(),
+            src: "10.200.0.1".parse().unwrap(),
+            dst: "10.200.1.2".parse().unwrap(),
+            sport: 40000,
+            dport,
+            protocol: "tcp".into(),
+            generation: 1,
+            ifindex: 3,
+            direction: "ingress".into(),
+            count: 2,
+            repeated: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn recent_records_are_numbered_and_followed_by_cursor() {
+        let flows = Flows::open(None).unwrap();
+        let mut sink = FlowsSink::new(flows.clone());
+        sink.record(&record("deny_default", "world", 80, "t1"));
+        sink.record(&record("allow_new", "frontend", 80, "t2"));
+        let all = flows.after(0, Duration::ZERO, 100, |_| true).await;
+        assert_eq!(
+            all.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        let denied = flows
+            .after(0, Duration::ZERO, 100, |r| r.outcome == "deny")
+            .await;
+        assert_eq!(denied.records.len(), 1);
+        assert_eq!(denied.last_seq, 2);
+        // A follower waiting after seq 2 gets the next record as soon as it comes.
+        let waiter = {
+            let flows = flows.clone();
+            tokio::spawn(async move { flows.after(2, Duration::from_secs(5), 100, |_| true).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sink.record(&record("deny_default", "world", 443, "t3"));
+        let got = waiter.await.unwrap();
+        assert_eq!(got.records.len(), 1);
+        assert_eq!(got.records[0].seq, 3);
+        // Nothing new: the wait ends empty.
+        let none = flows
+            .after(3, Duration::from_millis(50), 100, |_| true)
+            .await;
+        assert!(none.records.is_empty() && !none.gap);
+        // A cursor from before a restart starts over, and says so.
+        let restarted = flows.after(99, Duration::ZERO, 100, |_| true).await;
+        assert!(restarted.gap);
+        assert_eq!(restarted.records.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn only_the_most_recent_records_are_kept_and_a_gap_is_reported() {
+        let flows = Flows::open(None).unwrap();
+        let mut sink = FlowsSink::new(flows.clone());
+        for i in 0..RECENT + 10 {
+            sink.record(&record("deny_default", "world", (i % 60000) as u16, "t"));
+        }
+        let r = flows.after(5, Duration::ZERO, 10, |_| true).await;
+        assert!(r.gap);
+        assert_eq!(r.records[0].seq, (RECENT + 10 - 9) as u64);
+    }
+
+    #[test]
+    fn the_inventory_counts_edges_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let flows = Flows::open(Some(dir.path())).unwrap();
+        let mut sink = FlowsSink::new(flows.clone());
+        sink.decision(&record(
+            "deny_default",
+            "world",
+            80,
+            "2026-11-24T10:00:00.000Z",
+        ));
+        sink.decision(&record(
+            "deny_default",
+            "world",
+            80,
+            "2026-11-24T10:00:05.000Z",
+        ));
+        sink.decision(&record(
+            "allow_new",
+            "frontend",
+            80,
+            "2026-11-24T10:00:01.000Z",
+        ));
+        sink.stop();
+        let reopened = Flows::open(Some(dir.path())).unwrap();
+        let edges = reopened.inventory();
+        assert_eq!(edges.len(), 2);
+        let denied = edges.iter().find(|e| e.verdict == "deny_default").unwrap();
+        assert_eq!(denied.count, 4);
+        assert_eq!(denied.first_seen, "2026-11-24T10:00:00.000Z");
+        assert_eq!(denied.last_seen, "2026-11-24T10:00:05.000Z");
+    }
+
+    #[test]
+    fn an_unreadable_inventory_is_set_aside_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(INVENTORY_FILE), b"{ not json").unwrap();
+        let flows = Flows::open(Some(dir.path())).unwrap();
+        assert!(flows.inventory().is_empty());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("unreadable"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+    }
+}

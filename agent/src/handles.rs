@@ -1,0 +1,51 @@
+//! What the control socket and the metrics endpoint read: a handle on each subsystem, each
+//! owned elsewhere (the installer, the event pipeline, the fill sampler). Cloning is cheap.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    events::EventStats,
+    flows::Flows,
+    installer::InstallerHandle,
+    reader::{Fill, Reader},
+    recorder::AuditStats,
+};
+
+#[derive(Clone)]
+pub struct Handles {
+    pub installer: InstallerHandle,
+    pub reader: Arc<Reader>,
+    pub fill: watch::Receiver<Arc<Fill>>,
+    pub events: Arc<EventStats>,
+    pub flows: Flows,
+    pub audit: Option<Arc<AuditStats>>,
+    /// Set once the datapath is installed and attached, the event reader runs and the control
+    /// socket serves: what `/readyz` answers.
+    pub ready: Arc<AtomicBool>,
+    /// What `status` shows of the configuration.
+    pub config: Arc<ConfigView>,
+}
+
+/// The parts of the configuration `status` shows.
+#[derive(Debug, Default)]
+pub struct ConfigView {
+    pub bpffs: String,
+    pub interfaces_selector: String,
+    pub node: String,
+}
+
+impl Handles {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.is_healthy()
+    }
+
+    /// The installer takes commands and the event reader runs.
+    pub fn is_healthy(&self) -> bool {
+        self.installer.is_running() && self.events.running.load(Ordering::Relaxed)
+    }
+}

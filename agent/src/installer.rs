@@ -1,0 +1,728 @@
+//! The policy installer: the one writer of the policy maps, the interface map and the links.
+//!
+//! It runs on a thread of its own and takes [`Command`]s from a channel, one at a time: apply a
+//! policy, answer a `check` (which runs the check program and reads its result map), rescan
+//! the interfaces. After each change it publishes what it installed as an [`Installed`] through a
+//! `tokio::sync::watch`: `status`, the event reader and the metrics read that, never the maps
+//! the installer is writing, so no reader waits for a compile and swap, and no swap waits for a
+//! reader.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+use tollgate_common::{slot_of, Verdict};
+
+use crate::{
+    datapath::Datapath,
+    error::Error,
+    host::host_addresses,
+    limits::LimitInfo,
+    loader::{self, Attachment, InterfaceSelector, LoadOptions, Loaded},
+    names::NamedGenerations,
+    paths::PinLayout,
+    pinlock::PinLock,
+    policy::{compile_policy, parse_policy_owned, ClockReading, Policy, PolicyNames, Protocol},
+    wire::{
+        CheckLimit, CheckRequest, CheckResponse, InterfaceStatus, MapStatus, MapUsage,
+        PolicyResponse,
+    },
+};
+
+/// What the installer needs to know of the agent's configuration.
+#[derive(Clone, Debug)]
+pub struct InstallerConfig {
+    pub selector: InterfaceSelector,
+    /// Interfaces (among those enforced) where traffic from `world` arrives with any source:
+    /// no source validation there.
+    pub uplinks: Option<InterfaceSelector>,
+    pub bpffs: std::path::PathBuf,
+    /// How maps are created when none are pinned yet.
+    pub load: LoadOptions,
+}
+
+impl InstallerConfig {
+    fn is_uplink(&self, ifname: &str) -> bool {
+        self.uplinks.as_ref().is_some_and(|u| u.matches(ifname))
+    }
+}
+
+/// What the agent keeps of the live policy once it is compiled and installed: what `status` and
+/// `policy get` answer with. The validated rules are not kept (30 MB for 100k rules); the maps
+/// and [`PolicyNames`] hold what enforcement and events need.
+#[derive(Debug)]
+pub struct LivePolicy {
+    pub name: String,
+    pub rules: usize,
+    pub identities: usize,
+    /// The YAML as applied.
+    pub source_text: String,
+    /// SHA-256 of `source_text`, hex: what the audit log records of an applied policy.
+    pub digest: String,
+}
+
+impl From<Policy> for LivePolicy {
+    fn from(policy: Policy) -> Self {
+        let digest = hex(&Sha256::digest(policy.source_text.as_bytes()));
+        Self {
+            name: policy.name,
+            rules: policy.rules.len(),
+            identities: policy.identities.len(),
+            source_text: policy.source_text,
+            digest,
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the installer last installed and attached: published after every change.
+#[derive(Clone)]
+pub struct Installed {
+    pub policy: Arc<LivePolicy>,
+    pub generation: u64,
+    /// Names of the live generation and the ones before it (for events still on their way).
+    pub names: NamedGenerations,
+    /// What each rate-limit bucket of the live policy (and the one before it) meters.
+    pub limits: Arc<HashMap<u32, LimitInfo>>,
+    /// The live policy's buckets, by id.
+    pub live_limits: Arc<Vec<u32>>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub attachments: Vec<Attachment>,
+    /// Links found unpinned or detached and attached again, since start.
+    pub links_restored: u64,
+    /// Policy-map entries of the live slot, counted after the install.
+    pub map_usage: MapUsage,
+    /// Every map's capacity, and the entries of the policy maps and the interface map.
+    pub maps: Vec<MapStatus>,
+}
+
+impl Installed {
+    pub fn live_names(&self) -> &PolicyNames {
+        self.names.live()
+    }
+}
+
+/// A request to the installer. Each carries the channel its answer goes back on.
+pub enum Command {
+    Apply {
+        text: String,
+        reply: oneshot::Sender<Result<PolicyResponse, Error>>,
+    },
+    Check {
+        request: CheckRequest,
+        reply: oneshot::Sender<Result<CheckResponse, Error>>,
+    },
+    /// Bring the enforced interfaces in line with what exists now, and forget the names of
+    /// generations replaced long ago.
+    Rescan,
+}
+
+/// Requests queued for the installer beyond the one it is working on. `apply` and `check`
+/// callers wait for their answer, so this is only reached by many concurrent callers; they
+/// then wait for room (bounded by their own request timeouts).
+const QUEUE: usize = 64;
+
+/// The handle through which everything else talks to the installer. Cheap to clone.
+#[derive(Clone)]
+pub struct InstallerHandle {
+    commands: mpsc::Sender<Command>,
+    installed: watch::Receiver<Arc<Installed>>,
+}
+
+impl InstallerHandle {
+    /// What is installed now.
+    pub fn installed(&self) -> Arc<Installed> {
+        self.installed.borrow().clone()
+    }
+
+    /// A receiver that sees every later install.
+    pub fn watch(&self) -> watch::Receiver<Arc<Installed>> {
+        self.installed.clone()
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    pub async fn apply(&self, text: String) -> Result<PolicyResponse, Error> {
+        self.ask(|reply| Command::Apply { text, reply }).await
+    }
+
+    pub async fn check(&self, request: CheckRequest) -> Result<CheckResponse, Error> {
+        self.ask(|reply| Command::Check { request, reply }).await
+    }
+
+    /// Asks for a rescan; a rescan already queued is enough.
+    pub fn rescan(&self) {
+        let _ = self.commands.try_send(Command::Rescan);
+    }
+
+    /// Whether the installer thread still takes commands.
+    pub fn is_running(&self) -> bool {
+        !self.commands.is_closed()
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable("the policy installer has stopped; see the agent's log".to_owned())
+}
+
+/// The installer's own state: everything it writes, and what it has written.
+pub struct Installer {
+    config: InstallerConfig,
+    loaded: Loaded,
+    datapath: Datapath,
+    policy: Arc<LivePolicy>,
+    generation: u64,
+    names: NamedGenerations,
+    /// The enforced interfaces (name, ifindex), as described in `TG_INTERFACES`.
+    interfaces: Vec<(String, u32)>,
+    /// Uplinks (`--uplinks`) that are not enforced: described in `TG_INTERFACES` all the same,
+    /// so that packets from them are checked as coming from an uplink where they leave.
+    passive_uplinks: Vec<(String, u32)>,
+    attachments: Vec<Attachment>,
+    links_restored: u64,
+    /// Selected interfaces the classifiers cannot enforce (L3 devices), already warned about.
+    not_enforced: Vec<String>,
+    published: watch::Sender<Arc<Installed>>,
+    /// Told of every policy that went live (the audit log records it).
+    applied: Option<mpsc::UnboundedSender<Applied>>,
+    /// Held for the installer's lifetime: no second agent or uninstall on this pin directory.
+    _lock: PinLock,
+}
+
+/// A policy that went live, for the audit log.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub name: String,
+    pub generation: u64,
+    pub digest: String,
+    pub rules: usize,
+    pub identities: usize,
+    /// `start` (the policy file at agent start) or `api` (`tollgate policy apply`).
+    pub source: &'static str,
+}
+
+impl Installer {
+    /// Locks the pin directory, loads the datapath, describes the interfaces, installs
+    /// `policy` and attaches, in that order: by the time a program is attached to a new
+    /// interface the policy and interface settings it reads are complete.
+    pub fn start(
+        config: InstallerConfig,
+        policy: Policy,
+        applied: Option<mpsc::UnboundedSender<Applied>>,
+    ) -> Result<Installer> {
+        let layout = PinLayout::new(&config.bpffs);
+        // Refuse maps this build cannot adopt before creating anything under --bpffs (checked
+        // again under the lock, at load).
+        crate::datapath::check_pinned_maps(&layout)?;
+        loader::ensure_bpffs(&layout)?;
+        let lock = PinLock::acquire(&layout.root)?;
+        let adopting = loader::is_installed(&layout);
+        let mut loaded = loader::load_with(&layout, &config.load)?;
+        let mut datapath = Datapath::open(&layout)?;
+        let (interfaces, not_enforced) = enforceable_interfaces(&config.selector)?;
+        warn_not_enforced(&not_enforced);
+        let passive_uplinks = passive_uplinks(&config, &interfaces)?;
+        // Bindings are left as they are: the next install writes its slot's, and the live slot
+        // belongs to the policy the previous agent installed. So is `enforced`: a link adopted
+        // from the previous agent has been checking at ingress all along.
+        for (name, ifindex) in &interfaces {
+            datapath.write_interface(*ifindex, config.is_uplink(name), None, [None, None])?;
+        }
+        for (_, ifindex) in &passive_uplinks {
+            datapath.write_interface(*ifindex, true, Some(false), [None, None])?;
+        }
+        let (policy, names, generation) = install(&mut datapath, policy, &interfaces)?;
+        release_freed_memory();
+        let reconciled = loaded.reconcile(&interfaces)?;
+        // Attached (or adopted): checked at their ingress from now on.
+        for (name, ifindex) in &interfaces {
+            datapath.write_interface(*ifindex, config.is_uplink(name), Some(true), [None, None])?;
+        }
+        forget_other_interfaces(&mut datapath, &interfaces, &passive_uplinks);
+        let attachments = reconciled.attachments;
+        tracing::info!(
+            policy = %policy.name,
+            generation,
+            rules = policy.rules,
+            attachments = attachments.len(),
+            adopted = attachments.iter().filter(|a| a.adopted).count(),
+            "datapath {}",
+            if adopting { "adopted" } else { "installed" }
+        );
+        let names = NamedGenerations::new(generation, names);
+        let policy = Arc::new(policy);
+        let mut installer = Installer {
+            published: watch::channel(Arc::new(Installed {
+                policy: policy.clone(),
+                generation,
+                names: names.clone(),
+                limits: Arc::default(),
+                live_limits: Arc::default(),
+                interfaces: Vec::new(),
+                attachments: Vec::new(),
+                links_restored: 0,
+                map_usage: MapUsage::default(),
+                maps: Vec::new(),
+            }))
+            .0,
+            config,
+            loaded,
+            datapath,
+            policy,
+            generation,
+            names,
+            interfaces,
+            passive_uplinks,
+            attachments,
+            links_restored: 0,
+            not_enforced,
+            applied,
+            _lock: lock,
+        };
+        installer.publish();
+        installer.tell_applied("start");
+        Ok(installer)
+    }
+
+    /// Runs the installer on a thread of its own until every handle is dropped.
+    pub fn spawn(self) -> Result<(InstallerHandle, std::thread::JoinHandle<()>)> {
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let handle = InstallerHandle {
+            commands: tx,
+            installed: self.published.subscribe(),
+        };
+        let mut installer = self;
+        let thread = std::thread::Builder::new()
+            .name("tollgate-installer".into())
+            .spawn(move || {
+                while let Some(command) = rx.blocking_recv() {
+                    installer.handle(command);
+                }
+            })
+            .context("starting the installer thread")?;
+        Ok((handle, thread))
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Apply { text, reply } => {
+                let _ = reply.send(self.apply(text));
+            }
+            Command::Check { request, reply } => {
+                let _ = reply.send(self.check(&request));
+            }
+            Command::Rescan => {
+                if self.names.forget_expired(Instant::now()) {
+                    release_freed_memory();
+                    self.publish();
+                }
+                if let Err(e) = self.rescan() {
+                    tracing::warn!(error = %format!("{e:#}"), "interface rescan failed");
+                }
+            }
+        }
+    }
+
+    fn tell_applied(&self, source: &'static str) {
+        if let Some(tx) = &self.applied {
+            let _ = tx.send(Applied {
+                name: self.policy.name.clone(),
+                generation: self.generation,
+                digest: self.policy.digest.clone(),
+                rules: self.policy.rules,
+                identities: self.policy.identities,
+                source,
+            });
+        }
+    }
+
+    /// Publishes what is installed now. Counts the policy maps' entries of the live slot (a
+    /// walk of the policy maps: done here, after a change, rather than on every `status`).
+    fn publish(&mut self) {
+        let slot = slot_of(self.generation);
+        let live_names = self.names.live();
+        let interfaces = self
+            .interfaces
+            .iter()
+            .chain(&self.passive_uplinks)
+            .map(|(name, ifindex)| {
+                let bound = live_names.bound_identity(name);
+                InterfaceStatus {
+                    name: name.clone(),
+                    ifindex: *ifindex,
+                    role: if self.config.is_uplink(name) {
+                        "uplink"
+                    } else {
+                        "workload"
+                    }
+                    .to_owned(),
+                    bound_identity: (bound != 0)
+                        .then(|| live_names.identity_name(bound).to_owned()),
+                }
+            })
+            .collect();
+        let installed = Installed {
+            policy: self.policy.clone(),
+            generation: self.generation,
+            names: self.names.clone(),
+            limits: Arc::new(self.datapath.limit_infos()),
+            live_limits: Arc::new(self.datapath.live_limits()),
+            interfaces,
+            attachments: self.attachments.clone(),
+            links_restored: self.links_restored,
+            map_usage: self.datapath.usage(slot),
+            maps: self.datapath.map_status(slot),
+        };
+        self.published.send_replace(Arc::new(installed));
+    }
+
+    fn apply(&mut self, text: String) -> Result<PolicyResponse, Error> {
+        let policy =
+            parse_policy_owned(text, "policy").map_err(|e| Error::InvalidPolicy(e.to_string()))?;
+        let interfaces = self.interfaces.clone();
+        let (policy, names, generation) =
+            install(&mut self.datapath, policy, &interfaces).map_err(Error::NotInstalled)?;
+        tracing::info!(policy = %policy.name, generation, rules = policy.rules, "policy applied");
+        self.policy = Arc::new(policy);
+        self.generation = generation;
+        self.names.push(generation, names, Instant::now());
+        self.publish();
+        self.tell_applied("api");
+        release_freed_memory();
+        Ok(PolicyResponse {
+            name: self.policy.name.clone(),
+            generation,
+            rules: self.policy.rules,
+            text: self.policy.source_text.clone(),
+        })
+    }
+
+    /// Decides a hypothetical new flow with the kernel's own code against the live maps (see
+    /// `check.rs`).
+    fn check(&mut self, req: &CheckRequest) -> Result<CheckResponse, Error> {
+        let bad = |m: String| Error::BadRequest(m);
+        let proto = Protocol::parse(&req.protocol)
+            .filter(|p| *p != Protocol::Any)
+            .ok_or_else(|| {
+                bad(format!(
+                    "unknown protocol {:?} (expected tcp, udp, icmp or icmpv6)",
+                    req.protocol
+                ))
+            })?;
+        if req.from.is_ipv4() != req.to.is_ipv4() {
+            return Err(bad(format!(
+                "--from {} and --to {} are of different address families; no packet has both \
+                 (an IPv4-mapped address such as ::ffff:10.0.0.1 is IPv6 on the wire)",
+                req.from, req.to
+            )));
+        }
+        match (proto, req.from.is_ipv4()) {
+            (Protocol::Icmp, false) => return Err(bad("icmp is IPv4; use icmpv6".into())),
+            (Protocol::IcmpV6, true) => return Err(bad("icmpv6 is IPv6; use icmp".into())),
+            _ => {}
+        }
+        let (ifindex, mark) = match &req.interface {
+            None => (0, 0),
+            Some(name) => {
+                let ifindex = self
+                    .interfaces
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, i)| *i)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "interface {name:?} is not enforced by this agent (enforced: {})",
+                            self.interfaces
+                                .iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ))
+                    })?;
+                (ifindex, tollgate_common::CHECK_MARK_VALIDATE_SOURCE)
+            }
+        };
+        let packet = crate::check::probe_packet(req.from, req.to, proto.number(), req.port);
+        self.datapath.clear_check()?;
+        self.loaded.run_check(&packet, ifindex, mark)?;
+        let r = self.datapath.check_result()?;
+        let verdict = Verdict::from_u32(r.verdict)
+            .ok_or_else(|| anyhow!("the check program answered verdict {}", r.verdict))?;
+        let names = self.names.of(r.generation);
+        let name = |id: u32| match (id, names) {
+            (tollgate_common::flow::EVENT_IDENTITY_UNRESOLVED, _) => "unresolved".to_owned(),
+            (_, Some(n)) => n.identity_name(id).to_owned(),
+            (_, None) => format!("identity #{id}"),
+        };
+        let rule = match (verdict, names) {
+            (Verdict::DropSpoofed, _) => "source validation".to_owned(),
+            (Verdict::DenyNoPolicy, _) => "no policy loaded".to_owned(),
+            (_, Some(n)) => n.rule_name(r.rule_id).to_owned(),
+            (_, None) => format!("rule #{}", r.rule_id),
+        };
+        let from_identity = name(r.src_identity);
+        let to_identity = name(r.dst_identity);
+        let limits = [
+            (
+                r.rule_limit,
+                "new connections and packets, both ways".to_owned(),
+            ),
+            (
+                r.src_limit,
+                format!("new connections and packets from {from_identity}"),
+            ),
+            (r.dst_limit, format!("replies from {to_identity}")),
+        ]
+        .into_iter()
+        .filter(|(id, _)| *id != 0 && verdict.passes())
+        .map(|(id, applies_to)| match self.datapath.limit_info(id) {
+            Some(info) => CheckLimit {
+                owner: info.owner.clone(),
+                applies_to,
+                limit: info.description.clone(),
+                mode: if info.audit { "audit" } else { "enforce" }.to_owned(),
+            },
+            None => CheckLimit {
+                owner: format!("limit #{id}"),
+                applies_to,
+                limit: "unknown to this agent".to_owned(),
+                mode: "unknown".to_owned(),
+            },
+        })
+        .collect();
+        Ok(CheckResponse {
+            verdict: verdict.name().to_string(),
+            allowed: verdict.passes(),
+            rule,
+            from_identity,
+            to_identity,
+            generation: r.generation,
+            limits,
+        })
+    }
+
+    /// Brings the enforced interfaces in line with what exists now: describes and attaches to
+    /// new ones, attaches again where a link was lost, forgets vanished ones.
+    fn rescan(&mut self) -> Result<()> {
+        let (wanted, not_enforced) = enforceable_interfaces(&self.config.selector)?;
+        let passive_uplinks = passive_uplinks(&self.config, &wanted)?;
+        let newly: Vec<String> = not_enforced
+            .iter()
+            .filter(|n| !self.not_enforced.contains(n))
+            .cloned()
+            .collect();
+        warn_not_enforced(&newly);
+        self.not_enforced = not_enforced;
+        for (_, ifindex) in &passive_uplinks {
+            if !self.passive_uplinks.iter().any(|(_, i)| i == ifindex) {
+                self.datapath
+                    .write_interface(*ifindex, true, Some(false), [Some(0), Some(0)])?;
+            }
+        }
+        let live_slot = slot_of(self.generation);
+        for (name, ifindex) in &wanted {
+            if self
+                .interfaces
+                .iter()
+                .any(|(n, i)| n == name && i == ifindex)
+            {
+                continue;
+            }
+            // New (or renamed, or a new interface on a reused ifindex): a fresh entry.
+            let mut bound = [Some(0); 2];
+            bound[live_slot as usize] = Some(self.names.live().bound_identity(name));
+            self.datapath.write_interface(
+                *ifindex,
+                self.config.is_uplink(name),
+                Some(false),
+                bound,
+            )?;
+        }
+        let reconciled = self.loaded.reconcile(&wanted)?;
+        for (name, ifindex) in &wanted {
+            if !self
+                .interfaces
+                .iter()
+                .any(|(n, i)| n == name && i == ifindex)
+            {
+                // Attached now: checked at its ingress from here on.
+                self.datapath.write_interface(
+                    *ifindex,
+                    self.config.is_uplink(name),
+                    Some(true),
+                    [None, None],
+                )?;
+            }
+        }
+        forget_other_interfaces(&mut self.datapath, &wanted, &passive_uplinks);
+        let changed = self.interfaces != wanted
+            || self.passive_uplinks != passive_uplinks
+            || !reconciled.restored.is_empty()
+            || !same_attachments(&self.attachments, &reconciled.attachments);
+        self.passive_uplinks = passive_uplinks;
+        if !reconciled.restored.is_empty() {
+            self.links_restored += reconciled.restored.len() as u64;
+            tracing::warn!(
+                links = ?reconciled.restored,
+                "links were unpinned or detached behind the agent's back; attached again"
+            );
+        }
+        if self.interfaces != wanted {
+            tracing::info!(
+                interfaces = ?wanted.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+                "enforced interfaces changed"
+            );
+        }
+        self.interfaces = wanted;
+        self.attachments = reconciled.attachments;
+        if changed {
+            self.publish();
+        }
+        Ok(())
+    }
+}
+
+fn same_attachments(a: &[Attachment], b: &[Attachment]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.interface == y.interface
+                && x.ifindex == y.ifindex
+                && x.direction == y.direction
+                && x.adopted == y.adopted
+        })
+}
+
+/// The interfaces of this network namespace that `selector` selects, as (name, ifindex).
+fn selected_interfaces(selector: &InterfaceSelector) -> Result<Vec<(String, u32)>> {
+    Ok(loader::interfaces()?
+        .into_iter()
+        .filter(|(name, _)| selector.matches(name))
+        .collect())
+}
+
+/// Interfaces as (name, ifindex).
+type Interfaces = Vec<(String, u32)>;
+
+/// The selected interfaces the classifiers can enforce (Ethernet-like), and the names of those
+/// they cannot (L3 devices: tun, WireGuard, GRE), which are left alone.
+fn enforceable_interfaces(selector: &InterfaceSelector) -> Result<(Interfaces, Vec<String>)> {
+    let (enforceable, l3): (Vec<_>, Vec<_>) = selected_interfaces(selector)?
+        .into_iter()
+        .partition(|(name, _)| loader::is_ethernet(name));
+    Ok((enforceable, l3.into_iter().map(|(name, _)| name).collect()))
+}
+
+fn warn_not_enforced(names: &[String]) {
+    if !names.is_empty() {
+        tracing::warn!(
+            interfaces = ?names,
+            "not enforcing interfaces without Ethernet framing (L3 devices are not supported yet); packets from them are checked where they leave toward a pod"
+        );
+    }
+}
+
+/// Interfaces `--uplinks` selects that `--interfaces` does not.
+fn passive_uplinks(
+    config: &InstallerConfig,
+    enforced: &[(String, u32)],
+) -> Result<Vec<(String, u32)>> {
+    let Some(uplinks) = &config.uplinks else {
+        return Ok(Vec::new());
+    };
+    Ok(selected_interfaces(uplinks)?
+        .into_iter()
+        .filter(|(_, i)| !enforced.iter().any(|(_, e)| e == i))
+        .collect())
+}
+
+/// Removes `TG_INTERFACES` entries of interfaces no longer enforced or uplinks.
+fn forget_other_interfaces(
+    datapath: &mut Datapath,
+    enforced: &[(String, u32)],
+    passive_uplinks: &[(String, u32)],
+) {
+    for ifindex in datapath.described_interfaces() {
+        if !enforced
+            .iter()
+            .chain(passive_uplinks)
+            .any(|(_, i)| *i == ifindex)
+        {
+            datapath.forget_interface(ifindex);
+        }
+    }
+}
+
+/// Compiles `policy` for the next generation and swaps it in; returns what is kept of the
+/// policy and the names of what it installed (the map entries themselves are not kept). The
+/// validated rules are dropped as soon as they are compiled, before the maps are written.
+fn install(
+    datapath: &mut Datapath,
+    policy: Policy,
+    interfaces: &[(String, u32)],
+) -> Result<(LivePolicy, Arc<PolicyNames>, u64)> {
+    let generation = datapath.next_generation()?;
+    let compiled = compile_policy(
+        &policy,
+        slot_of(generation),
+        &ClockReading::now(),
+        &host_addresses()?,
+    );
+    let policy = LivePolicy::from(policy);
+    datapath.install(&compiled, generation, interfaces)?;
+    for limit in compiled.limits.iter().filter(|l| !l.used) {
+        tracing::warn!(
+            limit = %limit.owner,
+            "this rate limit applies to no traffic: other rules decide all of its rule's traffic \
+             (they last longer, or enforce where it audits); it has no bucket"
+        );
+    }
+    Ok((policy, compiled.names, generation))
+}
+
+/// Allocations from this size up get a mapping of their own, unmapped when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const OWN_MAPPING_BYTES: libc::c_int = 256 * 1024;
+
+/// Makes large buffers (a policy's text, its JSON answer, compiled entry tables) mappings of
+/// their own, returned to the kernel as soon as they are freed. glibc otherwise raises its
+/// threshold to the size of the largest such buffer freed so far (up to 32 MB) and serves the
+/// next ones from its heap, where they stay: 25 MB after one 100k-rule `policy apply`. Call it
+/// before the runtime starts its threads.
+pub fn map_large_buffers_apart() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets one of glibc's allocation thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_BYTES);
+    }
+}
+
+/// Hands the memory freed by a parse, compile and swap back to the kernel. glibc keeps freed
+/// heap memory for reuse and returns only what lies at the top of a heap, so the agent would
+/// otherwise keep the high-water mark of its largest policy load (at 10k rules, 16 MB of a
+/// 32 MB RSS). Runs after a policy is installed, which is rare; costs a few milliseconds.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of glibc's own heaps; no pointer the
+    // program holds is affected.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// How long a rescan may be outstanding before the next tick asks again.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
