@@ -120,11 +120,14 @@ fn build_debug_ebpf() -> Result<PathBuf> {
 
 /// The test binaries that hold root-only kernel tests: each must run and pass at least this
 /// many tests, so a filter, a skip or a missing binary fails the run.
-const KERNEL_TEST_BINARIES: [(&str, usize); 4] = [
+const KERNEL_TEST_BINARIES: [(&str, usize); 6] = [
     ("prog_test_run", 78),
     ("namespaced", 24),
     ("traffic", 25),
     ("ratelimit", 7),
+    ("observability", 4),
+    // The Prometheus harness against a fixed exposition (needs the Debian package).
+    ("prometheus", 6),
 ];
 
 fn test() -> Result<()> {
