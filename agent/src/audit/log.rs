@@ -87,6 +87,45 @@ pub struct AuditLog {
     head: Head,
     file: Option<LogFile>,
     stdout: Option<Box<dyn Write + Send>>,
+    /// `<path>.lock`, locked (flock) for as long as this log is open: two writers would
+    /// interleave their chains.
+    _lock: Option<File>,
+}
+
+/// Locks `<path>.lock` for this process, or says who must not share the log.
+fn lock_log(path: &Path) -> Result<File, AuditError> {
+    use std::os::fd::AsRawFd as _;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)
+            .map_err(|e| AuditError::io(format!("creating {}", dir.display()), e))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| AuditError::io(format!("opening {}", lock_path.display()), e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(AuditError::Config(format!(
+                "the audit log {} is being written by another process (it holds {}); give each \
+                 agent its own --audit-log",
+                path.display(),
+                lock_path.display()
+            )));
+        }
+        return Err(AuditError::io(
+            format!("locking {}", lock_path.display()),
+            e,
+        ));
+    }
+    Ok(file)
 }
 
 impl AuditLog {
@@ -117,8 +156,10 @@ impl AuditLog {
             head: Head::START,
             file: None,
             stdout: config.stdout.then_some(stdout),
+            _lock: None,
         };
         if let Some(path) = config.path {
+            log._lock = Some(lock_log(&path)?);
             let mut file = LogFile {
                 path,
                 max_bytes: config.max_bytes,

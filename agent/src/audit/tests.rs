@@ -992,3 +992,25 @@ fn audit_verify_command_exit_statuses() {
     let e = run(parse(&[shown, "--hmac-key", key.to_str().unwrap()]).unwrap()).unwrap_err();
     assert!(e.to_string().contains("chmod 600"), "{e}");
 }
+
+#[test]
+fn a_second_writer_of_the_same_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = AuditConfig {
+        path: Some(dir.path().join("sub/audit.log")),
+        stdout: false,
+        max_bytes: 0,
+        keep: 1,
+        hmac_key: None,
+        node: "n".into(),
+    };
+    let first = AuditLog::open(config.clone()).unwrap();
+    let second = AuditLog::open(config.clone());
+    let e = second.err().expect("a second writer must be refused");
+    assert!(
+        e.to_string().contains("being written by another process"),
+        "{e}"
+    );
+    drop(first);
+    AuditLog::open(config).expect("free again once the first is closed");
+}
