@@ -707,3 +707,27 @@ fn a_deny_flood_the_agent_cannot_keep_up_with_is_counted_exactly_and_the_chain_h
     let (code, out, err) = verify(&[&audit_log], &[]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// The alert rules shipped in deploy/prometheus lint clean and fire (and stay quiet) as their
+/// unit tests say, on Prometheus's own rule engine.
+#[test]
+fn the_shipped_alert_rules_lint_and_pass_their_unit_tests() {
+    support::require_root();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts_test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool is installed by `cargo xtask setup`");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -125,7 +125,7 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 6] = [
     ("namespaced", 24),
     ("traffic", 25),
     ("ratelimit", 7),
-    ("observability", 4),
+    ("observability", 5),
     // The Prometheus harness against a fixed exposition (needs the Debian package).
     ("prometheus", 6),
 ];
