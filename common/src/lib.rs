@@ -59,6 +59,7 @@ pub mod map_names {
     pub const COUNTERS: &str = maps::COUNTERS.name;
     pub const EVENTS: &str = maps::EVENTS.name;
     pub const EVENT_SAMPLER: &str = maps::EVENT_SAMPLER.name;
+    pub const EVENT_DRAFT: &str = maps::EVENT_DRAFT.name;
     pub const INTERFACES: &str = maps::INTERFACES.name;
     pub const CHECK: &str = maps::CHECK.name;
     pub const LIMITS: &str = maps::LIMITS.name;

@@ -10,7 +10,7 @@
 //! the key data, and a ring buffer has neither key nor value.
 
 use crate::{
-    verdict::COUNTER_SLOTS, CheckResult, FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4,
+    verdict::COUNTER_SLOTS, CheckResult, FlowEvent, FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4,
     IdentityKeyV6, IdentityValue, InterfaceValue, LimitBucket, RuleKey, RuleValue, SamplerSlot,
     SlotConfig, SAMPLER_SLOTS, SLOT_COUNT,
 };
@@ -233,6 +233,17 @@ pub const EVENT_SAMPLER: MapSpec = spec(
     0,
     "deny-event sampler slots",
 );
+/// `[0]` (per CPU) = the event being reported: written by the classifier, read by the global
+/// function that samples and sends it (which can take only scalar arguments).
+pub const EVENT_DRAFT: MapSpec = spec(
+    "TG_EVT_DRAFT",
+    MapKind::PerCpuArray,
+    4,
+    size::<FlowEvent>(),
+    1,
+    0,
+    "event being reported (scratch)",
+);
 /// ifindex → interface settings.
 pub const INTERFACES: MapSpec = spec(
     "TG_INTERFACES",
@@ -267,7 +278,7 @@ pub const LIMITS: MapSpec = spec(
 );
 
 /// Every map the agent pins, checks, adopts and removes on uninstall.
-pub const ALL: [MapSpec; 16] = [
+pub const ALL: [MapSpec; 17] = [
     ACTIVE,
     SLOT_CONFIG,
     IDENTITY_V4_EXACT,
@@ -281,6 +292,7 @@ pub const ALL: [MapSpec; 16] = [
     COUNTERS,
     EVENTS,
     EVENT_SAMPLER,
+    EVENT_DRAFT,
     INTERFACES,
     CHECK,
     LIMITS,
