@@ -250,6 +250,41 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
     assert_eq!(nosuch.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&nosuch.stderr).contains("no identity named \"nosuch\""));
 
+    // `--follow` prints a new decision as it happens.
+    let mut follower = Command::new(BINARY)
+        .arg("--socket")
+        .arg(&env.agent.socket)
+        .args(["flows", "--follow", "--denied", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // A new edge (another port), so its first decision is not summed into an earlier one.
+    assert!(!tcp_reachable(env.ns("orders"), frontend, 7001));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let followed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("--follow printed the new deny in time");
+        let record: Value = serde_json::from_str(&line).unwrap();
+        if record["dport"] == 7001 {
+            break record;
+        }
+    };
+    assert_eq!(followed["rule"], "default-deny");
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(follower.id() as i32, libc::SIGTERM) };
+    follower.wait().unwrap();
+    reader.join().unwrap();
+
     // The counters agree.
     assert!(env.verdict_count("deny_default") >= 1);
     assert!(env.verdict_count("audit_would_deny") >= 1);

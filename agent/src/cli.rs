@@ -391,10 +391,15 @@ fn run_flows(args: FlowsArgs, socket: &std::path::Path, timeout: Duration) -> Re
         } else {
             Duration::ZERO
         };
+        let asked = std::time::Instant::now();
         let r: FlowsResponse = rt.block_on(client.get(&format!(
             "{query}&after={after}&wait_ms={}",
             wait.as_millis()
         )))?;
+        if args.follow && r.records.is_empty() && asked.elapsed() < wait / 2 {
+            // The agent answered at once (too many followers wait already): poll gently.
+            std::thread::sleep(Duration::from_secs(1));
+        }
         if r.gap && after > 0 {
             eprintln!("tollgate: some decisions were missed (the agent restarted or kept only its most recent ones)");
         }

@@ -38,6 +38,9 @@ pub const PERSIST_INTERVAL: Duration = Duration::from_secs(10);
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// At most this many records per answer.
 pub const MAX_PAGE: usize = 5_000;
+/// Long polls waiting at once. Each holds a control connection (at most 128): beyond this,
+/// polls are answered at once, so followers cannot take every connection from `status`.
+pub const MAX_WAITERS: usize = 16;
 
 const INVENTORY_FILE: &str = "inventory.json";
 /// Bumped when the file's layout changes; a file of another version is set aside, not read.
@@ -72,6 +75,8 @@ pub struct Flows {
     inner: Arc<Mutex<Inner>>,
     /// The last seq, for long polls.
     latest: watch::Sender<u64>,
+    /// Long polls waiting now.
+    waiters: Arc<std::sync::atomic::AtomicUsize>,
     path: Option<PathBuf>,
 }
 
@@ -92,6 +97,7 @@ impl Flows {
                 dirty: false,
             })),
             latest: watch::channel(0).0,
+            waiters: Arc::default(),
             path,
         })
     }
@@ -177,9 +183,11 @@ impl Flows {
     ) -> FlowsResponse {
         let mut latest = self.latest.subscribe();
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let _waiting = Waiting::enter(&self.waiters);
+        let may_wait = _waiting.is_some();
         loop {
             let answer = self.collect(after, limit, &filter);
-            if !answer.records.is_empty() || wait.is_zero() {
+            if !answer.records.is_empty() || wait.is_zero() || !may_wait {
                 return answer;
             }
             let after = answer.last_seq;
@@ -257,6 +265,27 @@ impl Flows {
             self.lock().dirty = true;
         }
         Ok(result?)
+    }
+}
+
+/// One of at most [`MAX_WAITERS`] long polls, counted while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        if before >= MAX_WAITERS {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Waiting(count))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -434,6 +463,27 @@ mod tests {
         let restarted = flows.after(99, Duration::ZERO, 100, |_| true).await;
         assert!(restarted.gap);
         assert_eq!(restarted.records.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_waiters_polls_wait_and_the_rest_are_answered_at_once() {
+        let flows = Flows::open(None).unwrap();
+        let waiting: Vec<_> = (0..MAX_WAITERS)
+            .map(|_| {
+                let flows = flows.clone();
+                tokio::spawn(
+                    async move { flows.after(0, Duration::from_secs(5), 10, |_| true).await },
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = std::time::Instant::now();
+        let r = flows.after(0, Duration::from_secs(5), 10, |_| true).await;
+        assert!(r.records.is_empty());
+        assert!(start.elapsed() < Duration::from_secs(1), "answered at once");
+        for w in waiting {
+            w.abort();
+        }
     }
 
     #[tokio::test]
