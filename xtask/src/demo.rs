@@ -88,7 +88,21 @@ pub fn run() -> Result<()> {
 
     println!("\nStarting `tollgate agent --interfaces 'tg-*'` in the node namespace...");
     let bpffs = Path::new("/sys/fs/bpf").join(&prefix);
-    let agent = AgentProcess::start(&binary, &topo.node, "tg-*", &policy, &workdir, &bpffs)?;
+    let audit_log = workdir.join("audit.jsonl");
+    let mut agent = AgentProcess::start_with_args(
+        &binary,
+        &topo.node,
+        "tg-*",
+        &policy,
+        &workdir,
+        &bpffs,
+        &[
+            "--audit-log",
+            &audit_log.display().to_string(),
+            "--audit-checkpoint-interval",
+            "5s",
+        ],
+    )?;
     println!(
         "Policy (embedded, the grant expires in {} s):\n",
         GRANT_TTL.as_secs()
@@ -203,16 +217,34 @@ pub fn run() -> Result<()> {
     let status = agent.cli(&["status"])?;
     print!("{}", String::from_utf8_lossy(&status.stdout));
 
-    println!("\nDenies the kernel reported to the agent (ring buffer → log):\n");
-    let log = agent.log_text();
-    for line in log
-        .lines()
-        .filter(|l| l.contains("tollgate::flow"))
-        .take(16)
-    {
-        let text = line.split("tollgate::flow: ").nth(1).unwrap_or(line);
-        println!("  {text}");
+    println!("\nDecisions the kernel reported (`tollgate flows --denied`):\n");
+    // Events reach the agent within 100 ms; give the last ones that long.
+    pause(Duration::from_millis(300))?;
+    let flows = agent.cli(&["flows", "--denied"])?;
+    for line in String::from_utf8_lossy(&flows.stdout).lines().take(24) {
+        println!("  {line}");
     }
+    println!("\nThe flow inventory (`tollgate flows --inventory`): every edge seen, denied ones marked:\n");
+    let inventory = agent.cli(&["flows", "--inventory"])?;
+    for line in String::from_utf8_lossy(&inventory.stdout).lines().take(24) {
+        println!("  {line}");
+    }
+    println!("\nStopping the agent (the datapath keeps enforcing) and verifying its audit log:\n");
+    agent.stop()?;
+    let audit = std::fs::read_to_string(&audit_log).unwrap_or_default();
+    if let Some(first_deny) = audit.lines().find(|l| l.contains("\"deny_default\"")) {
+        println!("  one record: {first_deny}\n");
+    }
+    let verify = std::process::Command::new(&binary)
+        .args(["audit", "verify"])
+        .arg(&audit_log)
+        .output()?;
+    println!(
+        "  $ tollgate audit verify {}\n  {}{}",
+        audit_log.display(),
+        String::from_utf8_lossy(&verify.stdout).trim(),
+        String::from_utf8_lossy(&verify.stderr).trim()
+    );
     println!("\nCleaning up: stopping the agent, removing its pins and the namespaces.");
     drop(agent);
     drop(topo);
