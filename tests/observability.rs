@@ -262,7 +262,10 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 return;
             }
@@ -273,7 +276,9 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let followed = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("--follow printed the new deny in time");
+        let line = rx
+            .recv_timeout(left)
+            .expect("--follow printed the new deny in time");
         let record: Value = serde_json::from_str(&line).unwrap();
         if record["dport"] == 7001 {
             break record;
@@ -308,6 +313,22 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("would be denied if enforced"), "{text}");
 
+    // Control actions: a policy the agent refuses and one it applies are both recorded.
+    let refused = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(
+            tollgate_agent::client::Client::new(&env.agent.socket, Duration::from_secs(10))
+                .put_text::<Value>(tollgate_agent::wire::PATH_POLICY, "not: [a policy".into()),
+        );
+    assert!(refused.is_err(), "{refused:?}");
+    let second = observed_policy().replace("connectionsPerMinute: 2", "connectionsPerMinute: 3");
+    let second_path = env.write_file("second.yaml", &second);
+    let out = env
+        .agent
+        .cli(&["policy", "apply", "-f", second_path.to_str().unwrap()])
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Stop: the audit log closes with a stop record and a checkpoint.
     env.agent.stop().unwrap();
     let records = audit_records(&audit_log);
@@ -328,6 +349,21 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
         format!("sha256:{}", sha256_hex(&observed_policy())),
         "the digest of the policy text as applied"
     );
+    let rejected = records
+        .iter()
+        .find(|r| r["type"] == "policy_rejected")
+        .expect("a policy_rejected record");
+    assert_eq!(
+        rejected["digest"],
+        format!("sha256:{}", sha256_hex("not: [a policy"))
+    );
+    assert!(rejected["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    let reapplied = records
+        .iter()
+        .find(|r| r["type"] == "policy_applied" && r["generation"] == 2)
+        .expect("the second policy's record");
+    assert_eq!(reapplied["source"], "api");
+    assert_eq!(reapplied["digest"], format!("sha256:{}", sha256_hex(&second)));
     let decision = |verdict: &str, rule: &str| {
         records
             .iter()

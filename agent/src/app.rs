@@ -121,10 +121,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         let control = control_tx.clone();
         tokio::spawn(async move {
             while let Some(a) = applied_rx.recv().await {
-                if control
-                    .send(Input::Control(Control::PolicyApplied(a)))
-                    .is_err()
-                {
+                if control.send(Input::Control(Control::Policy(a))).is_err() {
                     return;
                 }
             }

@@ -25,7 +25,7 @@ use tollgate_common::{flow::event_kind, map_names, FlowEvent, Verdict};
 
 use crate::{
     aggregate::{self, Aggregator},
-    installer::{Applied, Installed},
+    installer::{Installed, PolicyChange},
     names::name_event,
     paths::PinLayout,
     wire::FlowRecord,
@@ -99,7 +99,7 @@ pub enum Control {
         bpffs: String,
         interfaces: String,
     },
-    PolicyApplied(Applied),
+    Policy(PolicyChange),
     AgentStop {
         reason: String,
     },
@@ -369,8 +369,8 @@ impl Sink for LogSink {
     }
 
     fn control(&mut self, c: &Control) {
-        if let Control::PolicyApplied(a) = c {
-            tracing::debug!(policy = %a.name, generation = a.generation, digest = %a.digest, "policy applied (audit)");
+        if let Control::Policy(PolicyChange::Rejected { digest, reason }) = c {
+            tracing::warn!(%digest, %reason, "policy apply refused; the running policy stays in force");
         }
     }
 }

@@ -198,13 +198,25 @@ pub struct Installer {
     /// Selected interfaces the classifiers cannot enforce (L3 devices), already warned about.
     not_enforced: Vec<String>,
     published: watch::Sender<Arc<Installed>>,
-    /// Told of every policy that went live (the audit log records it).
-    applied: Option<mpsc::UnboundedSender<Applied>>,
+    /// Told of every policy that went live or was refused (the audit log records them).
+    applied: Option<mpsc::UnboundedSender<PolicyChange>>,
     /// Held for the installer's lifetime: no second agent or uninstall on this pin directory.
     _lock: PinLock,
 }
 
-/// A policy that went live, for the audit log.
+/// What became of a policy given to the installer, for the audit log.
+#[derive(Debug, Clone)]
+pub enum PolicyChange {
+    Applied(Applied),
+    /// `policy apply` refused it; the running policy stays in force.
+    Rejected {
+        /// SHA-256 of the text as received, hex.
+        digest: String,
+        reason: String,
+    },
+}
+
+/// A policy that went live.
 #[derive(Debug, Clone)]
 pub struct Applied {
     pub name: String,
@@ -223,7 +235,7 @@ impl Installer {
     pub fn start(
         config: InstallerConfig,
         policy: Policy,
-        applied: Option<mpsc::UnboundedSender<Applied>>,
+        applied: Option<mpsc::UnboundedSender<PolicyChange>>,
     ) -> Result<Installer> {
         let layout = PinLayout::new(&config.bpffs);
         // Refuse maps this build cannot adopt before creating anything under --bpffs (checked
@@ -340,14 +352,14 @@ impl Installer {
 
     fn tell_applied(&self, source: &'static str) {
         if let Some(tx) = &self.applied {
-            let _ = tx.send(Applied {
+            let _ = tx.send(PolicyChange::Applied(Applied {
                 name: self.policy.name.clone(),
                 generation: self.generation,
                 digest: self.policy.digest.clone(),
                 rules: self.policy.rules,
                 identities: self.policy.identities,
                 source,
-            });
+            }));
         }
     }
 
@@ -392,6 +404,18 @@ impl Installer {
     }
 
     fn apply(&mut self, text: String) -> Result<PolicyResponse, Error> {
+        let digest = hex(&Sha256::digest(text.as_bytes()));
+        let result = self.try_apply(text);
+        if let (Err(e), Some(tx)) = (&result, &self.applied) {
+            let _ = tx.send(PolicyChange::Rejected {
+                digest,
+                reason: e.to_string(),
+            });
+        }
+        result
+    }
+
+    fn try_apply(&mut self, text: String) -> Result<PolicyResponse, Error> {
         let policy =
             parse_policy_owned(text, "policy").map_err(|e| Error::InvalidPolicy(e.to_string()))?;
         let interfaces = self.interfaces.clone();

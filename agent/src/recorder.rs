@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use crate::{
     audit::{AuditLog, Checkpoint},
     events::{Control, Sink},
-    installer::hex,
+    installer::{hex, PolicyChange},
     wire::{AuditStatus, FlowRecord},
 };
 
@@ -164,7 +164,11 @@ impl Sink for Recorder {
                 "agent_start",
                 serde_json::json!({ "version": version, "bpffs": bpffs, "interfaces": interfaces }),
             ),
-            Control::PolicyApplied(a) => (
+            Control::Policy(PolicyChange::Rejected { digest, reason }) => (
+                "policy_rejected",
+                serde_json::json!({ "digest": format!("sha256:{digest}"), "reason": reason }),
+            ),
+            Control::Policy(PolicyChange::Applied(a)) => (
                 "policy_applied",
                 serde_json::json!({
                     "policy": a.name,
