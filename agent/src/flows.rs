@@ -336,12 +336,30 @@ fn load_inventory(path: &Path) -> Result<BTreeMap<EdgeKey, InventoryEdge>> {
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old file or the new one, whole.
+///
+/// The temporary file is made anew (`O_EXCL`, so a symlink planted in its place is never
+/// followed) and only the agent may read it; a missing directory is created owner-only.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", tmp.display()))
+        }
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
@@ -529,6 +547,20 @@ mod tests {
         assert_eq!(denied.count, 4);
         assert_eq!(denied.first_seen, "2026-11-24T10:00:00.000Z");
         assert_eq!(denied.last_seen, "2026-11-24T10:00:05.000Z");
+    }
+
+    #[test]
+    fn a_symlink_planted_as_the_temporary_file_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("inventory.tmp")).unwrap();
+        write_atomically(&dir.path().join(INVENTORY_FILE), b"{}").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(
+            std::fs::read(dir.path().join(INVENTORY_FILE)).unwrap(),
+            b"{}"
+        );
     }
 
     #[test]
