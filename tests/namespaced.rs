@@ -415,6 +415,8 @@ fn a_second_agent_on_the_same_pin_directory_is_refused() {
             socket.to_str().unwrap(),
             "--bpffs",
             env.agent.bpffs.to_str().unwrap(),
+            "--state-dir",
+            env.dir.path().join("second-state").to_str().unwrap(),
         ],
     );
     assert_eq!(code, 1, "second agent must fail: {err}");

@@ -78,15 +78,32 @@ pub struct Flows {
     /// Long polls waiting now.
     waiters: Arc<std::sync::atomic::AtomicUsize>,
     path: Option<PathBuf>,
+    /// `<state dir>/lock`, held while the store lives.
+    _state_lock: Option<Arc<std::fs::File>>,
 }
 
 impl Flows {
     /// A store whose inventory lives in `state_dir` (read now if it is there), or only in
     /// memory.
     pub fn open(state_dir: Option<&Path>) -> Result<Self> {
-        let path = state_dir.map(|d| d.join(INVENTORY_FILE));
+        // The state directory is this agent's alone: a second agent sharing it would overwrite
+        // the first's inventory with its own.
+        let state_lock = state_dir.map(lock_state_dir).transpose()?;
+        let mut path = state_dir.map(|d| d.join(INVENTORY_FILE));
         let inventory = match &path {
-            Some(p) => load_inventory(p)?,
+            Some(p) => match load_inventory(p) {
+                Ok(inventory) => inventory,
+                Err(e) => {
+                    // The inventory is a convenience; enforcement must not wait for it. What
+                    // could not be read is left where it is, untouched, and not overwritten.
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        "the flow inventory cannot be read or set aside; keeping it in memory only until the next start"
+                    );
+                    path = None;
+                    BTreeMap::new()
+                }
+            },
             None => BTreeMap::new(),
         };
         Ok(Self {
@@ -99,6 +116,7 @@ impl Flows {
             latest: watch::channel(0).0,
             waiters: Arc::default(),
             path,
+            _state_lock: state_lock.map(Arc::new),
         })
     }
 
@@ -145,15 +163,7 @@ impl Flows {
             return;
         }
         if inner.inventory.len() >= MAX_EDGES {
-            // Make room: the edge seen longest ago goes.
-            if let Some(oldest) = inner
-                .inventory
-                .iter()
-                .min_by(|a, b| a.1.last_seen.cmp(&b.1.last_seen))
-                .map(|(k, _)| k.clone())
-            {
-                inner.inventory.remove(&oldest);
-            }
+            evict_oldest(&mut inner.inventory);
         }
         inner.inventory.insert(
             key.clone(),
@@ -211,22 +221,40 @@ impl Flows {
         let restarted = after > inner.last_seq;
         let after = if restarted { 0 } else { after };
         let gap = restarted || (after > 0 && after + 1 < first_kept);
-        let mut records: Vec<FlowRecord> = inner
-            .recent
-            .iter()
-            .rev()
-            .take_while(|r| r.seq > after)
-            .filter(|r| filter(r))
-            .take(limit)
-            .cloned()
-            .collect();
-        records.reverse();
+        if after == 0 {
+            // A first look: the most recent records.
+            let mut records: Vec<FlowRecord> = inner
+                .recent
+                .iter()
+                .rev()
+                .filter(|r| filter(r))
+                .take(limit)
+                .cloned()
+                .collect();
+            records.reverse();
+            return FlowsResponse {
+                last_seq: inner.last_seq,
+                records,
+                gap,
+            };
+        }
+        // Following: the oldest records after the cursor, so a follower that fell behind
+        // reads on from where it was (or is told of a gap) rather than skipping ahead.
+        let start = (after + 1).saturating_sub(first_kept) as usize;
+        let mut records = Vec::new();
+        let mut last_seq = inner.last_seq;
+        for r in inner.recent.iter().skip(start) {
+            if !filter(r) {
+                continue;
+            }
+            records.push(r.clone());
+            if records.len() == limit {
+                last_seq = r.seq;
+                break;
+            }
+        }
         FlowsResponse {
-            last_seq: if records.len() == limit {
-                records.last().map_or(inner.last_seq, |r| r.seq)
-            } else {
-                inner.last_seq
-            },
+            last_seq,
             records,
             gap,
         }
@@ -268,6 +296,28 @@ impl Flows {
     }
 }
 
+/// Edges dropped at once when the inventory is full: finding the oldest is a sort of the whole
+/// inventory, so it is done once per this many new edges rather than for each (a flood of new
+/// edges made the event reader fall behind, and lose events, with one scan per edge).
+const EVICT_AT_ONCE: usize = MAX_EDGES / 100;
+
+/// Makes room in a full inventory: the [`EVICT_AT_ONCE`] edges seen longest ago go.
+fn evict_oldest(inventory: &mut BTreeMap<EdgeKey, InventoryEdge>) {
+    let mut by_age: Vec<(&str, &EdgeKey)> = inventory
+        .iter()
+        .map(|(k, e)| (e.last_seen.as_str(), k))
+        .collect();
+    let n = EVICT_AT_ONCE.min(by_age.len());
+    if n == 0 {
+        return;
+    }
+    by_age.select_nth_unstable(n - 1);
+    let old: Vec<EdgeKey> = by_age[..n].iter().map(|(_, k)| (*k).clone()).collect();
+    for k in old {
+        inventory.remove(&k);
+    }
+}
+
 /// One of at most [`MAX_WAITERS`] long polls, counted while it lives.
 struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -289,50 +339,128 @@ impl Drop for Waiting<'_> {
     }
 }
 
-fn load_inventory(path: &Path) -> Result<BTreeMap<EdgeKey, InventoryEdge>> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+/// The largest inventory file read: 100,000 edges take about 25 MB.
+const MAX_INVENTORY_BYTES: u64 = 64 << 20;
+
+/// Locks `<dir>/lock` (created owner-only with the directory), or says who holds it.
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     };
-    match serde_json::from_slice::<InventoryFile>(&text) {
-        Ok(file) if file.version == INVENTORY_VERSION => Ok(file
-            .edges
-            .into_iter()
-            .map(|e| {
-                (
-                    EdgeKey {
-                        from_identity: e.from_identity.clone(),
-                        to_identity: e.to_identity.clone(),
-                        protocol: e.protocol.clone(),
-                        port: e.port,
-                        verdict: e.verdict.clone(),
-                    },
-                    e,
-                )
-            })
-            .collect()),
-        other => {
-            // Never lose it: set it aside and start a new one.
-            let aside = path.with_extension(format!(
-                "json.unreadable-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-            ));
-            std::fs::rename(path, &aside)
-                .with_context(|| format!("setting {} aside", path.display()))?;
-            tracing::warn!(
-                file = %aside.display(),
-                reason = %match other {
-                    Ok(f) => format!("version {} (this agent reads {INVENTORY_VERSION})", f.version),
-                    Err(e) => e.to_string(),
-                },
-                "the flow inventory could not be read; set aside, starting a new one"
-            );
-            Ok(BTreeMap::new())
-        }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "the state directory {} is in use by another agent (it holds {}); give each agent its own --state-dir",
+            dir.display(),
+            path.display()
+        );
     }
+    Ok(file)
+}
+
+/// Reads the inventory: a regular file of at most [`MAX_INVENTORY_BYTES`], opened without
+/// following a symlink or blocking on a FIFO; the [`MAX_EDGES`] most recently seen edges of it
+/// are kept. Anything else is set aside, never read or overwritten. An error: it could not be
+/// read nor set aside.
+fn load_inventory(path: &Path) -> Result<BTreeMap<EdgeKey, InventoryEdge>> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let mut file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        // A symlink (ELOOP) and everything else that cannot be opened go aside.
+        Err(e) => return set_aside(path, &format!("cannot be opened: {e}")),
+    };
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        return set_aside(path, "not a regular file");
+    }
+    if meta.len() > MAX_INVENTORY_BYTES {
+        return set_aside(
+            path,
+            &format!(
+                "{} bytes, more than the {MAX_INVENTORY_BYTES} read",
+                meta.len()
+            ),
+        );
+    }
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    (&mut file)
+        .take(MAX_INVENTORY_BYTES)
+        .read_to_end(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    match serde_json::from_slice::<InventoryFile>(&text) {
+        Ok(file) if file.version == INVENTORY_VERSION => {
+            let mut edges = file.edges;
+            if edges.len() > MAX_EDGES {
+                edges.sort_unstable_by(|a, b| b.last_seen.cmp(&a.last_seen));
+                edges.truncate(MAX_EDGES);
+            }
+            Ok(edges
+                .into_iter()
+                .map(|e| {
+                    (
+                        EdgeKey {
+                            from_identity: e.from_identity.clone(),
+                            to_identity: e.to_identity.clone(),
+                            protocol: e.protocol.clone(),
+                            port: e.port,
+                            verdict: e.verdict.clone(),
+                        },
+                        e,
+                    )
+                })
+                .collect())
+        }
+        Ok(f) => set_aside(
+            path,
+            &format!(
+                "version {} (this agent reads {INVENTORY_VERSION})",
+                f.version
+            ),
+        ),
+        Err(e) => set_aside(path, &e.to_string()),
+    }
+}
+
+/// Renames an inventory that cannot be used out of the way (never deletes or overwrites it).
+fn set_aside(path: &Path, reason: &str) -> Result<BTreeMap<EdgeKey, InventoryEdge>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let aside = path.with_extension(format!(
+        "json.unreadable-{}.{:09}",
+        now.as_secs(),
+        now.subsec_nanos()
+    ));
+    std::fs::rename(path, &aside)
+        .with_context(|| format!("setting {} aside ({reason})", path.display()))?;
+    tracing::warn!(
+        file = %aside.display(),
+        %reason,
+        "the flow inventory could not be used; set aside, starting a new one"
+    );
+    Ok(BTreeMap::new())
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old file or the new one, whole.
@@ -511,9 +639,57 @@ mod tests {
         for i in 0..RECENT + 10 {
             sink.record(&record("deny_default", "world", (i % 60000) as u16, "t"));
         }
+        // A follower behind what is kept reads on from the oldest kept record, told of the gap.
         let r = flows.after(5, Duration::ZERO, 10, |_| true).await;
         assert!(r.gap);
-        assert_eq!(r.records[0].seq, (RECENT + 10 - 9) as u64);
+        assert_eq!(r.records[0].seq, 11);
+        assert_eq!(
+            r.last_seq, 20,
+            "the next page starts after the last one returned"
+        );
+        // A follower within what is kept pages on without skipping.
+        let r = flows.after(50, Duration::ZERO, 3, |_| true).await;
+        assert!(!r.gap);
+        assert_eq!(
+            r.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [51, 52, 53]
+        );
+        assert_eq!(r.last_seq, 53);
+        // A first look shows the most recent.
+        let r = flows.after(0, Duration::ZERO, 2, |_| true).await;
+        assert_eq!(
+            r.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [(RECENT + 9) as u64, (RECENT + 10) as u64]
+        );
+    }
+
+    #[test]
+    fn a_full_inventory_makes_room_in_batches_oldest_first() {
+        let flows = Flows::open(None).unwrap();
+        let mut sink = FlowsSink::new(flows.clone());
+        let start = std::time::Instant::now();
+        for i in 0..MAX_EDGES + 5_000 {
+            let time = format!(
+                "2026-11-24T10:{:02}:{:02}.{:03}Z",
+                i / 60_000,
+                (i / 1000) % 60,
+                i % 1000
+            );
+            sink.decision(&record("deny_default", &format!("id-{i}"), 80, &time));
+        }
+        let edges = flows.inventory();
+        assert!(edges.len() <= MAX_EDGES && edges.len() > MAX_EDGES - 2 * EVICT_AT_ONCE);
+        assert!(
+            edges.iter().all(|e| e.from_identity != "id-0"),
+            "the oldest went"
+        );
+        assert!(edges
+            .iter()
+            .any(|e| e.from_identity == format!("id-{}", MAX_EDGES + 4_999)));
+        eprintln!(
+            "105k new edges into a full inventory: {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
@@ -540,6 +716,7 @@ mod tests {
             "2026-11-24T10:00:01.000Z",
         ));
         sink.stop();
+        drop((sink, flows));
         let reopened = Flows::open(Some(dir.path())).unwrap();
         let edges = reopened.inventory();
         assert_eq!(edges.len(), 2);
@@ -547,6 +724,41 @@ mod tests {
         assert_eq!(denied.count, 4);
         assert_eq!(denied.first_seen, "2026-11-24T10:00:00.000Z");
         assert_eq!(denied.last_seen, "2026-11-24T10:00:05.000Z");
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_state_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Flows::open(Some(dir.path())).unwrap();
+        let e = Flows::open(Some(dir.path())).err().expect("refused");
+        assert!(
+            format!("{e:#}").contains("in use by another agent"),
+            "{e:#}"
+        );
+        drop(first);
+        Flows::open(Some(dir.path())).expect("free once the first is gone");
+    }
+
+    #[test]
+    fn inventories_that_are_not_plain_small_files_are_set_aside_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let inventory = dir.path().join(INVENTORY_FILE);
+        // A symlink (to something that would never end), a FIFO, a directory.
+        std::os::unix::fs::symlink("/dev/zero", &inventory).unwrap();
+        drop(Flows::open(Some(dir.path())).unwrap());
+        assert!(!inventory.exists() && std::fs::symlink_metadata(&inventory).is_err());
+        let fifo = std::ffi::CString::new(inventory.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a path in our own temporary directory.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        drop(Flows::open(Some(dir.path())).unwrap());
+        std::fs::create_dir(&inventory).unwrap();
+        drop(Flows::open(Some(dir.path())).unwrap());
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("unreadable"))
+            .count();
+        assert_eq!(aside, 3, "each set aside, none deleted or overwritten");
     }
 
     #[test]
