@@ -123,6 +123,7 @@ fn clean_log_verifies() {
             head: hash_of(&l[9]),
             checkpoints: 0,
             signed_checkpoints: 0,
+            signed_through: None,
             chain_breaks: 0,
             files: 1,
         }
@@ -605,7 +606,15 @@ fn signed_checkpoints_verify_with_the_key() {
     let (path, _) = signed_log(dir.path(), Some(KEY));
     let report = verify(slice::from_ref(&path), None, Some(KEY)).unwrap();
     assert_eq!((report.checkpoints, report.signed_checkpoints), (3, 3));
-    assert!(report.summary(true).ends_with("; 3 checkpoints (3 signed)"));
+    let summary = report.summary(true);
+    assert!(summary.contains("; 3 checkpoints (3 signed)"), "{summary}");
+    // What comes after the last signed checkpoint is said to be covered by the chain only.
+    match report.signed_through {
+        Some(t) if t < report.last_seq => {
+            assert!(summary.contains("not covered by a signed checkpoint"), "{summary}")
+        }
+        _ => assert!(!summary.contains("not covered"), "{summary}"),
+    }
     // Without the key they still chain; the summary says the signatures went unchecked.
     let report = verify_one(&path).unwrap();
     assert_eq!((report.checkpoints, report.signed_checkpoints), (3, 0));
@@ -1013,4 +1022,32 @@ fn a_second_writer_of_the_same_log_is_refused() {
     );
     drop(first);
     AuditLog::open(config).expect("free again once the first is closed");
+}
+
+#[test]
+fn with_a_key_a_log_without_signed_checkpoints_and_an_empty_log_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("key");
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&key_path)
+            .unwrap();
+        f.write_all(KEY).unwrap();
+    }
+    // A log rewritten without the key would have to leave its checkpoints out.
+    let (path, _) = signed_log(dir.path(), None);
+    let text = fs::read_to_string(&path).unwrap();
+    let unsigned = dir.path().join("unsigned.log");
+    fs::write(&unsigned, &text).unwrap();
+    let e = run_verify_command(slice::from_ref(&unsigned), None, Some(&key_path));
+    assert!(e.is_err(), "no checkpoint can be signed without the key");
+    let empty = dir.path().join("empty.log");
+    fs::write(&empty, "").unwrap();
+    let e = run_verify_command(slice::from_ref(&empty), None, None).unwrap_err();
+    assert!(e.to_string().contains("no records"), "{e}");
 }

@@ -33,6 +33,8 @@ pub struct VerifyReport {
     pub checkpoints: usize,
     /// Checkpoints whose signature was checked with the key given (0 without a key).
     pub signed_checkpoints: usize,
+    /// The seq of the last record a signed checkpoint vouches for (with a key).
+    pub signed_through: Option<u64>,
     /// `chain_break` records: places where the writer found its log damaged and restarted
     /// the chain (the records it could not vouch for are in a `.damaged-*` file).
     pub chain_breaks: usize,
@@ -54,6 +56,14 @@ impl VerifyReport {
         s += &format!("; {}", plural(self.checkpoints as u64, "checkpoint"));
         if key_given {
             s += &format!(" ({} signed)", self.signed_checkpoints);
+            if let Some(through) = self.signed_through.filter(|t| *t < self.last_seq) {
+                s += &format!(
+                    "; the last {} (after seq {through}) are not covered by a signed \
+                     checkpoint: only a later checkpoint held elsewhere (the agent's log, its \
+                     metrics) vouches for them",
+                    plural(self.last_seq - through, "record")
+                );
+            }
         } else if self.checkpoints > 0 {
             s += " (signatures not checked: no --hmac-key)";
         }
@@ -148,6 +158,7 @@ pub fn verify(
         records: 0,
         checkpoints: 0,
         signed_checkpoints: 0,
+        signed_through: None,
         chain_breaks: 0,
     };
     let mut end = (last_file.as_path(), 0);
@@ -188,6 +199,7 @@ pub fn verify(
         head: hex_encode(&head),
         checkpoints: chain.checkpoints,
         signed_checkpoints: chain.signed_checkpoints,
+        signed_through: chain.signed_through,
         chain_breaks: chain.chain_breaks,
         files: files.len(),
     })
@@ -202,6 +214,19 @@ pub fn run_verify_command(
 ) -> anyhow::Result<u8> {
     let key = hmac_key.map(load_hmac_key).transpose()?;
     let report = verify(files, checkpoint, key.as_deref())?;
+    if report.records == 0 {
+        anyhow::bail!(
+            "no records: an audit log always starts with one (agent_start, rotated or \
+             chain_break); an empty file is a log that was emptied"
+        );
+    }
+    if key.is_some() && report.signed_checkpoints == 0 {
+        anyhow::bail!(
+            "no signed checkpoint in {} records: nothing here is vouched for by the key (a log \
+             rewritten without the key, its checkpoints left out, would look the same)",
+            report.records
+        );
+    }
     println!("{}", report.summary(key.is_some()));
     Ok(0)
 }
@@ -238,6 +263,7 @@ struct Chain<'k> {
     records: u64,
     checkpoints: usize,
     signed_checkpoints: usize,
+    signed_through: Option<u64>,
     chain_breaks: usize,
 }
 
@@ -308,8 +334,8 @@ impl Chain<'_> {
         match self.last {
             None => self.check_chain_start(r)?,
             Some((last_seq, last_hash)) => {
-                if r.seq != last_seq + 1 || r.prev != last_hash {
-                    let what = if r.seq > last_seq + 1 {
+                if Some(r.seq) != last_seq.checked_add(1) || r.prev != last_hash {
+                    let what = if r.seq > last_seq.saturating_add(1) {
                         format!(
                             "seq {last_seq} is followed by seq {}: {} record(s) missing before it",
                             r.seq,
@@ -369,7 +395,7 @@ impl Chain<'_> {
             return Err("seq 1 starts a chain, but its prev is not all zeros".to_owned());
         }
         if let Some(cp) = self.checkpoint.as_mut().filter(|cp| cp.seq < r.seq) {
-            if cp.seq + 1 < r.seq {
+            if cp.seq.saturating_add(1) < r.seq {
                 return Err(format!(
                     "the log given starts at seq {}, after the checkpoint's seq {}: give the \
                      older files too",
@@ -416,6 +442,7 @@ impl Chain<'_> {
                     if checkpoint_hmac_matches(key, r.seq - 1, &prev_hex, tag) =>
                 {
                     self.signed_checkpoints += 1;
+                    self.signed_through = Some(r.seq - 1);
                 }
                 Some(_) => {
                     return Err(
