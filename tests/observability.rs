@@ -314,12 +314,10 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
     assert!(text.contains("would be denied if enforced"), "{text}");
 
     // Control actions: a policy the agent refuses and one it applies are both recorded.
-    let refused = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(
-            tollgate_agent::client::Client::new(&env.agent.socket, Duration::from_secs(10))
-                .put_text::<Value>(tollgate_agent::wire::PATH_POLICY, "not: [a policy".into()),
-        );
+    let refused = tokio::runtime::Runtime::new().unwrap().block_on(
+        tollgate_agent::client::Client::new(&env.agent.socket, Duration::from_secs(10))
+            .put_text::<Value>(tollgate_agent::wire::PATH_POLICY, "not: [a policy".into()),
+    );
     assert!(refused.is_err(), "{refused:?}");
     let second = observed_policy().replace("connectionsPerMinute: 2", "connectionsPerMinute: 3");
     let second_path = env.write_file("second.yaml", &second);
@@ -327,7 +325,11 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
         .agent
         .cli(&["policy", "apply", "-f", second_path.to_str().unwrap()])
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Stop: the audit log closes with a stop record and a checkpoint.
     env.agent.stop().unwrap();
@@ -363,7 +365,10 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
         .find(|r| r["type"] == "policy_applied" && r["generation"] == 2)
         .expect("the second policy's record");
     assert_eq!(reapplied["source"], "api");
-    assert_eq!(reapplied["digest"], format!("sha256:{}", sha256_hex(&second)));
+    assert_eq!(
+        reapplied["digest"],
+        format!("sha256:{}", sha256_hex(&second))
+    );
     let decision = |verdict: &str, rule: &str| {
         records
             .iter()
@@ -777,6 +782,16 @@ fn a_deny_flood_the_agent_cannot_keep_up_with_is_counted_exactly_and_the_chain_h
     );
     let (code, out, err) = verify(&[&audit_log], &[]);
     assert_eq!(code, 0, "{out}{err}");
+    // The loss is in the chain itself, not only in counters that restart with the agent.
+    let recorded_lost: u64 = records
+        .iter()
+        .filter(|r| r["type"] == "records_lost")
+        .map(|r| r["events_lost"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        recorded_lost, lost,
+        "records_lost records account for every lost event"
+    );
 }
 
 /// The alert rules shipped in deploy/prometheus lint clean and fire (and stay quiet) as their

@@ -32,7 +32,7 @@ use crate::{
     metrics::{self, Metrics},
     paths::PinLayout,
     reader::{FillSampler, Reader},
-    recorder::{Recorder, RecorderConfig},
+    recorder::{QueuedStdout, Recorder, RecorderConfig},
 };
 
 pub use crate::installer::map_large_buffers_apart;
@@ -88,13 +88,29 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 .path
                 .as_ref()
                 .map_or("stdout".to_owned(), |p| p.display().to_string());
-            let log = AuditLog::open(settings.log).context("opening the audit log")?;
+            let destination = if settings.log.stdout && settings.log.path.is_some() {
+                format!("{destination} and stdout")
+            } else {
+                destination
+            };
+            let (log, stdout_dropped) = if settings.log.stdout {
+                let stdout = QueuedStdout::spawn().context("starting the audit stdout writer")?;
+                let dropped = stdout.dropped();
+                (
+                    AuditLog::open_with_stdout(settings.log, Box::new(stdout)),
+                    Some(dropped),
+                )
+            } else {
+                (AuditLog::open(settings.log), None)
+            };
+            let log = log.context("opening the audit log")?;
             Some(Recorder::new(
                 log,
                 RecorderConfig {
                     checkpoint_interval: settings.checkpoint_interval,
                     destination,
                 },
+                stdout_dropped,
             ))
         }
         None => None,
@@ -156,7 +172,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Box::new(metrics.sink()),
         Box::new(FlowsSink::new(flows)),
     ];
-    if let Some(r) = recorder {
+    if let Some(mut r) = recorder {
+        let reader = handles.reader.clone();
+        r.set_events_lost(Box::new(move || {
+            reader.counters().map_or(0, |c| {
+                c[tollgate_common::verdict::COUNTER_EVENTS_LOST as usize]
+            })
+        }));
         sinks.push(Box::new(r));
     }
     // The pipeline writes files (the audit log, the inventory) with blocking calls: it gets a

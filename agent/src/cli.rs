@@ -232,6 +232,13 @@ fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
 /// Parses the command line and runs it; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Agent(_)) {
+        // A CLI verb whose output is cut short (`tollgate flows | head`) ends quietly, as
+        // other Unix tools do, instead of panicking on the broken pipe. Not the agent: it
+        // must never die of a signal because a reader went away.
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -706,12 +713,13 @@ fn print_status(s: &StatusResponse) {
     );
     if let Some(a) = &s.audit {
         println!(
-            "audit        {}: head seq {} ({}), last checkpoint {}, {} write errors",
+            "audit        {}: head seq {} ({}), last checkpoint {}, {} write errors, {} dropped on stdout",
             a.destination,
             a.head_seq,
             a.head.get(..16).unwrap_or(&a.head),
             a.last_checkpoint.as_deref().unwrap_or("none yet"),
-            a.write_errors
+            a.write_errors,
+            a.stdout_dropped
         );
     }
 }

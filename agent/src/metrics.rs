@@ -44,6 +44,7 @@ pub struct Metrics {
     audit_head_seq: IntGauge,
     audit_checkpoint: IntGaugeVec,
     audit_write_errors: IntCounter,
+    audit_stdout_dropped: IntCounter,
     ready: IntGauge,
     /// Scrapes refresh the kernel-derived values one at a time.
     scrape: Mutex<()>,
@@ -173,6 +174,11 @@ impl Metrics {
                 "tollgate_audit_write_errors_total",
                 "Audit records that could not be written.",
             )?,
+            audit_stdout_dropped: counter(
+                &r,
+                "tollgate_audit_stdout_dropped_total",
+                "Audit records dropped on the way to stdout because nothing read them fast enough.",
+            )?,
             ready: gauge(&r, "tollgate_ready", "1 when the agent is ready (as /readyz).")?,
             registry: r,
             scrape: Mutex::new(()),
@@ -267,6 +273,7 @@ impl Metrics {
             let s = audit.status();
             self.audit_head_seq.set(s.head_seq as i64);
             set_counter(&self.audit_write_errors, s.write_errors);
+            set_counter(&self.audit_stdout_dropped, s.stdout_dropped);
             if let Some((seq, head)) = s.last_checkpoint.as_deref().and_then(|c| c.split_once(':'))
             {
                 self.audit_checkpoint.reset();

@@ -9,7 +9,12 @@
 //! the agent keeps enforcing, and the chain continues from the last record written.
 
 use std::{
-    sync::{Arc, Mutex},
+    io::Write,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{sync_channel, SyncSender, TrySendError},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -32,14 +37,19 @@ pub struct RecorderConfig {
 #[derive(Debug)]
 pub struct AuditStats {
     status: Mutex<AuditStatus>,
+    /// Records the stdout sink dropped because its reader did not keep up.
+    stdout_dropped: Arc<AtomicU64>,
 }
 
 impl AuditStats {
     pub fn status(&self) -> AuditStatus {
-        self.status
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        s.stdout_dropped = self.stdout_dropped.load(Ordering::Relaxed);
+        s
     }
 
     fn update(&self, f: impl FnOnce(&mut AuditStatus)) {
@@ -47,8 +57,67 @@ impl AuditStats {
     }
 }
 
+/// Records waiting for stdout: about a minute of a busy agent's records.
+const STDOUT_QUEUE: usize = 4096;
+
+/// The audit log's stdout sink, decoupled: records are queued for a thread that writes them,
+/// and dropped (and counted) when the queue is full, so a log collector that stops reading
+/// can never stall the event pipeline (and with it the audit file, flows and metrics).
+pub struct QueuedStdout {
+    queue: SyncSender<Vec<u8>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl QueuedStdout {
+    pub fn spawn() -> std::io::Result<Self> {
+        let (queue, lines) = sync_channel::<Vec<u8>>(STDOUT_QUEUE);
+        std::thread::Builder::new()
+            .name("tollgate-audit-stdout".into())
+            .spawn(move || {
+                let mut out = std::io::stdout().lock();
+                for line in lines {
+                    if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+                        // Standard output is gone (closed pipe); the file log goes on.
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self {
+            queue,
+            dropped: Arc::default(),
+        })
+    }
+
+    pub fn dropped(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
+    }
+}
+
+impl Write for QueuedStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.queue.try_send(buf.to_vec()) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the recorder reads the losses it records (`records_lost`).
+pub type LossCounter = Box<dyn Fn() -> u64 + Send>;
+
 pub struct Recorder {
     log: AuditLog,
+    /// The datapath's count of events that found no room on the ring buffer.
+    events_lost: Option<LossCounter>,
+    /// The losses last written into the log: (events lost, write errors, stdout drops).
+    recorded_losses: (u64, u64, u64),
     config: RecorderConfig,
     stats: Arc<AuditStats>,
     last_checkpoint: Instant,
@@ -58,7 +127,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(log: AuditLog, config: RecorderConfig) -> (Self, Arc<AuditStats>) {
+    pub fn new(
+        log: AuditLog,
+        config: RecorderConfig,
+        stdout_dropped: Option<Arc<AtomicU64>>,
+    ) -> (Self, Arc<AuditStats>) {
         let (seq, head) = log.head();
         let stats = Arc::new(AuditStats {
             status: Mutex::new(AuditStatus {
@@ -67,11 +140,15 @@ impl Recorder {
                 head: hex(&head),
                 last_checkpoint: None,
                 write_errors: 0,
+                stdout_dropped: 0,
             }),
+            stdout_dropped: stdout_dropped.unwrap_or_default(),
         });
         (
             Self {
                 log,
+                events_lost: None,
+                recorded_losses: (0, 0, 0),
                 config,
                 stats: stats.clone(),
                 last_checkpoint: Instant::now(),
@@ -105,7 +182,46 @@ impl Recorder {
         }
     }
 
+    /// The datapath's lost-event counter, from when the datapath is loaded. Its value then is
+    /// the starting point: only losses from now on are recorded.
+    pub fn set_events_lost(&mut self, counter: LossCounter) {
+        self.recorded_losses.0 = counter();
+        self.events_lost = Some(counter);
+    }
+
+    /// Writes a `records_lost` record when anything was lost since the last one: decisions
+    /// that never reached the log (events the datapath could not queue, records that could not
+    /// be written, stdout records dropped), so a gap is in the chain itself, not only in
+    /// counters that restart with the agent.
+    fn record_losses(&mut self) {
+        let now = (
+            self.events_lost.as_ref().map_or(0, |f| f()),
+            self.stats.status().write_errors,
+            self.stats.stdout_dropped.load(Ordering::Relaxed),
+        );
+        let before = self.recorded_losses;
+        if now == before {
+            return;
+        }
+        let fields = serde_json::json!({
+            "events_lost": now.0.saturating_sub(before.0),
+            "write_errors": now.1.saturating_sub(before.1),
+            "stdout_dropped": now.2.saturating_sub(before.2),
+            "reason": "decisions since the previous records_lost (or the agent's start) that are not in this log: events the datapath could not queue for the agent, records that could not be written here, records dropped on the way to stdout",
+        });
+        if let Value::Object(m) = fields {
+            let errors_before = self.stats.status().write_errors;
+            self.append("records_lost", m);
+            if self.stats.status().write_errors == errors_before {
+                // Written: what it reported is on record. (A failed write is itself counted
+                // and reported by the next one.)
+                self.recorded_losses = now;
+            }
+        }
+    }
+
     fn checkpoint(&mut self) {
+        self.record_losses();
         match self.log.checkpoint() {
             Ok(Checkpoint {
                 head_seq,
@@ -189,7 +305,10 @@ impl Sink for Recorder {
     }
 
     fn tick(&mut self, now: Instant) {
-        if self.since_checkpoint > 0
+        let lost_now = self.events_lost.as_ref().map_or(0, |f| f()) != self.recorded_losses.0
+            || self.stats.status().write_errors != self.recorded_losses.1
+            || self.stats.stdout_dropped.load(Ordering::Relaxed) != self.recorded_losses.2;
+        if (self.since_checkpoint > 0 || lost_now)
             && now.saturating_duration_since(self.last_checkpoint)
                 >= self.config.checkpoint_interval
         {

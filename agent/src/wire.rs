@@ -76,6 +76,9 @@ pub struct AuditStatus {
     pub last_checkpoint: Option<String>,
     /// Records that could not be written (the chain continues after them; see the log).
     pub write_errors: u64,
+    /// Records dropped on the way to stdout (`--audit-stdout`) because nothing read them.
+    #[serde(default)]
+    pub stdout_dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

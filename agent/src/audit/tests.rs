@@ -611,7 +611,10 @@ fn signed_checkpoints_verify_with_the_key() {
     // What comes after the last signed checkpoint is said to be covered by the chain only.
     match report.signed_through {
         Some(t) if t < report.last_seq => {
-            assert!(summary.contains("not covered by a signed checkpoint"), "{summary}")
+            assert!(
+                summary.contains("not covered by a signed checkpoint"),
+                "{summary}"
+            )
         }
         _ => assert!(!summary.contains("not covered"), "{summary}"),
     }
