@@ -305,6 +305,17 @@ impl Sink for Recorder {
     }
 
     fn tick(&mut self, now: Instant) {
+        match self.log.reopen_if_replaced() {
+            Ok(true) => tracing::warn!(
+                "the audit log file was removed or replaced while the agent wrote it; opened it \
+                 again, starting with a chain_break record"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                self.stats.update(|s| s.write_errors += 1);
+                tracing::warn!(error = %e, "reopening the audit log failed");
+            }
+        }
         let lost_now = self.events_lost.as_ref().map_or(0, |f| f()) != self.recorded_losses.0
             || self.stats.status().write_errors != self.recorded_losses.1
             || self.stats.stdout_dropped.load(Ordering::Relaxed) != self.recorded_losses.2;

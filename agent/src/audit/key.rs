@@ -12,16 +12,36 @@ pub const MIN_HMAC_KEY_BYTES: usize = 16;
 /// change the key). Refuses a file that group or other may access (mode & 0o077), an empty key
 /// and one shorter than [`MIN_HMAC_KEY_BYTES`].
 pub fn load_hmac_key(path: &Path) -> Result<Vec<u8>, AuditError> {
+    use std::{io::Read as _, os::unix::fs::MetadataExt as _};
     let shown = path.display();
     let io = |e| AuditError::io(format!("reading the HMAC key {shown}"), e);
-    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+    let meta = std::fs::metadata(path).map_err(io)?;
+    // Only a regular file (a FIFO would block the start, a device never end).
+    if !meta.is_file() {
+        return Err(AuditError::Key(format!(
+            "{shown}: the HMAC key must be a regular file"
+        )));
+    }
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid {
+        return Err(AuditError::Key(format!(
+            "{shown}: the HMAC key file belongs to uid {}, not to this process's uid {euid}; \
+             whoever owns it can read (and change) the key",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(AuditError::Key(format!(
             "{shown}: mode {:04o} lets group or other access the HMAC key; run chmod 600 {shown}",
             mode & 0o7777
         )));
     }
-    let mut key = std::fs::read(path).map_err(io)?;
+    let mut key = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 * 1024).read_to_end(&mut key))
+        .map_err(io)?;
     if key.last() == Some(&b'\n') {
         key.pop();
         if key.last() == Some(&b'\r') {
@@ -31,6 +51,12 @@ pub fn load_hmac_key(path: &Path) -> Result<Vec<u8>, AuditError> {
     if key.is_empty() {
         return Err(AuditError::Key(format!(
             "{shown}: the HMAC key file is empty"
+        )));
+    }
+    if key.iter().all(|b| *b == key[0]) {
+        return Err(AuditError::Key(format!(
+            "{shown}: the HMAC key is one byte repeated; use random bytes \
+             (e.g. head -c 32 /dev/urandom > {shown})"
         )));
     }
     if key.len() < MIN_HMAC_KEY_BYTES {
@@ -73,6 +99,23 @@ mod tests {
             let e = load_hmac_key(&path).unwrap_err().to_string();
             assert!(e.contains("chmod 600"), "{mode:o}: {e}");
         }
+    }
+
+    #[test]
+    fn a_key_of_one_repeated_byte_or_not_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = key_file(dir.path(), b"                ", 0o600);
+        assert!(load_hmac_key(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("one byte repeated"));
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(load_hmac_key(&sub)
+            .unwrap_err()
+            .to_string()
+            .contains("regular file"));
     }
 
     #[test]

@@ -343,6 +343,34 @@ impl AuditLog {
     /// Seals and writes one record as the next in the chain. The head moves on once the record
     /// is in the file (or on stdout when that is the only sink); a failure on stdout beside a
     /// file is still returned, after the head moved.
+    /// Notices a log file removed, renamed or replaced behind the writer's back (the file it
+    /// has open is no longer the one at its path): opens the path again, continuing the chain
+    /// from the head in memory, with a `chain_break` record that says what happened. Returns
+    /// whether it did. Without it, every later record would go into a deleted file.
+    pub fn reopen_if_replaced(&mut self) -> Result<bool, AuditError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(log_file) = self.file.as_mut() else {
+            return Ok(false);
+        };
+        let Some(open) = &log_file.file else {
+            return Ok(false);
+        };
+        let open_id = open.metadata().map(|m| (m.dev(), m.ino())).ok();
+        let path_id = fs::metadata(&log_file.path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        if open_id.is_some() && open_id == path_id {
+            return Ok(false);
+        }
+        log_file.file = None;
+        let (head, start) = log_file.resume(Some(self.head))?;
+        self.head = head;
+        if let Some(start) = start {
+            self.emit(start.kind, &start.fields)?;
+        }
+        Ok(true)
+    }
+
     fn emit(&mut self, kind: &str, fields: &Map<String, Value>) -> Result<Appended, AuditError> {
         self.emit_body(self.body(kind, fields))
     }

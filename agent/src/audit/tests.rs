@@ -1054,3 +1054,32 @@ fn with_a_key_a_log_without_signed_checkpoints_and_an_empty_log_are_refused() {
     let e = run_verify_command(slice::from_ref(&empty), None, None).unwrap_err();
     assert!(e.to_string().contains("no records"), "{e}");
 }
+
+#[test]
+fn a_log_deleted_behind_the_writer_is_reopened_with_a_chain_break() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let config = AuditConfig {
+        path: Some(path.clone()),
+        stdout: false,
+        max_bytes: 0,
+        keep: 1,
+        hmac_key: None,
+        node: "n".into(),
+    };
+    let mut log = AuditLog::open(config).unwrap();
+    for i in 0..3 {
+        let mut f = serde_json::Map::new();
+        f.insert("i".into(), i.into());
+        log.append("decision", f).unwrap();
+    }
+    assert!(!log.reopen_if_replaced().unwrap(), "nothing happened yet");
+    fs::remove_file(&path).unwrap();
+    assert!(log.reopen_if_replaced().unwrap());
+    log.append("decision", serde_json::Map::new()).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["type"], "chain_break");
+    assert_eq!(first["seq"], 4, "the chain goes on from the head in memory");
+    verify(slice::from_ref(&path), None, None).expect("the new file verifies from its break");
+}
