@@ -28,7 +28,12 @@ use axum::{
 };
 use tokio::sync::oneshot;
 
-use crate::api::ApiError;
+use crate::wire::ErrorResponse;
+
+/// An error answer, as the API gives them (`api::ApiError` is the same shape).
+fn error_response(code: StatusCode, error: String) -> Response {
+    (code, axum::Json(ErrorResponse { error })).into_response()
+}
 
 const IDLE: u8 = 0;
 const BUSY: u8 = 1;
@@ -168,25 +173,23 @@ where
             .is_err()
         {
             // Chosen to make room just before this head arrived; the connection is closing.
-            return Box::pin(std::future::ready(Ok(ApiError(
+            return Box::pin(std::future::ready(Ok(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the agent closed this connection to make room for another; retry".to_owned(),
-            )
-            .into_response())));
+            ))));
         }
         let request_timeout = self.request_timeout;
         let response = self.inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout(request_timeout, response).await {
                 Ok(response) => response,
-                Err(_) => Ok(ApiError(
+                Err(_) => Ok(error_response(
                     StatusCode::REQUEST_TIMEOUT,
                     format!(
                         "the request did not complete within {}",
                         humantime::format_duration(request_timeout)
                     ),
-                )
-                .into_response()),
+                )),
             }
         })
     }

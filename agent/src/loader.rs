@@ -34,6 +34,8 @@ use crate::{
     pinlock::PinLock,
 };
 
+pub use crate::wire::Attachment;
+
 /// `statfs` magic of the bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -65,16 +67,6 @@ impl Direction {
             Direction::Egress => TcAttachType::Egress,
         }
     }
-}
-
-/// One program attached to one interface direction.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Attachment {
-    pub interface: String,
-    pub ifindex: u32,
-    pub direction: String,
-    /// The link was pinned by an earlier agent and its program replaced in place.
-    pub adopted: bool,
 }
 
 /// What one `reconcile` found and did.

@@ -6,7 +6,15 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::loader::Attachment;
+/// One program attached to one interface direction.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    pub direction: String,
+    /// The link was pinned by an earlier agent and its program replaced in place.
+    pub adopted: bool,
+}
 
 /// Entries currently in each policy map, for status and metrics.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
