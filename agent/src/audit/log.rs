@@ -655,12 +655,33 @@ impl LogFile {
     }
 }
 
+/// Opens the log for appending: a regular file (a FIFO or device is refused, not waited on),
+/// locked for this writer. The lock is on the file itself, so a second writer reaching it by
+/// another name (a hard or symbolic link) is refused too; `<path>.lock` covers the moments
+/// between files (rotation).
 fn open_for_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    use std::os::fd::AsRawFd as _;
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(path)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(io::Error::other(
+                "another process is writing this file (perhaps under another name: a hard or \
+                 symbolic link); give each agent its own --audit-log",
+            ));
+        }
+        return Err(e);
+    }
+    Ok(file)
 }
 
 fn remove_if_present(path: &Path) -> io::Result<()> {

@@ -1083,3 +1083,20 @@ fn a_log_deleted_behind_the_writer_is_reopened_with_a_chain_break() {
     assert_eq!(first["seq"], 4, "the chain goes on from the head in memory");
     verify(slice::from_ref(&path), None, None).expect("the new file verifies from its break");
 }
+
+#[test]
+fn a_second_writer_through_a_hard_link_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| AuditConfig {
+        path: Some(dir.path().join(name)),
+        stdout: false,
+        max_bytes: 0,
+        keep: 1,
+        hmac_key: None,
+        node: "n".into(),
+    };
+    let _first = AuditLog::open(config("audit.log")).unwrap();
+    fs::hard_link(dir.path().join("audit.log"), dir.path().join("other.log")).unwrap();
+    let e = AuditLog::open(config("other.log")).err().expect("refused");
+    assert!(e.to_string().contains("another process is writing this file"), "{e}");
+}
