@@ -437,6 +437,23 @@ fn allowed_denied_audited_and_limited_traffic_is_logged_listed_and_counted() {
         2,
         "{kinds:?}"
     );
+
+    // A log removed while no agent runs: the next agent says so in the new chain.
+    let last_seq = audit_records(&audit_log).last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    std::fs::remove_file(&audit_log).unwrap();
+    env.agent
+        .spawn(&env.topo.node, "tg-*", &policy)
+        .expect("restart");
+    env.agent.stop().unwrap();
+    let records = audit_records(&audit_log);
+    let missing = records
+        .iter()
+        .find(|r| r["type"] == "history_missing")
+        .unwrap_or_else(|| panic!("no history_missing record: {records:#?}"));
+    assert_eq!(missing["remembered_seq"], last_seq);
+    assert_eq!(missing["found_seq"], 0);
 }
 
 /// A metric's value in an exposition, by name and label subset.

@@ -93,6 +93,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             } else {
                 destination
             };
+            let head_file = settings
+                .log
+                .path
+                .as_ref()
+                .and(config.state_dir.as_ref())
+                .map(|d| d.join("audit-head.json"));
             let (log, stdout_dropped) = if settings.log.stdout {
                 let stdout = QueuedStdout::spawn().context("starting the audit stdout writer")?;
                 let dropped = stdout.dropped();
@@ -109,6 +115,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 RecorderConfig {
                     checkpoint_interval: settings.checkpoint_interval,
                     destination,
+                    head_file,
                 },
                 stdout_dropped,
             ))
@@ -173,6 +180,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Box::new(FlowsSink::new(flows)),
     ];
     if let Some(mut r) = recorder {
+        r.check_remembered_head();
         let reader = handles.reader.clone();
         r.set_events_lost(Box::new(move || {
             reader.counters().map_or(0, |c| {

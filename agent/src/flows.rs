@@ -12,7 +12,6 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    io::Write as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -285,7 +284,7 @@ impl Flows {
                 edges: inner.inventory.values().cloned().collect(),
             }
         };
-        let result = write_atomically(
+        let result = crate::statefile::write_atomically(
             path,
             &serde_json::to_vec(&file).map_err(anyhow::Error::from)?,
         );
@@ -461,41 +460,6 @@ fn set_aside(path: &Path, reason: &str) -> Result<BTreeMap<EdgeKey, InventoryEdg
         "the flow inventory could not be used; set aside, starting a new one"
     );
     Ok(BTreeMap::new())
-}
-
-/// Writes `bytes` to `path` so that a crash leaves the old file or the new one, whole.
-///
-/// The temporary file is made anew (`O_EXCL`, so a symlink planted in its place is never
-/// followed) and only the agent may read it; a missing directory is created owner-only.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", tmp.display()))
-        }
-        _ => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Feeds the store from the event pipeline.
@@ -767,7 +731,7 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"precious").unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join("inventory.tmp")).unwrap();
-        write_atomically(&dir.path().join(INVENTORY_FILE), b"{}").unwrap();
+        crate::statefile::write_atomically(&dir.path().join(INVENTORY_FILE), b"{}").unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert_eq!(
             std::fs::read(dir.path().join(INVENTORY_FILE)).unwrap(),

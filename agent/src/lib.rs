@@ -27,5 +27,6 @@ pub mod policy;
 pub mod reader;
 pub mod recorder;
 pub mod rlimit;
+pub mod statefile;
 pub mod status;
 pub mod wire;

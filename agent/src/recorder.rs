@@ -31,6 +31,16 @@ pub struct RecorderConfig {
     pub checkpoint_interval: Duration,
     /// The file, or `stdout`, for `status`.
     pub destination: String,
+    /// Where the head of the last checkpoint is kept across restarts (`<state dir>/audit-head.json`),
+    /// so that a log that lost records while no agent ran says so (`history_missing`).
+    pub head_file: Option<std::path::PathBuf>,
+}
+
+/// The chain's position at the last checkpoint, kept in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct RememberedHead {
+    seq: u64,
+    head: String,
 }
 
 /// What `status` and the metrics show of the audit log.
@@ -220,6 +230,58 @@ impl Recorder {
         }
     }
 
+    /// Compares the log with the head remembered from the last run: a log that now ends before
+    /// it (or at it with another hash) lost records while no agent was writing it (deleted,
+    /// truncated, replaced). That is written into the chain as `history_missing`.
+    pub fn check_remembered_head(&mut self) {
+        let Some(path) = &self.config.head_file else {
+            return;
+        };
+        let remembered: Option<RememberedHead> = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let Some(remembered) = remembered else {
+            return;
+        };
+        let (seq, hash) = self.log.head();
+        let found = hex(&hash);
+        let missing = seq < remembered.seq || (seq == remembered.seq && found != remembered.head);
+        if !missing {
+            return;
+        }
+        tracing::warn!(
+            remembered_seq = remembered.seq,
+            found_seq = seq,
+            "the audit log ends before where the last agent left it: records were removed or the log replaced while no agent wrote it"
+        );
+        let fields = serde_json::json!({
+            "remembered_seq": remembered.seq,
+            "remembered_head": remembered.head,
+            "found_seq": seq,
+            "found_head": found,
+            "reason": "the log ends before the last checkpoint the previous agent made: records were removed, or the log replaced, while no agent wrote it",
+        });
+        if let Value::Object(m) = fields {
+            self.append("history_missing", m);
+        }
+    }
+
+    fn remember_head(&self, head_seq: u64, head: &str) {
+        let Some(path) = &self.config.head_file else {
+            return;
+        };
+        let remembered = RememberedHead {
+            seq: head_seq,
+            head: head.to_owned(),
+        };
+        let written = serde_json::to_vec(&remembered)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| crate::statefile::write_atomically(path, &bytes));
+        if let Err(e) = written {
+            tracing::warn!(error = %format!("{e:#}"), "keeping the audit head in the state directory failed");
+        }
+    }
+
     fn checkpoint(&mut self) {
         self.record_losses();
         match self.log.checkpoint() {
@@ -230,6 +292,7 @@ impl Recorder {
             }) => {
                 self.since_checkpoint = 0;
                 let (seq, hash) = self.log.head();
+                self.remember_head(seq, &hex(&hash));
                 tracing::info!(
                     target: "tollgate::audit",
                     head_seq,

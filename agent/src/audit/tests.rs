@@ -1098,5 +1098,9 @@ fn a_second_writer_through_a_hard_link_is_refused() {
     let _first = AuditLog::open(config("audit.log")).unwrap();
     fs::hard_link(dir.path().join("audit.log"), dir.path().join("other.log")).unwrap();
     let e = AuditLog::open(config("other.log")).err().expect("refused");
-    assert!(e.to_string().contains("another process is writing this file"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("another process is writing this file"),
+        "{e}"
+    );
 }
