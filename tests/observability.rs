@@ -512,6 +512,16 @@ fn a_real_prometheus_scrapes_the_agent_and_the_exposition_lints_clean() {
             assert_eq!(code, 200);
             let health = http_get(agent_addr, "/healthz", Duration::from_secs(5)).unwrap();
             let ready = http_get(agent_addr, "/readyz", Duration::from_secs(5)).unwrap();
+            // 100 idle connections (more than the endpoint serves at once) do not keep a
+            // scrape out: it takes the place of the oldest idle one.
+            let idle: Vec<std::net::TcpStream> = (0..100)
+                .filter_map(|_| std::net::TcpStream::connect(agent_addr).ok())
+                .collect();
+            assert!(idle.len() >= 32, "{} idle connections", idle.len());
+            let (code, _) = http_get(agent_addr, "/metrics", Duration::from_secs(5))
+                .expect("a scrape is served beside idle connections");
+            assert_eq!(code, 200);
+            drop(idle);
             (exposition, health, ready, samples)
         })
         .unwrap();

@@ -305,16 +305,62 @@ pub async fn serve(listener: UnixListener, router: Router, socket: PathBuf) {
     serve_with(listener, router, socket, ServeConfig::default()).await
 }
 
-/// Serves `router` on `listener` until the task is dropped. Connections from any uid other than
-/// the agent's own effective uid are closed before a byte is read.
-pub async fn serve_with(
-    listener: UnixListener,
+/// A listener [`serve_with`] can serve: the control socket, or the metrics address.
+pub trait Listener {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+    /// Whether this peer may be served; refused connections are closed before a byte is read.
+    fn admits(&self, stream: &Self::Stream) -> bool;
+}
+
+impl Listener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+
+    /// Only the agent's own effective uid.
+    fn admits(&self, stream: &Self::Stream) -> bool {
+        // SAFETY: geteuid cannot fail.
+        let allowed_uid = unsafe { libc::geteuid() };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == allowed_uid => true,
+            Ok(cred) => {
+                tracing::warn!(
+                    uid = cred.uid(),
+                    "refused control connection from another uid"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SO_PEERCRED failed; refusing connection");
+                false
+            }
+        }
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        tokio::net::TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+
+    fn admits(&self, _stream: &Self::Stream) -> bool {
+        true
+    }
+}
+
+/// Serves `router` on `listener` until the task is dropped, within `config`'s limits (see the
+/// module documentation). `socket` names the listener in log lines.
+pub async fn serve_with<L: Listener>(
+    listener: L,
     router: Router,
     socket: PathBuf,
     config: ServeConfig,
 ) {
-    // SAFETY: geteuid cannot fail.
-    let allowed_uid = unsafe { libc::geteuid() };
     let connections = Connections::new(config.max_connections);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -328,7 +374,7 @@ pub async fn serve_with(
     let mut refusals = LogThrottle::new(config.log_interval);
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 if let Some(suppressed) = accept_errors.event(Instant::now()) {
                     tracing::warn!(
@@ -350,16 +396,8 @@ pub async fn serve_with(
                 continue;
             }
         };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == allowed_uid => {}
-            Ok(cred) => {
-                tracing::warn!(uid = cred.uid(), socket = %socket.display(), "refused control connection from another uid");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "SO_PEERCRED failed; refusing connection");
-                continue;
-            }
+        if !listener.admits(&stream) {
+            continue;
         }
         let Some(mut admitted) = connections.admit() else {
             if let Some(suppressed) = refusals.event(Instant::now()) {

@@ -87,7 +87,17 @@ impl Flows {
     pub fn open(state_dir: Option<&Path>) -> Result<Self> {
         // The state directory is this agent's alone: a second agent sharing it would overwrite
         // the first's inventory with its own.
-        let state_lock = state_dir.map(lock_state_dir).transpose()?;
+        let state_lock = match state_dir.map(lock_state_dir).transpose() {
+            Ok(lock) => lock,
+            Err(StateDirError::InUse(e)) => return Err(e),
+            Err(StateDirError::Unusable(e)) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "the state directory cannot be used (read-only?); the flow inventory is kept in memory only"
+                );
+                return Self::open(None);
+            }
+        };
         let mut path = state_dir.map(|d| d.join(INVENTORY_FILE));
         let inventory = match &path {
             Some(p) => match load_inventory(p) {
@@ -341,8 +351,29 @@ impl Drop for Waiting<'_> {
 /// The largest inventory file read: 100,000 edges take about 25 MB.
 const MAX_INVENTORY_BYTES: u64 = 64 << 20;
 
+/// Why the state directory could not be locked.
+enum StateDirError {
+    /// Another agent holds it: refuse to start.
+    InUse(anyhow::Error),
+    /// It cannot be created, written or locked (read-only file system, permissions): run
+    /// without it.
+    Unusable(anyhow::Error),
+}
+
 /// Locks `<dir>/lock` (created owner-only with the directory), or says who holds it.
-fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File, StateDirError> {
+    lock_state_dir_inner(dir).map_err(|e| match e.downcast_ref::<InUse>() {
+        Some(_) => StateDirError::InUse(e),
+        None => StateDirError::Unusable(e),
+    })
+}
+
+/// The state directory is another agent's.
+#[derive(Debug, thiserror::Error)]
+#[error("held by another agent")]
+struct InUse;
+
+fn lock_state_dir_inner(dir: &Path) -> Result<std::fs::File> {
     use std::os::{
         fd::AsRawFd as _,
         unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
@@ -363,11 +394,11 @@ fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a descriptor this function owns.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!(
+        return Err(anyhow::Error::new(InUse).context(format!(
             "the state directory {} is in use by another agent (it holds {}); give each agent its own --state-dir",
             dir.display(),
             path.display()
-        );
+        )));
     }
     Ok(file)
 }
@@ -688,6 +719,14 @@ mod tests {
         assert_eq!(denied.count, 4);
         assert_eq!(denied.first_seen, "2026-11-24T10:00:00.000Z");
         assert_eq!(denied.last_seen, "2026-11-24T10:00:05.000Z");
+    }
+
+    #[test]
+    fn a_state_directory_that_cannot_be_made_leaves_the_inventory_in_memory() {
+        // Nothing can be created under /proc, not even by root.
+        let flows = Flows::open(Some(Path::new("/proc/self/tollgate-state"))).unwrap();
+        assert!(flows.inventory_path().is_none());
+        flows.persist().unwrap();
     }
 
     #[test]

@@ -409,7 +409,7 @@ impl Installer {
         if let (Err(e), Some(tx)) = (&result, &self.applied) {
             let _ = tx.send(PolicyChange::Rejected {
                 digest,
-                reason: e.to_string(),
+                reason: shortened(&e.to_string(), MAX_REASON_BYTES),
             });
         }
         result
@@ -748,5 +748,39 @@ fn release_freed_memory() {
     }
 }
 
+/// The longest refusal reason kept for the audit log: an error quotes the value it refuses, and
+/// a 2 MB policy name would otherwise make a record past the audit log's 1 MiB limit.
+const MAX_REASON_BYTES: usize = 4096;
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how much was cut.
+fn shortened(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} more bytes)", &text[..end], text.len() - end)
+}
+
 /// How long a rescan may be outstanding before the next tick asks again.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_reasons_are_cut_at_a_character_boundary_saying_how_much() {
+        assert_eq!(shortened("short", 10), "short");
+        let long = "é".repeat(3000);
+        let cut = shortened(&long, 4095);
+        assert!(cut.starts_with(&"é".repeat(2047)));
+        assert!(
+            cut.ends_with("... (1906 more bytes)"),
+            "{}",
+            &cut[cut.len() - 30..]
+        );
+    }
+}

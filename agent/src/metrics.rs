@@ -359,39 +359,26 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, han
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Endpoint { metrics, handles });
-    // Bounded like the control socket: a few connections at once, a few seconds to send a
-    // request, one request each, so idle or slow clients cannot pile up.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(REQUEST_HEAD_TIMEOUT)
-        .keep_alive(false);
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept on the metrics address failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // At the cap, the newcomer is closed: the connections being served finish within
-        // CONNECTION_LIFETIME anyway.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-            drop(slot);
-        });
-    }
+    // Bounded like the control socket, by the same code: a newcomer at the cap closes the
+    // oldest connection that has not sent its request yet, so idle connections (however fast
+    // they are reopened) cannot keep a scrape out.
+    crate::api::serve_with(
+        listener,
+        router,
+        std::path::PathBuf::from("the metrics address"),
+        crate::api::ServeConfig {
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: REQUEST_HEAD_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+            ..crate::api::ServeConfig::default()
+        },
+    )
+    .await
 }
 
 /// Connections served at once on the metrics address (Prometheus uses one per scrape).
 const MAX_CONNECTIONS: usize = 32;
-/// How long a connection has to send its request head.
-const REQUEST_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// A connection is closed after this, whatever it is doing.
-const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a connection has to send its request head (Prometheus sends it at once).
+const REQUEST_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a scrape may take after its head.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
