@@ -138,11 +138,6 @@ impl Aggregator {
         out.sort_by(|a, b| a.time.cmp(&b.time));
         out
     }
-
-    /// When the current interval ends.
-    pub fn deadline(&self) -> Instant {
-        self.window_start + self.interval
-    }
 }
 
 #[cfg(test)]

@@ -170,7 +170,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         config: Arc::new(ConfigView {
             bpffs: config.installer.bpffs.display().to_string(),
             interfaces_selector: config.installer.selector.as_str().to_string(),
-            node: config.node.clone(),
         }),
     };
 

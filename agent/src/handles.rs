@@ -36,7 +36,6 @@ pub struct Handles {
 pub struct ConfigView {
     pub bpffs: String,
     pub interfaces_selector: String,
-    pub node: String,
 }
 
 impl Handles {

@@ -11,7 +11,7 @@
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -169,8 +169,6 @@ pub struct Fill {
     pub conntrack: Vec<(&'static str, usize)>,
     /// When the count was taken (None: not yet).
     pub at: Option<SystemTime>,
-    /// How long the walk took.
-    pub took: Duration,
 }
 
 impl Fill {
@@ -211,12 +209,10 @@ impl FillSampler {
 }
 
 fn sample(reader: &Reader) -> Fill {
-    let start = Instant::now();
     match reader.conntrack_entries() {
         Ok(counts) => Fill {
             conntrack: counts.to_vec(),
             at: Some(SystemTime::now()),
-            took: start.elapsed(),
         },
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "counting conntrack entries failed");

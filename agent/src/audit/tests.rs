@@ -1008,14 +1008,7 @@ fn audit_verify_command_exit_statuses() {
 #[test]
 fn a_second_writer_of_the_same_log_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = AuditConfig {
-        path: Some(dir.path().join("sub/audit.log")),
-        stdout: false,
-        max_bytes: 0,
-        keep: 1,
-        hmac_key: None,
-        node: "n".into(),
-    };
+    let config = config(&dir.path().join("sub/audit.log"));
     let first = AuditLog::open(config.clone()).unwrap();
     let second = AuditLog::open(config.clone());
     let e = second.err().expect("a second writer must be refused");
@@ -1059,19 +1052,9 @@ fn with_a_key_a_log_without_signed_checkpoints_and_an_empty_log_are_refused() {
 fn a_log_deleted_behind_the_writer_is_reopened_with_a_chain_break() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
-    let config = AuditConfig {
-        path: Some(path.clone()),
-        stdout: false,
-        max_bytes: 0,
-        keep: 1,
-        hmac_key: None,
-        node: "n".into(),
-    };
-    let mut log = AuditLog::open(config).unwrap();
+    let mut log = AuditLog::open(config(&path)).unwrap();
     for i in 0..3 {
-        let mut f = serde_json::Map::new();
-        f.insert("i".into(), i.into());
-        log.append("decision", f).unwrap();
+        log.append("decision", fields(i)).unwrap();
     }
     assert!(!log.reopen_if_replaced().unwrap(), "nothing happened yet");
     fs::remove_file(&path).unwrap();
@@ -1087,17 +1070,11 @@ fn a_log_deleted_behind_the_writer_is_reopened_with_a_chain_break() {
 #[test]
 fn a_second_writer_through_a_hard_link_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = |name: &str| AuditConfig {
-        path: Some(dir.path().join(name)),
-        stdout: false,
-        max_bytes: 0,
-        keep: 1,
-        hmac_key: None,
-        node: "n".into(),
-    };
-    let _first = AuditLog::open(config("audit.log")).unwrap();
+    let _first = AuditLog::open(config(&dir.path().join("audit.log"))).unwrap();
     fs::hard_link(dir.path().join("audit.log"), dir.path().join("other.log")).unwrap();
-    let e = AuditLog::open(config("other.log")).err().expect("refused");
+    let e = AuditLog::open(config(&dir.path().join("other.log")))
+        .err()
+        .expect("refused");
     assert!(
         e.to_string()
             .contains("another process is writing this file"),
