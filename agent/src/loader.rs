@@ -266,7 +266,7 @@ pub fn load_object(layout: &PinLayout, object: &[u8], options: &LoadOptions) -> 
             .program_mut(dir.program())
             .with_context(|| format!("program {} missing from object", dir.program()))?
             .try_into()?;
-        prog.load()
+        load_retrying(|| prog.load())
             .with_context(|| format!("verifier rejected {}", dir.program()))?;
         let pin = layout.program(dir.program());
         // The new program replaces the old pin; links keep their own reference to whichever
@@ -280,14 +280,34 @@ pub fn load_object(layout: &PinLayout, object: &[u8], options: &LoadOptions) -> 
         .program_mut(program_names::TC_CHECK)
         .with_context(|| format!("program {} missing from object", program_names::TC_CHECK))?
         .try_into()?;
-    check
-        .load()
+    load_retrying(|| check.load())
         .with_context(|| format!("verifier rejected {}", program_names::TC_CHECK))?;
     Ok(Loaded {
         ebpf,
         layout: layout.clone(),
         handled: Default::default(),
     })
+}
+
+/// Loads a program, again when the kernel answers EAGAIN: the verifier gives up with EAGAIN
+/// when a signal arrives for the loading thread, and verifying a classifier takes most of a
+/// second. libbpf retries the same way (five attempts).
+fn load_retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                tracing::warn!(attempt, "verification interrupted (EAGAIN); loading again");
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
 }
 
 impl Loaded {
