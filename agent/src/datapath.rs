@@ -6,12 +6,13 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{
+    IterableMap as _,
     lpm_trie::{Key, LpmTrie},
     Array, HashMap, Map, MapData, PerCpuArray,
 };
 use tollgate_common::{
     flow::v4_mapped,
-    identity::{is_exact_identity, IdentityId},
+    identity::{is_exact_identity, IDENTITY_FIRST_USER, IdentityId},
     interface::{INTERFACE_FLAG_ENFORCED, INTERFACE_FLAG_UPLINK},
     map_names, maps,
     rule::is_exact_rule,
@@ -183,6 +184,8 @@ pub struct Datapath {
     /// `SLOT_GRACE` has passed.
     last_flip: Option<std::time::Instant>,
     layout: PinLayout,
+    /// `CompiledPolicy::identity_values` of the live policy, quotas mapped to their buckets.
+    identity_values: Vec<IdentityValue>,
 }
 
 impl Datapath {
@@ -216,6 +219,7 @@ impl Datapath {
             // Another process (a previous agent) may have flipped just now.
             last_flip: Some(std::time::Instant::now()),
             layout: layout.clone(),
+            identity_values: Vec::new(),
         })
     }
 
@@ -246,6 +250,20 @@ impl Datapath {
         policy: &CompiledPolicy,
         generation: u64,
         interfaces: &[(String, u32)],
+    ) -> Result<()> {
+        self.install_with(policy, generation, interfaces, &|name| {
+            policy.bound_identity(name)
+        })
+    }
+
+    /// [`Datapath::install`] with the bindings `bound` gives (Kubernetes mode adds each local
+    /// pod's interface to the policy's own).
+    pub fn install_with(
+        &mut self,
+        policy: &CompiledPolicy,
+        generation: u64,
+        interfaces: &[(String, u32)],
+        bound: &dyn Fn(&str) -> IdentityId,
     ) -> Result<()> {
         let live = self.active_generation()?;
         if generation != live + 1 {
@@ -382,7 +400,7 @@ impl Datapath {
             .context("writing a rule entry")?;
         }
         for (name, ifindex) in interfaces {
-            self.set_binding(*ifindex, slot, policy.bound_identity(name))?;
+            self.set_binding(*ifindex, slot, bound(name))?;
         }
         self.slot_config.set(
             slot,
@@ -396,7 +414,124 @@ impl Datapath {
         self.active.set(ACTIVE_GENERATION_INDEX, generation, 0)?;
         self.last_flip = Some(std::time::Instant::now());
         self.limit_table.commit(&plan, &policy.limits, &configs);
+        self.identity_values = policy.identity_values.iter().map(identity).collect();
         Ok(())
+    }
+
+    /// The value addresses of identity `id` are written with in the live policy (its quota's
+    /// bucket included); `ambiguous` and unknown ids carry no quota.
+    pub fn identity_value(&self, id: IdentityId) -> IdentityValue {
+        id.checked_sub(IDENTITY_FIRST_USER)
+            .and_then(|i| self.identity_values.get(i as usize))
+            .copied()
+            .unwrap_or(IdentityValue {
+                id,
+                ..Default::default()
+            })
+    }
+
+    /// Writes (`Some`) or removes (`None`) the exact identity entry of one address in `slot`:
+    /// a pod's address in Kubernetes mode, changed without a new generation.
+    pub fn set_address(
+        &mut self,
+        slot: u32,
+        addr: IpAddr,
+        value: Option<IdentityValue>,
+    ) -> Result<()> {
+        match addr {
+            IpAddr::V4(a) => {
+                let key = IdentityKeyV4 {
+                    slot,
+                    addr: a.octets(),
+                };
+                match value {
+                    Some(v) => self.addr_id_v4.insert(key, v, 0).context("writing a pod address")?,
+                    None => {
+                        let _ = self.addr_id_v4.remove(&key);
+                    }
+                }
+            }
+            IpAddr::V6(a) => {
+                let key = IdentityKeyV6 {
+                    slot,
+                    addr: a.octets(),
+                };
+                match value {
+                    Some(v) => self.addr_id_v6.insert(key, v, 0).context("writing a pod address")?,
+                    None => {
+                        let _ = self.addr_id_v6.remove(&key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every tracked flow (both directions' entries) to or from one of `addrs`, so that
+    /// no flow admitted under an address's old identity outlives the change. One batched walk
+    /// per family; returns the entries removed.
+    pub fn purge_flows(&mut self, addrs: &std::collections::HashSet<IpAddr>) -> Result<usize> {
+        let v4: std::collections::HashSet<[u8; 4]> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a.octets()),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let v6: std::collections::HashSet<[u8; 16]> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(a.octets()),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        let mut removed = 0;
+        if !v4.is_empty() {
+            let mut doomed: Vec<FlowKeyV4> = Vec::new();
+            crate::reader::walk_keys(
+                self.conntrack_v4.map(),
+                size_of::<FlowKeyV4>(),
+                size_of::<FlowValue>(),
+                |key| {
+                    let (s, d) = (&key[0..4], &key[4..8]);
+                    if v4.contains(s) || v4.contains(d) {
+                        // SAFETY: `key` is one whole FlowKeyV4 as the kernel stored it.
+                        doomed.push(unsafe { std::ptr::read_unaligned(key.as_ptr().cast()) });
+                    }
+                },
+            )?;
+            for k in &doomed {
+                if self.conntrack_v4.remove(k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if !v6.is_empty() {
+            let mut doomed: Vec<FlowKey> = Vec::new();
+            crate::reader::walk_keys(
+                self.conntrack_v6.map(),
+                size_of::<FlowKey>(),
+                size_of::<FlowValue>(),
+                |key| {
+                    let (s, d) = (&key[0..16], &key[16..32]);
+                    if v6.contains(s) || v6.contains(d) {
+                        // SAFETY: `key` is one whole FlowKey as the kernel stored it.
+                        doomed.push(unsafe { std::ptr::read_unaligned(key.as_ptr().cast()) });
+                    }
+                },
+            )?;
+            for k in &doomed {
+                if self.conntrack_v6.remove(k).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Sets an interface's binding in `slot` (a local pod's interface, in Kubernetes mode).
+    pub fn bind_interface(&mut self, ifindex: u32, slot: u32, bound: IdentityId) -> Result<()> {
+        self.set_binding(ifindex, slot, bound)
     }
 
     /// The resolution of the datapath's clock (`policy::clock_ns` in the kernel): the tick the

@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod check;
+pub mod cluster;
 pub mod cli;
 pub mod client;
 mod connections;

@@ -110,11 +110,24 @@ struct BatchAttr {
 /// Counts a hash map's entries with `BPF_MAP_LOOKUP_BATCH` (hash maps keep a bucket cursor, a
 /// u32, between calls). Entries added or removed during the walk may or may not be counted.
 fn count_entries(map: &MapData, key_size: usize, value_size: usize) -> std::io::Result<usize> {
+    let mut total = 0usize;
+    walk_keys(map, key_size, value_size, |_| total += 1)?;
+    Ok(total)
+}
+
+/// Calls `each` with every key of a hash map (`key_size` bytes), fetched thousands at a time
+/// with `BPF_MAP_LOOKUP_BATCH`. Entries added or removed during the walk may or may not be
+/// seen.
+pub fn walk_keys(
+    map: &MapData,
+    key_size: usize,
+    value_size: usize,
+    mut each: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
     let fd = map.fd().as_fd().as_raw_fd();
     let mut keys = vec![0u8; key_size * BATCH as usize];
     let mut values = vec![0u8; value_size * BATCH as usize];
     let mut cursor = [0u64; 2];
-    let mut total = 0usize;
     let mut first = true;
     let mut batch = BATCH;
     // Bounded: each call moves the cursor on by at least one bucket, and a map has at most a
@@ -145,18 +158,23 @@ fn count_entries(map: &MapData, key_size: usize, value_size: usize) -> std::io::
             )
         };
         let err = (r < 0).then(std::io::Error::last_os_error);
-        match err.as_ref().and_then(|e| e.raw_os_error()) {
-            None => {}
+        let done = match err.as_ref().and_then(|e| e.raw_os_error()) {
+            None => false,
             // The walk is over; `count` holds what the last call found.
-            Some(libc::ENOENT) => return Ok(total + attr.count as usize),
+            Some(libc::ENOENT) => true,
             // One bucket holds more entries than `batch`: ask for more at once.
             Some(libc::ENOSPC) => {
                 batch = batch.saturating_mul(2);
                 continue;
             }
             Some(_) => return Err(err.expect("an error")),
+        };
+        for key in keys[..attr.count as usize * key_size].chunks_exact(key_size) {
+            each(key);
         }
-        total += attr.count as usize;
+        if done {
+            return Ok(());
+        }
         cursor[0] = cursor[1];
         first = false;
     }

@@ -15,6 +15,10 @@ pub const IDENTITY_UNKNOWN: IdentityId = 0;
 pub const IDENTITY_HOST: IdentityId = 1;
 /// Any address no identity claims.
 pub const IDENTITY_WORLD: IdentityId = 2;
+/// Kubernetes mode: an address whose pods the policy cannot give one identity (two selectors
+/// match the pod, two pods of different identities hold the address, or it lies in another
+/// identity's CIDR). No rule names it, so its traffic is denied both ways.
+pub const IDENTITY_AMBIGUOUS: IdentityId = 3;
 /// Declared identities are numbered from here, in policy order, per generation.
 pub const IDENTITY_FIRST_USER: IdentityId = 256;
 

@@ -25,7 +25,7 @@ use ipnet::IpNet;
 use tollgate_common::{
     identity::{
         is_exact_identity, IdentityId, IDENTITY_FIRST_USER, IDENTITY_FLAG_NODE_ADDRESS,
-        IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS,
+        IDENTITY_AMBIGUOUS, IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS,
     },
     ports::for_each_prefix,
     ratelimit::{self, LIMIT_FLAG_AUDIT, LIMIT_KINDS},
@@ -96,6 +96,9 @@ pub struct CompiledPolicy {
     /// (LPM prefix_len including the 32 slot bits, key, value).
     pub identities_v4: Vec<(u32, IdentityKeyV4, IdentityValue)>,
     pub identities_v6: Vec<(u32, IdentityKeyV6, IdentityValue)>,
+    /// The value of declared identity `i` (id `IDENTITY_FIRST_USER + i`): what the addresses a
+    /// selector gives it at run time are written with.
+    pub identity_values: Vec<IdentityValue>,
     /// (LPM prefix_len, key, value). No two entries of one pair and protocol overlap.
     pub rules: Vec<(u32, RuleKey, RuleValue)>,
     /// The rate limits: rules' `rateLimit` in rule order, then `spec.rateLimits` in file order.
@@ -330,6 +333,7 @@ pub fn compile_policy(
     let mut identity_names = Vec::with_capacity(policy.identities.len() + 2);
     identity_names.push((IDENTITY_HOST, "host".to_owned()));
     identity_names.push((IDENTITY_WORLD, "world".to_owned()));
+    identity_names.push((IDENTITY_AMBIGUOUS, "ambiguous".to_owned()));
     for (i, identity) in policy.identities.iter().enumerate() {
         let id = IDENTITY_FIRST_USER + i as u32;
         ids.insert(&identity.name, id);
@@ -355,13 +359,29 @@ pub fn compile_policy(
         .collect();
     bindings.sort();
     let rules = rule_entries(policy, slot, clock, &ids, &limits.by_rule);
+    let identity_values: Vec<IdentityValue> = (0..policy.identities.len())
+        .map(|i| IdentityValue {
+            id: IDENTITY_FIRST_USER + i as u32,
+            flags: 0,
+            limit_id: limits.by_identity[i],
+            ..Default::default()
+        })
+        .collect();
+    // A selector's pods get entries at run time, carrying the identity's quota.
+    let selected = policy
+        .identities
+        .iter()
+        .zip(&identity_values)
+        .filter(|(identity, _)| identity.selector.is_some())
+        .map(|(_, v)| v.limit_id);
     let mut compiled_limits = limits.limits;
     let mut used = vec![false; compiled_limits.len()];
     let positions = rules
         .iter()
         .map(|(_, _, v)| v.limit_id)
         .chain(identities_v4.iter().map(|(_, _, v)| v.limit_id))
-        .chain(identities_v6.iter().map(|(_, _, v)| v.limit_id));
+        .chain(identities_v6.iter().map(|(_, _, v)| v.limit_id))
+        .chain(selected);
     for position in positions.filter(|&p| p != 0) {
         used[position as usize - 1] = true;
     }
@@ -376,6 +396,7 @@ pub fn compile_policy(
         },
         identities_v4,
         identities_v6,
+        identity_values,
         rules,
         limits: compiled_limits,
         names: Arc::new(PolicyNames {

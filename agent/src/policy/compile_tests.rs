@@ -579,6 +579,7 @@ fn hundred_thousand_rules_compile() {
             spiffe_id: None,
             cidrs: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)).into()],
             interfaces: Vec::new(),
+            selector: None,
         })
         .collect();
     let rules: Vec<Rule> = (0..100_000u32)

@@ -15,6 +15,7 @@ mod compile;
 mod locate;
 mod model;
 mod nesting;
+pub mod selector;
 mod validate;
 mod yaml;
 
@@ -150,6 +151,8 @@ pub struct Identity {
     /// Interfaces bound to this identity: packets arriving on them must come from one of its
     /// addresses (source validation). No interface is bound to two identities.
     pub interfaces: Vec<String>,
+    /// Kubernetes mode: the pods whose addresses belong to this identity as well.
+    pub selector: Option<selector::Selector>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,8 @@
 //! Rate numbers are read as `i64`, wider than the `u64` they become, so that `-5` gets
 //! validation's message rather than serde's type error.
 
+use std::collections::BTreeMap;
+
 use serde::{de::IgnoredAny, Deserialize, Deserializer};
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +50,36 @@ pub(super) struct IdentityEntry {
     pub spiffe_id: Option<String>,
     pub cidrs: Option<Vec<String>>,
     pub interfaces: Option<Vec<String>>,
+    /// Kubernetes mode: the identity's addresses are those of the pods this selects.
+    pub selector: Option<SelectorEntry>,
+}
+
+/// An identity's `selector`, as Kubernetes writes its selectors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct SelectorEntry {
+    pub namespace: Option<String>,
+    pub namespace_selector: Option<LabelSelectorEntry>,
+    pub match_labels: Option<BTreeMap<String, String>>,
+    pub match_expressions: Option<Vec<ExpressionEntry>>,
+    pub service_account: Option<String>,
+}
+
+/// `namespaceSelector`: a Kubernetes `LabelSelector`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct LabelSelectorEntry {
+    pub match_labels: Option<BTreeMap<String, String>>,
+    pub match_expressions: Option<Vec<ExpressionEntry>>,
+}
+
+/// One of `matchExpressions`: `{key, operator, values}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct ExpressionEntry {
+    pub key: Option<String>,
+    pub operator: Option<String>,
+    pub values: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

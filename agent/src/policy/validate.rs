@@ -17,6 +17,10 @@ use tollgate_common::ratelimit::{kind, RateError, LIMIT_KINDS, MAX_BURST_WINDOW_
 
 use super::{
     model::{self, Present},
+    selector::{
+        check_label_key, check_label_value, is_dns_subdomain, LabelSelector, NamespaceMatch, Op,
+        Requirement, Selector,
+    },
     Identity, IdentityQuota, Mode, Per, Policy, PortSpec, Protocol, Rate, RateLimit, Rule,
     API_VERSION, KIND,
 };
@@ -312,7 +316,7 @@ impl Validator {
             let at = list.item(i);
             let name_path = at.field("name");
             let name = self.dns_label(name_path, entry.name);
-            if RESERVED_IDENTITIES.contains(&name.as_str()) {
+            if RESERVED_IDENTITIES.contains(&name.as_str()) || name == "ambiguous" {
                 self.issue(
                     name_path,
                     format!("{name:?} is a reserved identity and cannot be declared"),
@@ -345,15 +349,23 @@ impl Validator {
                 }
             }
 
+            let selector_path = at.field("selector");
+            let selector = entry
+                .selector
+                .and_then(|written| self.selector(selector_path, written));
             let cidrs_path = at.field("cidrs");
             let mut cidrs = Vec::new();
             let mut positions = Vec::new();
             match entry.cidrs {
-                None => self.issue(cidrs_path, "required (the addresses of this identity)"),
+                None if selector.is_some() => {}
+                None => self.issue(
+                    cidrs_path,
+                    "required unless the identity has a selector (the addresses of this identity)",
+                ),
                 Some(list) if list.is_empty() => self.issue(
                     cidrs_path,
                     "must list at least one CIDR or address (an identity without addresses \
-                     matches no traffic)",
+                     matches no traffic); leave it out if the selector gives the addresses",
                 ),
                 Some(list) => {
                     for (j, text) in list.iter().enumerate() {
@@ -391,11 +403,190 @@ impl Validator {
                 spiffe_id: entry.spiffe_id,
                 cidrs,
                 interfaces,
+                selector,
             });
             written_at.push(positions);
         }
         self.overlaps(&identities, &written_at);
+        self.selector_overlaps(&identities);
         identities
+    }
+
+    /// An identity's `selector`: at least one part, `namespace` or `namespaceSelector` (not
+    /// both), every label key and value as Kubernetes accepts them.
+    fn selector(&mut self, at: At<'_>, entry: model::SelectorEntry) -> Option<Selector> {
+        let issues_before = self.issues.len();
+        if entry.namespace.is_none()
+            && entry.namespace_selector.is_none()
+            && entry.match_labels.is_none()
+            && entry.match_expressions.is_none()
+            && entry.service_account.is_none()
+        {
+            self.issue(
+                at,
+                "an empty selector would take in every pod of the cluster; set namespace, \
+                 namespaceSelector, matchLabels, matchExpressions or serviceAccount",
+            );
+            return None;
+        }
+        let namespace = match (entry.namespace, entry.namespace_selector) {
+            (Some(_), Some(_)) => {
+                self.issue(
+                    at.field("namespaceSelector"),
+                    "set namespace or namespaceSelector, not both",
+                );
+                NamespaceMatch::Any
+            }
+            (Some(name), None) => {
+                let name = self.dns_label(at.field("namespace"), Some(name));
+                NamespaceMatch::Named(name)
+            }
+            (None, Some(ns)) => {
+                let path = at.field("namespaceSelector");
+                if ns.match_labels.is_none() && ns.match_expressions.is_none() {
+                    self.issue(
+                        path,
+                        "an empty namespaceSelector selects every namespace; set matchLabels or \
+                         matchExpressions, or leave it out",
+                    );
+                }
+                NamespaceMatch::Labels(self.label_selector(
+                    path,
+                    ns.match_labels,
+                    ns.match_expressions,
+                ))
+            }
+            (None, None) => NamespaceMatch::Any,
+        };
+        let pods = self.label_selector(at, entry.match_labels, entry.match_expressions);
+        if let Some(sa) = &entry.service_account {
+            if !is_dns_subdomain(sa) {
+                self.issue(
+                    at.field("serviceAccount"),
+                    format!(
+                        "{sa:?} is not a service account name: lowercase letters, digits, '-' \
+                         and '.', at most 253"
+                    ),
+                );
+            }
+        }
+        (self.issues.len() == issues_before).then_some(Selector {
+            namespace,
+            pods,
+            service_account: entry.service_account,
+        })
+    }
+
+    /// `matchLabels` and `matchExpressions` under `at`, as one list of requirements.
+    fn label_selector(
+        &mut self,
+        at: At<'_>,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+        expressions: Option<Vec<model::ExpressionEntry>>,
+    ) -> LabelSelector {
+        let mut requirements = Vec::new();
+        let labels_path = at.field("matchLabels");
+        for (key, value) in labels.unwrap_or_default() {
+            if let Err(why) = check_label_key(&key) {
+                self.issue(labels_path, format!("label key {key:?}: {why}"));
+            } else if let Err(why) = check_label_value(&value) {
+                self.issue(labels_path, format!("label {key:?} value {value:?}: {why}"));
+            }
+            requirements.push(Requirement {
+                key,
+                op: Op::In([value].into()),
+            });
+        }
+        let list = at.field("matchExpressions");
+        for (i, e) in expressions.unwrap_or_default().into_iter().enumerate() {
+            let at = list.item(i);
+            let Some(key) = self.required(at.field("key"), e.key) else {
+                continue;
+            };
+            if let Err(why) = check_label_key(&key) {
+                self.issue(at.field("key"), format!("{key:?}: {why}"));
+            }
+            let Some(operator) = self.required(at.field("operator"), e.operator) else {
+                continue;
+            };
+            let values_path = at.field("values");
+            let op = match operator.as_str() {
+                "In" | "NotIn" => {
+                    let values = e.values.unwrap_or_default();
+                    if values.is_empty() {
+                        self.issue(
+                            values_path,
+                            format!("{operator} needs at least one value"),
+                        );
+                    }
+                    for (j, v) in values.iter().enumerate() {
+                        if let Err(why) = check_label_value(v) {
+                            self.issue(values_path.item(j), format!("{v:?}: {why}"));
+                        }
+                    }
+                    let values = values.into_iter().collect();
+                    if operator == "In" {
+                        Op::In(values)
+                    } else {
+                        Op::NotIn(values)
+                    }
+                }
+                "Exists" | "DoesNotExist" => {
+                    if e.values.as_ref().is_some_and(|v| !v.is_empty()) {
+                        self.issue(values_path, format!("{operator} takes no values"));
+                    }
+                    if operator == "Exists" {
+                        Op::Exists
+                    } else {
+                        Op::DoesNotExist
+                    }
+                }
+                other => {
+                    self.issue(
+                        at.field("operator"),
+                        format!(
+                            "unknown operator {other:?}; expected In, NotIn, Exists or \
+                             DoesNotExist"
+                        ),
+                    );
+                    continue;
+                }
+            };
+            requirements.push(Requirement { key, op });
+        }
+        LabelSelector { requirements }
+    }
+
+    /// A pod may belong to one identity only. Where one identity's selector takes in every pod
+    /// another's does, no pod could ever be the narrower one's alone: refused. Selectors that
+    /// merely could share a pod are checked at run time, pod by pod.
+    fn selector_overlaps(&mut self, identities: &[Identity]) {
+        let with: Vec<(usize, &Selector)> = identities
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| id.selector.as_ref().map(|s| (i, s)))
+            .collect();
+        for (n, &(i, a)) in with.iter().enumerate() {
+            for &(j, b) in &with[n + 1..] {
+                let (wide, narrow) = if a.covers(b) {
+                    (i, j)
+                } else if b.covers(a) {
+                    (j, i)
+                } else {
+                    continue;
+                };
+                self.issue(
+                    format!("spec.identities[{j}].selector"),
+                    format!(
+                        "every pod the selector of identities[{narrow}] ({:?}) matches is also \
+                         matched by identities[{wide}] ({:?}); a pod may belong to one identity \
+                         only, so narrow the broader selector (for example with a NotIn \
+                         expression)",
+                        identities[narrow].name, identities[wide].name
+                    ),
+                );
+            }
+        }
     }
 
     /// An address must resolve to at most one identity, so CIDRs of different identities may

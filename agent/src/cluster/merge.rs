@@ -1,0 +1,411 @@
+//! Merging every `Policy` object of the cluster into the one policy a generation enforces.
+//!
+//! - Objects are taken in name order. Identity, rule and rate-limit names share one namespace
+//!   across objects, and a rule may name an identity another object declares.
+//! - An object that makes the merged policy invalid is skipped whole, never half-applied: its
+//!   first error is its reason (field paths and indexes are the object's own). Where two objects
+//!   conflict (the same identity name, overlapping CIDRs or selectors), the error lands on the
+//!   later item, so the object whose name sorts first wins.
+//! - An object's `spec.mode` and `spec.log` apply to its own rules and quotas (those that do
+//!   not set their own). The default deny is in audit mode only when every object says
+//!   `mode: audit`; one enforcing object makes it enforce.
+//!
+//! The merged policy is a JSON document (JSON is YAML), so it goes through the same parser and
+//! validation as a file, and `tollgate policy get` shows it.
+
+use serde_json::{json, Map, Value};
+
+use crate::policy::{parse_policy_owned, PolicyError};
+
+/// Name of the merged policy.
+pub const MERGED_NAME: &str = "kubernetes";
+
+/// A `Policy` object as the API server gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyObject {
+    pub name: String,
+    pub resource_version: String,
+    /// The object's `spec`, as sent (`Value::Null` if it had none).
+    pub spec: Value,
+}
+
+/// An object left out of the merged policy, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Skipped {
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Merged {
+    /// The merged document, ready for the installer.
+    pub text: String,
+    /// Objects in the merged policy, in name order.
+    pub accepted: Vec<String>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// The three lists an object contributes to.
+const LISTS: [&str; 3] = ["identities", "rules", "rateLimits"];
+
+struct Piece<'a> {
+    object: &'a PolicyObject,
+    /// The object's lists with its `mode`/`log` pushed into their items.
+    lists: [Vec<Value>; 3],
+    audit: bool,
+}
+
+/// Merges `objects` (any order).
+pub fn merge(objects: &[PolicyObject]) -> Merged {
+    let mut sorted: Vec<&PolicyObject> = objects.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut skipped = Vec::new();
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
+    for object in sorted {
+        match piece(object) {
+            Ok(p) => pieces.push(p),
+            Err(reason) => skipped.push(Skipped {
+                name: object.name.clone(),
+                reason,
+            }),
+        }
+    }
+    // Each round either succeeds or removes at least one object: bounded by their number.
+    for _ in 0..=pieces.len() {
+        let text = document(&pieces);
+        let error = match parse_policy_owned(text.clone(), "kubernetes") {
+            Ok(_) => {
+                return Merged {
+                    text,
+                    accepted: pieces.iter().map(|p| p.object.name.clone()).collect(),
+                    skipped: sorted_skipped(skipped),
+                }
+            }
+            Err(e) => e,
+        };
+        let mut blamed: Vec<(usize, String)> = Vec::new();
+        for e in std::iter::once(&error).chain(&error.more) {
+            if let Some((owner, reason)) = blame(&pieces, e) {
+                if !blamed.iter().any(|(o, _)| *o == owner) {
+                    blamed.push((owner, reason));
+                }
+            }
+        }
+        if blamed.is_empty() {
+            // A policy-wide error (too many rate limits in total): the last object goes.
+            let Some(last) = pieces.len().checked_sub(1) else {
+                break;
+            };
+            blamed.push((last, error.without_more()));
+        }
+        blamed.sort_by_key(|(owner, _)| std::cmp::Reverse(*owner));
+        for (owner, reason) in blamed {
+            let p = pieces.remove(owner);
+            skipped.push(Skipped {
+                name: p.object.name.clone(),
+                reason,
+            });
+        }
+    }
+    // Not reached for valid input (an empty policy is valid); refuse everything rather than
+    // loop.
+    let mut all: Vec<Skipped> = skipped;
+    all.extend(pieces.iter().map(|p| Skipped {
+        name: p.object.name.clone(),
+        reason: "the merged policy could not be validated".to_owned(),
+    }));
+    Merged {
+        text: document(&[]),
+        accepted: Vec::new(),
+        skipped: sorted_skipped(all),
+    }
+}
+
+fn sorted_skipped(mut skipped: Vec<Skipped>) -> Vec<Skipped> {
+    skipped.sort_by(|a, b| a.name.cmp(&b.name));
+    skipped
+}
+
+/// An object's contribution, or why it has none.
+fn piece(object: &PolicyObject) -> Result<Piece<'_>, String> {
+    let spec = match &object.spec {
+        Value::Object(map) => map,
+        Value::Null => return Err("spec: required".to_owned()),
+        _ => return Err("spec: must be a mapping".to_owned()),
+    };
+    for key in spec.keys() {
+        if !matches!(key.as_str(), "mode" | "log" | "identities" | "rules" | "rateLimits") {
+            return Err(format!(
+                "spec.{key}: unknown field (expected mode, log, identities, rules, rateLimits)"
+            ));
+        }
+    }
+    let mode = spec.get("mode").cloned();
+    let audit = match &mode {
+        None => false,
+        Some(Value::String(m)) if m == "audit" => true,
+        Some(Value::String(m)) if m == "enforce" => false,
+        Some(other) => {
+            return Err(format!(
+                "spec.mode: unknown mode {other}; expected enforce or audit"
+            ))
+        }
+    };
+    let log = match spec.get("log") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => return Err(format!("spec.log: {other} is not a boolean")),
+    };
+    let mut lists: [Vec<Value>; 3] = Default::default();
+    for (i, list) in LISTS.iter().enumerate() {
+        match spec.get(*list) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => lists[i] = items.clone(),
+            Some(_) => return Err(format!("spec.{list}: must be a list")),
+        }
+    }
+    for rule in &mut lists[1] {
+        if let Value::Object(r) = rule {
+            if let Some(m) = &mode {
+                r.entry("mode").or_insert_with(|| m.clone());
+            }
+            if log {
+                r.entry("log").or_insert(Value::Bool(true));
+            }
+        }
+    }
+    for quota in &mut lists[2] {
+        if let (Value::Object(q), Some(m)) = (quota, &mode) {
+            q.entry("mode").or_insert_with(|| m.clone());
+        }
+    }
+    Ok(Piece {
+        object,
+        lists,
+        audit,
+    })
+}
+
+/// The merged document of `pieces`.
+fn document(pieces: &[Piece<'_>]) -> String {
+    let mut spec = Map::new();
+    let all_audit = !pieces.is_empty() && pieces.iter().all(|p| p.audit);
+    spec.insert(
+        "mode".into(),
+        Value::String(if all_audit { "audit" } else { "enforce" }.into()),
+    );
+    for (i, list) in LISTS.iter().enumerate() {
+        let items: Vec<Value> = pieces.iter().flat_map(|p| p.lists[i].clone()).collect();
+        spec.insert((*list).into(), Value::Array(items));
+    }
+    let doc = json!({
+        "apiVersion": crate::policy::API_VERSION,
+        "kind": crate::policy::KIND,
+        "metadata": { "name": MERGED_NAME },
+        "spec": spec,
+    });
+    serde_json::to_string_pretty(&doc).expect("a JSON value serializes")
+}
+
+/// Which piece an error is about, and the error in that object's own terms.
+fn blame(pieces: &[Piece<'_>], e: &PolicyError) -> Option<(usize, String)> {
+    let field = e.field.as_deref()?;
+    let field = field.strip_prefix("spec.").unwrap_or(field);
+    let (list_index, rest) = LISTS.iter().enumerate().find_map(|(i, l)| {
+        field
+            .strip_prefix(l)
+            .and_then(|r| r.strip_prefix('['))
+            .map(|r| (i, r))
+    })?;
+    let (index, tail) = rest.split_once(']')?;
+    let mut index: usize = index.parse().ok()?;
+    for (owner, p) in pieces.iter().enumerate() {
+        let len = p.lists[list_index].len();
+        if index < len {
+            let message = rebase(&e.message, pieces, owner, list_index);
+            return Some((
+                owner,
+                format!("spec.{}[{index}]{tail}: {message}", LISTS[list_index]),
+            ));
+        }
+        index -= len;
+    }
+    None
+}
+
+/// Messages refer to other items by merged index (`identities[7]`); say whose they are.
+fn rebase(message: &str, pieces: &[Piece<'_>], owner: usize, list_index: usize) -> String {
+    let list = LISTS[list_index];
+    let marker = format!("{list}[");
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(&marker) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + marker.len()..];
+        let Some((num, tail)) = after.split_once(']') else {
+            out.push_str(&rest[at..]);
+            rest = "";
+            break;
+        };
+        match num.parse::<usize>() {
+            Ok(mut n) => {
+                let mut named = None;
+                for (i, p) in pieces.iter().enumerate() {
+                    let len = p.lists[list_index].len();
+                    if n < len {
+                        named = Some(if i == owner {
+                            format!("{list}[{n}]")
+                        } else {
+                            format!("{list}[{n}] of Policy {:?}", p.object.name)
+                        });
+                        break;
+                    }
+                    n -= len;
+                }
+                out.push_str(&named.unwrap_or_else(|| format!("{list}[{num}]")));
+            }
+            Err(_) => out.push_str(&format!("{marker}{num}]")),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_policy;
+
+    fn object(name: &str, spec: Value) -> PolicyObject {
+        PolicyObject {
+            name: name.into(),
+            resource_version: "1".into(),
+            spec,
+        }
+    }
+
+    fn web_db() -> PolicyObject {
+        object(
+            "a-base",
+            json!({
+                "identities": [
+                    {"name": "web", "selector": {"namespace": "shop", "matchLabels": {"app": "web"}}},
+                    {"name": "db", "selector": {"namespace": "shop", "matchLabels": {"app": "db"}}}
+                ]
+            }),
+        )
+    }
+
+    #[test]
+    fn objects_merge_and_may_name_each_others_identities() {
+        let rules = object(
+            "b-rules",
+            json!({
+                "mode": "audit",
+                "log": true,
+                "rules": [{"name": "web-to-db", "from": "web", "to": "db",
+                           "ports": [{"port": 5432, "protocol": "TCP"}]}]
+            }),
+        );
+        let merged = merge(&[rules, web_db()]);
+        assert_eq!(merged.accepted, ["a-base", "b-rules"]);
+        assert!(merged.skipped.is_empty());
+        let policy = parse_policy(&merged.text, "merged").unwrap();
+        assert_eq!(policy.name, MERGED_NAME);
+        assert_eq!(policy.identities.len(), 2);
+        // The object's mode and log went into its rule; the default deny still enforces.
+        assert_eq!(policy.mode, crate::policy::Mode::Enforce);
+        assert_eq!(policy.rules[0].mode, Some(crate::policy::Mode::Audit));
+        assert_eq!(policy.rules[0].log, Some(true));
+    }
+
+    #[test]
+    fn an_invalid_object_is_skipped_whole_with_its_own_field_path() {
+        let bad = object(
+            "c-bad",
+            json!({
+                "identities": [{"name": "cache", "cidrs": ["10.200.3.0/24"]}],
+                "rules": [
+                    {"name": "ok", "from": "web", "to": "cache", "ports": [{"port": 80, "protocol": "TCP"}]},
+                    {"name": "bad", "from": "web", "to": "db", "ports": [{"port": 70000, "protocol": "TCP"}]}
+                ]
+            }),
+        );
+        let merged = merge(&[web_db(), bad]);
+        assert_eq!(merged.accepted, ["a-base"]);
+        assert_eq!(merged.skipped.len(), 1);
+        let reason = &merged.skipped[0].reason;
+        assert!(reason.starts_with("spec.rules[1].ports[0].port"), "{reason}");
+        // Nothing of it went in: not its identity, not its valid rule.
+        let policy = parse_policy(&merged.text, "merged").unwrap();
+        assert_eq!(policy.identities.len(), 2);
+        assert!(policy.rules.is_empty());
+    }
+
+    #[test]
+    fn the_first_object_by_name_wins_a_conflict() {
+        let dup = object(
+            "z-dup",
+            json!({"identities": [{"name": "web", "cidrs": ["10.200.5.0/24"]}]}),
+        );
+        let merged = merge(&[dup, web_db()]);
+        assert_eq!(merged.accepted, ["a-base"]);
+        assert_eq!(merged.skipped[0].name, "z-dup");
+        assert!(
+            merged.skipped[0].reason.contains("duplicate identity name")
+                && merged.skipped[0].reason.contains("of Policy \"a-base\""),
+            "{}",
+            merged.skipped[0].reason
+        );
+    }
+
+    #[test]
+    fn an_object_relying_on_a_skipped_one_is_skipped_too() {
+        let base = object(
+            "a-base",
+            json!({"identities": [{"name": "web", "cidrs": ["10.200.1.0/33"]}]}),
+        );
+        let user = object(
+            "b-user",
+            json!({"rules": [{"name": "r", "from": "web", "to": "world", "ports": [{"protocol": "TCP", "port": 80}]}]}),
+        );
+        let merged = merge(&[base, user]);
+        assert!(merged.accepted.is_empty());
+        assert_eq!(merged.skipped.len(), 2);
+        assert!(merged.skipped[1].reason.contains("unknown identity"));
+        // Nothing valid: the merged policy denies everything, and is itself valid.
+        parse_policy(&merged.text, "merged").unwrap();
+    }
+
+    #[test]
+    fn malformed_specs_are_refused_with_a_reason() {
+        for (spec, expect) in [
+            (Value::Null, "spec: required"),
+            (json!([1]), "must be a mapping"),
+            (json!({"extra": 1}), "spec.extra: unknown field"),
+            (json!({"mode": "maybe"}), "spec.mode"),
+            (json!({"rules": {"a": 1}}), "spec.rules: must be a list"),
+            (json!({"log": "yes"}), "spec.log"),
+        ] {
+            let merged = merge(&[object("x", spec)]);
+            assert!(merged.accepted.is_empty());
+            assert!(
+                merged.skipped[0].reason.contains(expect),
+                "{}",
+                merged.skipped[0].reason
+            );
+        }
+    }
+
+    #[test]
+    fn no_objects_is_a_valid_deny_all_policy() {
+        let merged = merge(&[]);
+        let p = parse_policy(&merged.text, "merged").unwrap();
+        assert!(p.rules.is_empty() && p.identities.is_empty());
+        assert_eq!(p.mode, crate::policy::Mode::Enforce);
+        let audit = merge(&[object("a", json!({"mode": "audit"}))]);
+        let p = parse_policy(&audit.text, "merged").unwrap();
+        assert_eq!(p.mode, crate::policy::Mode::Audit);
+    }
+}
