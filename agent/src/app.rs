@@ -23,11 +23,12 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     aggregate, api,
+    cluster::{self, watch::KubeSettings, watch::SharedStatus},
     audit::{AuditConfig, AuditLog},
     events::{Control, EventStats, Input, LogSink, Pipeline, Sink},
     flows::{Flows, FlowsSink},
     handles::{ConfigView, Handles},
-    installer::{Installer, InstallerConfig, RESCAN_INTERVAL},
+    installer::{ClusterState, Initial, Installer, InstallerConfig, RESCAN_INTERVAL},
     linkwatch::LinkEvents,
     metrics::{self, Metrics},
     paths::PinLayout,
@@ -37,9 +38,17 @@ use crate::{
 
 pub use crate::installer::map_large_buffers_apart;
 
+/// Where the policy comes from.
+pub enum PolicySource {
+    /// `--policy FILE`.
+    File(PathBuf),
+    /// `--kubernetes`: the cluster's Policy objects, and pods for selectors.
+    Kubernetes(KubeSettings),
+}
+
 pub struct AgentConfig {
     pub installer: InstallerConfig,
-    pub policy_path: PathBuf,
+    pub source: PolicySource,
     pub socket: PathBuf,
     /// Where the agent keeps what must survive it (the flow inventory). None: nothing is kept.
     pub state_dir: Option<PathBuf>,
@@ -131,14 +140,40 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         bpffs: config.installer.bpffs.display().to_string(),
         interfaces: config.installer.selector.as_str().to_string(),
     }));
-    let policy = crate::policy::load_policy_file(&config.policy_path)?;
+    let (initial, cluster, kube) = match &config.source {
+        PolicySource::File(path) => {
+            let policy = crate::policy::load_policy_file(path)?;
+            crate::installer::refuse_selectors(&policy)?;
+            (Initial::Policy(policy), None, None)
+        }
+        PolicySource::Kubernetes(settings) => {
+            // A kubeconfig that cannot be used is a configuration error now; an API server
+            // that does not answer is not (the watchers retry, the pinned state enforces).
+            let client = cluster::watch::client(settings).await?;
+            let status = SharedStatus::default();
+            let fallback = crate::policy::parse_policy_owned(
+                cluster::merge::merge(&[]).text,
+                "kubernetes",
+            )
+            .context("the deny-all policy")?;
+            (
+                Initial::KeepPinned { fallback },
+                Some(ClusterState::new(config.node.clone(), status.clone())),
+                Some((client, status)),
+            )
+        }
+    };
     let layout = PinLayout::new(&config.installer.bpffs);
     let (applied_tx, mut applied_rx) = mpsc::unbounded_channel();
     let installer_config = config.installer.clone();
     let installer = tokio::task::block_in_place(|| {
-        Installer::start(installer_config, policy, Some(applied_tx))
+        Installer::start(installer_config, initial, Some(applied_tx), cluster)
     })?;
     let (installer, _installer_thread) = installer.spawn()?;
+    let cluster_status = kube.as_ref().map(|(_, status)| status.clone());
+    let watchers = kube.map(|(client, status)| {
+        tokio::spawn(cluster::watch::run(client, installer.clone(), status))
+    });
     {
         // Policies that went live, for the audit log, in order.
         let control = control_tx.clone();
@@ -167,6 +202,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         flows: flows.clone(),
         audit: audit_stats,
         ready: Arc::new(AtomicBool::new(false)),
+        cluster: cluster_status,
         config: Arc::new(ConfigView {
             bpffs: config.installer.bpffs.display().to_string(),
             interfaces_selector: config.installer.selector.as_str().to_string(),
@@ -230,6 +266,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .store(false, std::sync::atomic::Ordering::Relaxed);
     server.abort();
     rescan.abort();
+    if let Some(w) = watchers {
+        w.abort();
+    }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     if control_tx
         .send(Input::Stop {

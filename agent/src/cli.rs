@@ -126,9 +126,18 @@ pub struct AgentArgs {
     /// Interfaces to enforce on: comma-separated names or globs, e.g. 'tg-*,eth0'.
     #[arg(long, required_unless_present = "uninstall")]
     pub interfaces: Option<String>,
-    /// Policy file (v1alpha1 YAML) to enforce at start.
-    #[arg(long, required_unless_present = "uninstall")]
+    /// Policy file (v1alpha1 YAML) to enforce; read again whenever it changes (a ConfigMap
+    /// volume's swap included).
+    #[arg(long, required_unless_present_any = ["uninstall", "kubernetes"], conflicts_with = "kubernetes")]
     pub policy: Option<PathBuf>,
+    /// Kubernetes mode: identities from pods (selectors), policy from the cluster's
+    /// `tollgate.dev/v1alpha1` Policy objects, merged. Uses in-cluster configuration unless
+    /// --kubeconfig is given.
+    #[arg(long, conflicts_with = "uninstall")]
+    pub kubernetes: bool,
+    /// The kubeconfig for --kubernetes (default: in-cluster, or KUBECONFIG).
+    #[arg(long, requires = "kubernetes", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
     /// Directory on bpffs where programs, links and maps are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -548,8 +557,15 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         );
         return Ok(0);
     }
-    let (Some(interfaces), Some(policy)) = (args.interfaces, args.policy) else {
-        unreachable!("clap requires --interfaces and --policy without --uninstall");
+    let Some(interfaces) = args.interfaces else {
+        unreachable!("clap requires --interfaces without --uninstall");
+    };
+    let source = match (args.policy, args.kubernetes) {
+        (Some(path), false) => app::PolicySource::File(path),
+        (None, true) => app::PolicySource::Kubernetes(crate::cluster::watch::KubeSettings {
+            kubeconfig: args.kubeconfig,
+        }),
+        _ => unreachable!("clap requires exactly one of --policy and --kubernetes"),
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -612,7 +628,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
                 conntrack_entries: args.conntrack_entries,
             },
         },
-        policy_path: policy,
+        source,
         socket,
         state_dir: Some(args.state_dir),
         metrics_addr: args.metrics_addr.0,
@@ -621,6 +637,47 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
     };
     runtime()?.block_on(app::run(config))?;
     Ok(0)
+}
+
+fn print_kubernetes(k: &crate::wire::KubernetesStatus) {
+    let listed = |done: bool| if done { "listed" } else { "not listed yet" };
+    println!(
+        "kubernetes   {}, {}; pods {}, namespaces {}, policies {}",
+        if k.synced {
+            "synced"
+        } else {
+            "NOT SYNCED (enforcing the pinned state or default deny)"
+        },
+        if k.connected {
+            "connected"
+        } else {
+            "API server unreachable (enforcing the last known state)"
+        },
+        listed(k.pods_synced),
+        listed(k.namespaces_synced),
+        listed(k.policies_synced)
+    );
+    println!(
+        "  pods {} ({} on this node), {} addresses with an identity, {} changes applied, {} flow entries revoked, {} watch errors",
+        k.pods, k.local_pods, k.addresses, k.pod_changes, k.flows_revoked, k.watch_errors
+    );
+    println!(
+        "  policy objects: {}",
+        if k.policies.is_empty() {
+            "none".to_owned()
+        } else {
+            k.policies.join(", ")
+        }
+    );
+    for p in &k.skipped {
+        println!("  SKIPPED policy {}: {}", p.name, p.reason);
+    }
+    for c in &k.conflicts {
+        println!("  CONFLICT pod {}: {}", c.name, c.reason);
+    }
+    if let (Some(e), Some(at)) = (&k.last_error, &k.last_error_at) {
+        println!("  last error at {at}: {e}");
+    }
 }
 
 fn print_status(s: &StatusResponse) {
@@ -711,6 +768,9 @@ fn print_status(s: &StatusResponse) {
         "events       {} read, {} lost, {} suppressed by sampling, {} skipped",
         s.events_read, s.events_lost, s.events_suppressed, s.events_unknown
     );
+    if let Some(k) = &s.kubernetes {
+        print_kubernetes(k);
+    }
     if let Some(a) = &s.audit {
         println!(
             "audit        {}: head seq {} ({}), last checkpoint {}, {} write errors, {} dropped on stdout",

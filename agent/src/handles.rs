@@ -27,6 +27,8 @@ pub struct Handles {
     /// Set once the datapath is installed and attached, the event reader runs and the control
     /// socket serves: what `/readyz` answers.
     pub ready: Arc<AtomicBool>,
+    /// Kubernetes mode: the watchers' and the membership's status.
+    pub cluster: Option<crate::cluster::watch::SharedStatus>,
     /// What `status` shows of the configuration.
     pub config: Arc<ConfigView>,
 }
@@ -39,8 +41,14 @@ pub struct ConfigView {
 }
 
 impl Handles {
+    /// Started and healthy; in Kubernetes mode also synced with the API server once.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.is_healthy()
+        self.ready.load(Ordering::Relaxed)
+            && self.is_healthy()
+            && self
+                .cluster
+                .as_ref()
+                .is_none_or(|s| s.lock().is_ok_and(|s| s.synced))
     }
 
     /// The installer takes commands and the event reader runs.

@@ -8,7 +8,8 @@
 //! reader.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,9 +17,20 @@ use std::{
 use anyhow::{anyhow, Context as _, Result};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
-use tollgate_common::{slot_of, Verdict};
+use tollgate_common::{
+    identity::{
+        IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityValue, IDENTITY_AMBIGUOUS,
+        IDENTITY_FIRST_USER, SLOT_PREFIX_BITS,
+    },
+    slot_of, Verdict,
+};
 
 use crate::{
+    cluster::{
+        members::{Membership, StaticClaims},
+        watch::SharedStatus,
+        ClusterEvent,
+    },
     datapath::Datapath,
     error::Error,
     host::host_addresses,
@@ -30,7 +42,7 @@ use crate::{
     policy::{compile_policy, parse_policy_owned, ClockReading, Policy, PolicyNames, Protocol},
     wire::{
         CheckLimit, CheckRequest, CheckResponse, InterfaceStatus, MapStatus, MapUsage,
-        PolicyResponse,
+        NamedReason, PolicyResponse,
     },
 };
 
@@ -79,6 +91,20 @@ impl From<Policy> for LivePolicy {
     }
 }
 
+impl LivePolicy {
+    /// Kubernetes mode before the first sync: the previous agent's policy, of which this agent
+    /// knows only that it is pinned.
+    fn pinned() -> Self {
+        Self {
+            name: "(pinned; waiting for the API server)".to_owned(),
+            rules: 0,
+            identities: 0,
+            source_text: String::new(),
+            digest: String::new(),
+        }
+    }
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -114,8 +140,11 @@ impl Installed {
 pub enum Command {
     Apply {
         text: String,
+        source: Source,
         reply: oneshot::Sender<Result<PolicyResponse, Error>>,
     },
+    /// Kubernetes mode: pods and namespaces that changed.
+    Cluster(Vec<ClusterEvent>),
     Check {
         request: CheckRequest,
         reply: oneshot::Sender<Result<CheckResponse, Error>>,
@@ -157,8 +186,36 @@ impl InstallerHandle {
         rx.await.map_err(|_| stopped())?
     }
 
+    /// `tollgate policy apply`.
     pub async fn apply(&self, text: String) -> Result<PolicyResponse, Error> {
-        self.ask(|reply| Command::Apply { text, reply }).await
+        self.apply_from(text, Source::Api).await
+    }
+
+    /// The merged Policy objects (Kubernetes mode).
+    pub async fn apply_from_cluster(&self, text: String) -> Result<PolicyResponse, Error> {
+        self.apply_from(text, Source::Cluster).await
+    }
+
+    /// The `--policy` file, read again after it changed.
+    pub async fn apply_from_file(&self, text: String) -> Result<PolicyResponse, Error> {
+        self.apply_from(text, Source::File).await
+    }
+
+    async fn apply_from(&self, text: String, source: Source) -> Result<PolicyResponse, Error> {
+        self.ask(|reply| Command::Apply {
+            text,
+            source,
+            reply,
+        })
+        .await
+    }
+
+    /// Pods and namespaces that changed; waits for room in the queue, not for the install.
+    pub async fn cluster(&self, events: Vec<ClusterEvent>) -> Result<(), ()> {
+        self.commands
+            .send(Command::Cluster(events))
+            .await
+            .map_err(|_| ())
     }
 
     pub async fn check(&self, request: CheckRequest) -> Result<CheckResponse, Error> {
@@ -200,8 +257,19 @@ pub struct Installer {
     published: watch::Sender<Arc<Installed>>,
     /// Told of every policy that went live or was refused (the audit log records them).
     applied: Option<mpsc::UnboundedSender<PolicyChange>>,
+    /// Kubernetes mode.
+    cluster: Option<ClusterState>,
     /// Held for the installer's lifetime: no second agent or uninstall on this pin directory.
     _lock: PinLock,
+}
+
+/// What the installer enforces at start.
+pub enum Initial {
+    /// File mode: this policy.
+    Policy(Policy),
+    /// Kubernetes mode: the pinned datapath's live policy stays until the cluster is synced; a
+    /// datapath created now gets `fallback` (deny all).
+    KeepPinned { fallback: Policy },
 }
 
 /// What became of a policy given to the installer, for the audit log.
@@ -216,6 +284,27 @@ pub enum PolicyChange {
     },
 }
 
+/// Where a policy came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `tollgate policy apply`.
+    Api,
+    /// The `--policy` file, changed on disk.
+    File,
+    /// The Policy objects of the cluster, merged.
+    Cluster,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Api => "api",
+            Source::File => "file",
+            Source::Cluster => "kubernetes",
+        }
+    }
+}
+
 /// A policy that went live.
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -224,7 +313,9 @@ pub struct Applied {
     pub digest: String,
     pub rules: usize,
     pub identities: usize,
-    /// `start` (the policy file at agent start) or `api` (`tollgate policy apply`).
+    /// `start` (the policy file, or the deny-all policy of Kubernetes mode, at agent start),
+    /// `api` (`tollgate policy apply`), `file` (the policy file changed) or `kubernetes` (the
+    /// merged Policy objects).
     pub source: &'static str,
 }
 
@@ -234,8 +325,9 @@ impl Installer {
     /// interface the policy and interface settings it reads are complete.
     pub fn start(
         config: InstallerConfig,
-        policy: Policy,
+        initial: Initial,
         applied: Option<mpsc::UnboundedSender<PolicyChange>>,
+        mut cluster: Option<ClusterState>,
     ) -> Result<Installer> {
         let layout = PinLayout::new(&config.bpffs);
         // Refuse maps this build cannot adopt before creating anything under --bpffs (checked
@@ -258,7 +350,25 @@ impl Installer {
         for (_, ifindex) in &passive_uplinks {
             datapath.write_interface(*ifindex, true, Some(false), [None, None])?;
         }
-        let (policy, names, generation) = install(&mut datapath, policy, &interfaces)?;
+        let live = datapath.active_generation()?;
+        let (policy, names, generation, installed) = match initial {
+            Initial::KeepPinned { .. } if adopting && live > 0 => {
+                tracing::info!(
+                    generation = live,
+                    "keeping the pinned policy until the cluster is synced"
+                );
+                (
+                    LivePolicy::pinned(),
+                    Arc::new(PolicyNames::default()),
+                    live,
+                    false,
+                )
+            }
+            Initial::Policy(policy) | Initial::KeepPinned { fallback: policy } => {
+                let (p, n, g) = install(&mut datapath, policy, &interfaces, cluster.as_mut())?;
+                (p, n, g, true)
+            }
+        };
         release_freed_memory();
         let reconciled = loaded.reconcile(&interfaces)?;
         // Attached (or adopted): checked at their ingress from now on.
@@ -304,10 +414,13 @@ impl Installer {
             links_restored: 0,
             not_enforced,
             applied,
+            cluster,
             _lock: lock,
         };
         installer.publish();
-        installer.tell_applied("start");
+        if installed {
+            installer.tell_applied("start");
+        }
         Ok(installer)
     }
 
@@ -332,9 +445,14 @@ impl Installer {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Apply { text, reply } => {
-                let _ = reply.send(self.apply(text));
+            Command::Apply {
+                text,
+                source,
+                reply,
+            } => {
+                let _ = reply.send(self.apply(text, source));
             }
+            Command::Cluster(events) => self.cluster_events(events),
             Command::Check { request, reply } => {
                 let _ = reply.send(self.check(&request));
             }
@@ -346,6 +464,7 @@ impl Installer {
                 if let Err(e) = self.rescan() {
                     tracing::warn!(error = %format!("{e:#}"), "interface rescan failed");
                 }
+                self.flush_revoked(true);
             }
         }
     }
@@ -403,9 +522,17 @@ impl Installer {
         self.published.send_replace(Arc::new(installed));
     }
 
-    fn apply(&mut self, text: String) -> Result<PolicyResponse, Error> {
+    fn apply(&mut self, text: String, source: Source) -> Result<PolicyResponse, Error> {
+        if self.cluster.is_some() && source == Source::Api {
+            return Err(Error::BadRequest(
+                "this agent runs in Kubernetes mode: policy is managed through the API server \
+                 (kubectl apply -f a tollgate.dev/v1alpha1 Policy object); `tollgate policy get` \
+                 shows the merged policy in force"
+                    .to_owned(),
+            ));
+        }
         let digest = hex(&Sha256::digest(text.as_bytes()));
-        let result = self.try_apply(text);
+        let result = self.try_apply(text, source);
         if let (Err(e), Some(tx)) = (&result, &self.applied) {
             let _ = tx.send(PolicyChange::Rejected {
                 digest,
@@ -415,18 +542,26 @@ impl Installer {
         result
     }
 
-    fn try_apply(&mut self, text: String) -> Result<PolicyResponse, Error> {
+    fn try_apply(&mut self, text: String, source: Source) -> Result<PolicyResponse, Error> {
         let policy =
             parse_policy_owned(text, "policy").map_err(|e| Error::InvalidPolicy(e.to_string()))?;
+        if self.cluster.is_none() {
+            refuse_selectors(&policy)?;
+        }
         let interfaces = self.interfaces.clone();
-        let (policy, names, generation) =
-            install(&mut self.datapath, policy, &interfaces).map_err(Error::NotInstalled)?;
+        let (policy, names, generation) = install(
+            &mut self.datapath,
+            policy,
+            &interfaces,
+            self.cluster.as_mut(),
+        )
+        .map_err(Error::NotInstalled)?;
         tracing::info!(policy = %policy.name, generation, rules = policy.rules, "policy applied");
         self.policy = Arc::new(policy);
         self.generation = generation;
         self.names.push(generation, names, Instant::now());
         self.publish();
-        self.tell_applied("api");
+        self.tell_applied(source.name());
         release_freed_memory();
         Ok(PolicyResponse {
             name: self.policy.name.clone(),
@@ -434,6 +569,91 @@ impl Installer {
             rules: self.policy.rules,
             text: self.policy.source_text.clone(),
         })
+    }
+
+    /// Kubernetes mode: pods and namespaces changed. Entries of the live slot are rewritten
+    /// address by address (no new generation, no rule map touched). An address that loses an
+    /// identity loses its entry first; its tracked flows are removed before it gets another.
+    fn cluster_events(&mut self, events: Vec<ClusterEvent>) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let changes = c.members.apply(events);
+        let slot = slot_of(self.generation);
+        let mut failed = None;
+        for ch in changes.iter().filter(|ch| ch.before.is_some()) {
+            if let Err(e) = self
+                .datapath
+                .set_address(slot, ch.addr, c.members.statics().exact(&ch.addr))
+            {
+                failed = Some(e);
+            }
+            if ch.revokes() {
+                c.revoked.insert(ch.addr);
+                c.revoked_since.get_or_insert_with(Instant::now);
+            }
+        }
+        if changes
+            .iter()
+            .any(|ch| ch.after.is_some() && c.revoked.contains(&ch.addr))
+        {
+            flush_revoked(&mut self.datapath, c);
+        }
+        for ch in &changes {
+            if let Some(id) = ch.after {
+                let value = self.datapath.identity_value(id);
+                if let Err(e) = self.datapath.set_address(slot, ch.addr, Some(value)) {
+                    failed = Some(e);
+                }
+            }
+        }
+        let bindings = pod_bindings(&c.members, &c.node);
+        if bindings != c.bindings {
+            let live = self.names.live();
+            for (name, ifindex) in &self.interfaces {
+                let old = combined_binding(live.bound_identity(name), c.bindings.get(name).copied());
+                let new = combined_binding(live.bound_identity(name), bindings.get(name).copied());
+                if old != new {
+                    if let Err(e) = self.datapath.bind_interface(*ifindex, slot, new) {
+                        failed = Some(e);
+                    }
+                }
+            }
+            c.bindings = bindings;
+        }
+        if let Some(e) = failed {
+            tracing::error!(error = %format!("{e:#}"), "writing pod addresses failed; the next policy install rewrites them");
+        }
+        for ch in &changes {
+            if ch.after == Some(IDENTITY_AMBIGUOUS) {
+                tracing::warn!(address = %ch.addr, "pod address gets no identity (conflict; see `tollgate status`)");
+            }
+        }
+        {
+            let mut s = c.status.lock().expect("status lock");
+            s.pod_changes += changes.len() as u64;
+        }
+        c.report();
+        let due = c
+            .revoked_since
+            .is_some_and(|since| since.elapsed() >= REVOKE_BATCH);
+        if due {
+            flush_revoked(&mut self.datapath, c);
+        }
+    }
+
+    /// Removes the tracked flows of revoked addresses: now when `force`, else once the oldest
+    /// has waited `REVOKE_BATCH`.
+    fn flush_revoked(&mut self, force: bool) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        if c.revoked.is_empty() {
+            return;
+        }
+        if force || c.revoked_since.is_some_and(|s| s.elapsed() >= REVOKE_BATCH) {
+            flush_revoked(&mut self.datapath, c);
+        }
     }
 
     /// Decides a hypothetical new flow with the kernel's own code against the live maps (see
@@ -694,20 +914,82 @@ fn forget_other_interfaces(
 /// Compiles `policy` for the next generation and swaps it in; returns what is kept of the
 /// policy and the names of what it installed (the map entries themselves are not kept). The
 /// validated rules are dropped as soon as they are compiled, before the maps are written.
+///
+/// In Kubernetes mode (`cluster`) the new slot gets every pod address its selectors take in and
+/// every local pod's interface binding as well; the membership switches to the new selectors
+/// only once the install succeeded.
 fn install(
     datapath: &mut Datapath,
     policy: Policy,
     interfaces: &[(String, u32)],
+    cluster: Option<&mut ClusterState>,
 ) -> Result<(LivePolicy, Arc<PolicyNames>, u64)> {
     let generation = datapath.next_generation()?;
-    let compiled = compile_policy(
+    let slot = slot_of(generation);
+    let mut compiled = compile_policy(
         &policy,
-        slot_of(generation),
+        slot,
         &ClockReading::now(),
         &host_addresses()?,
     );
+    let selectors: Vec<(String, Option<crate::policy::selector::Selector>)> = policy
+        .identities
+        .iter()
+        .map(|i| (i.name.clone(), i.selector.clone()))
+        .collect();
     let policy = LivePolicy::from(policy);
-    datapath.install(&compiled, generation, interfaces)?;
+    match cluster {
+        None => datapath.install(&compiled, generation, interfaces)?,
+        Some(c) => {
+            let mut members = c.members.clone();
+            members.set_policy(
+                &selectors,
+                StaticClaims::new(&compiled.identities_v4, &compiled.identities_v6),
+            );
+            let value = |id: IdentityId| {
+                id.checked_sub(IDENTITY_FIRST_USER)
+                    .and_then(|i| compiled.identity_values.get(i as usize))
+                    .copied()
+                    .unwrap_or(IdentityValue {
+                        id,
+                        ..Default::default()
+                    })
+            };
+            let mut v4 = Vec::new();
+            let mut v6 = Vec::new();
+            for (addr, id) in members.assigned() {
+                match addr {
+                    IpAddr::V4(a) => v4.push((
+                        SLOT_PREFIX_BITS + 32,
+                        IdentityKeyV4 {
+                            slot,
+                            addr: a.octets(),
+                        },
+                        value(*id),
+                    )),
+                    IpAddr::V6(a) => v6.push((
+                        SLOT_PREFIX_BITS + 128,
+                        IdentityKeyV6 {
+                            slot,
+                            addr: a.octets(),
+                        },
+                        value(*id),
+                    )),
+                }
+            }
+            compiled.identities_v4.extend(v4);
+            compiled.identities_v6.extend(v6);
+            let bindings = pod_bindings(&members, &c.node);
+            datapath.install_with(&compiled, generation, interfaces, &|name| {
+                combined_binding(compiled.bound_identity(name), bindings.get(name).copied())
+            })?;
+            c.members = members;
+            c.bindings = bindings;
+            // Every tracked flow is decided again under the new generation.
+            c.revoked.clear();
+            c.report();
+        }
+    }
     for limit in compiled.limits.iter().filter(|l| !l.used) {
         tracing::warn!(
             limit = %limit.owner,
@@ -716,6 +998,126 @@ fn install(
         );
     }
     Ok((policy, compiled.names, generation))
+}
+
+/// A policy with selectors needs Kubernetes mode: refused in file mode, naming the identities.
+pub fn refuse_selectors(policy: &Policy) -> Result<(), Error> {
+    let with: Vec<String> = policy
+        .identities
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.selector.is_some())
+        .map(|(n, i)| format!("identities[{n}] ({})", i.name))
+        .collect();
+    if with.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidPolicy(format!(
+        "{}: a selector takes its addresses from pods, which only `tollgate agent --kubernetes` \
+         watches; in file mode give the identity cidrs",
+        with.join(", ")
+    )))
+}
+
+/// Removes every tracked flow of the revoked addresses.
+fn flush_revoked(datapath: &mut Datapath, c: &mut ClusterState) {
+    let addrs = std::mem::take(&mut c.revoked);
+    c.revoked_since = None;
+    match datapath.purge_flows(&addrs) {
+        Ok(n) => {
+            if n > 0 {
+                tracing::info!(addresses = addrs.len(), entries = n, "flows of revoked pod addresses removed");
+            }
+            c.status.lock().expect("status lock").flows_revoked += n as u64;
+        }
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "removing the flows of revoked pod addresses failed"),
+    }
+}
+
+/// Kubernetes mode: the pods, what their addresses resolve to, and the local pods' bindings.
+pub struct ClusterState {
+    /// This node, as pods name it in `spec.nodeName`.
+    pub node: String,
+    pub members: Membership,
+    /// Interface → the identity of the local pod behind it.
+    pub bindings: HashMap<String, IdentityId>,
+    /// Addresses whose identity was revoked, whose tracked flows are still to be removed, and
+    /// since when.
+    pub revoked: HashSet<IpAddr>,
+    pub revoked_since: Option<Instant>,
+    pub status: SharedStatus,
+}
+
+impl ClusterState {
+    pub fn new(node: String, status: SharedStatus) -> Self {
+        ClusterState {
+            node,
+            members: Membership::default(),
+            bindings: HashMap::new(),
+            revoked: HashSet::new(),
+            revoked_since: None,
+            status,
+        }
+    }
+
+    /// Refreshes the membership part of `status`.
+    fn report(&self) {
+        let mut s = self.status.lock().expect("status lock");
+        s.pods = self.members.pod_count();
+        s.local_pods = self.members.local_pods(&self.node).count();
+        s.addresses = self.members.assigned().len();
+        s.conflicts = self
+            .members
+            .conflicts()
+            .take(MAX_CONFLICTS_SHOWN)
+            .map(|c| NamedReason {
+                name: format!("{}/{}", c.pod.0, c.pod.1),
+                reason: c.reason,
+            })
+            .collect();
+    }
+}
+
+/// Conflicts listed in `status` (all are logged).
+const MAX_CONFLICTS_SHOWN: usize = 100;
+
+/// How long revoked addresses may wait for their flows to be removed, so that a burst of pod
+/// deletions costs one walk of the conntrack maps. (A revoked address that gets a new identity
+/// has its flows removed at once, before the new identity is written.)
+const REVOKE_BATCH: Duration = Duration::from_millis(250);
+
+/// Local pods' interfaces (the device of the host route to the pod's first address) and the
+/// identity each is bound to. An interface two pods of different identities sit behind is bound
+/// to `ambiguous`.
+fn pod_bindings(members: &Membership, node: &str) -> HashMap<String, IdentityId> {
+    let mut out: HashMap<String, IdentityId> = HashMap::new();
+    for (pod, id) in members.local_pods(node) {
+        let Some(id) = id else { continue };
+        let Some(device) = pod
+            .ips
+            .iter()
+            .find_map(|a| crate::cluster::routes::host_route_device(*a))
+        else {
+            continue;
+        };
+        out.entry(device)
+            .and_modify(|b| {
+                if *b != id {
+                    *b = IDENTITY_AMBIGUOUS
+                }
+            })
+            .or_insert(id);
+    }
+    out
+}
+
+/// An interface bound by the policy (`interfaces:`) and by a pod: they must agree.
+fn combined_binding(policy: IdentityId, pod: Option<IdentityId>) -> IdentityId {
+    match pod {
+        None => policy,
+        Some(p) if policy == 0 || policy == p => p,
+        Some(_) => IDENTITY_AMBIGUOUS,
+    }
 }
 
 /// Allocations from this size up get a mapping of their own, unmapped when freed.

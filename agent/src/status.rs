@@ -43,6 +43,10 @@ pub fn status(h: &Handles) -> Result<StatusResponse, Error> {
         })
         .collect();
     Ok(StatusResponse {
+        kubernetes: h
+            .cluster
+            .as_ref()
+            .and_then(|s| s.lock().ok().map(|s| s.clone())),
         version: env!("CARGO_PKG_VERSION").to_string(),
         bpffs: h.config.bpffs.clone(),
         interfaces_selector: h.config.interfaces_selector.clone(),

@@ -71,6 +71,9 @@ pub struct StatusResponse {
     /// The audit log, when one is written.
     #[serde(default)]
     pub audit: Option<AuditStatus>,
+    /// Kubernetes mode: what the watchers and the pod membership stand at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,4 +268,46 @@ pub struct InventoryResponse {
     pub edges: Vec<InventoryEdge>,
     /// Where the inventory is kept across restarts.
     pub path: Option<String>,
+}
+
+/// Kubernetes mode in `status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KubernetesStatus {
+    /// Pods, Namespaces and Policies were listed and the merged policy installed since start:
+    /// enforcement follows the cluster (`/readyz` answers ready only then).
+    pub synced: bool,
+    pub pods_synced: bool,
+    pub namespaces_synced: bool,
+    pub policies_synced: bool,
+    /// Whether every watch is connected now (false while the API server is unreachable: the
+    /// agent keeps enforcing what it last knew).
+    pub connected: bool,
+    /// The last error of a watch or an install, and when (RFC 3339).
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Pods known (all nodes) and those on this node.
+    pub pods: usize,
+    pub local_pods: usize,
+    /// Pod addresses with an entry of their own in the identity maps.
+    pub addresses: usize,
+    /// Pod changes applied to the maps since start.
+    pub pod_changes: u64,
+    /// Tracked flow entries removed because an address changed identity.
+    pub flows_revoked: u64,
+    /// Watch and list failures since start (the API server unreachable, refusing, or a watch
+    /// cut).
+    pub watch_errors: u64,
+    /// Policy objects merged into the live policy, in name order.
+    pub policies: Vec<String>,
+    /// Policy objects left out, and why.
+    pub skipped: Vec<NamedReason>,
+    /// Pods that could not be given one identity (their traffic is denied).
+    pub conflicts: Vec<NamedReason>,
+}
+
+/// A name and a reason: a skipped Policy object, a pod in conflict (`namespace/name`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NamedReason {
+    pub name: String,
+    pub reason: String,
 }

@@ -130,7 +130,7 @@ pub struct Conflict {
 }
 
 /// Pods, namespaces and what their addresses resolve to.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Membership {
     pods: HashMap<PodKey, PodFacts>,
     namespaces: HashMap<String, Labels>,
