@@ -32,6 +32,7 @@ use crate::{
     linkwatch::LinkEvents,
     metrics::{self, Metrics},
     paths::PinLayout,
+    persist::{PolicyStore, StartChoice},
     reader::{FillSampler, Reader},
     recorder::{QueuedStdout, Recorder, RecorderConfig},
 };
@@ -140,10 +141,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         bpffs: config.installer.bpffs.display().to_string(),
         interfaces: config.installer.selector.as_str().to_string(),
     }));
+    let mut file_mode = None;
     let (initial, cluster, kube) = match &config.source {
         PolicySource::File(path) => {
-            let policy = crate::policy::load_policy_file(path)?;
-            crate::installer::refuse_selectors(&policy)?;
+            let (policy, file_digest, source) =
+                start_policy(path, config.state_dir.as_deref().map(PolicyStore::new).as_ref())?;
+            file_mode = Some((path.clone(), file_digest, source));
             (Initial::Policy(policy), None, None)
         }
         PolicySource::Kubernetes(settings) => {
@@ -166,10 +169,20 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let layout = PinLayout::new(&config.installer.bpffs);
     let (applied_tx, mut applied_rx) = mpsc::unbounded_channel();
     let installer_config = config.installer.clone();
-    let installer = tokio::task::block_in_place(|| {
+    let mut installer = tokio::task::block_in_place(|| {
         Installer::start(installer_config, initial, Some(applied_tx), cluster)
     })?;
+    if let (Some((_, file_digest, source)), Some(dir)) = (&file_mode, &config.state_dir) {
+        installer.save_policies(PolicyStore::new(dir), file_digest.clone(), source);
+    }
     let (installer, _installer_thread) = installer.spawn()?;
+    let follow = file_mode.map(|(path, file_digest, _)| {
+        tokio::spawn(crate::persist::follow_file(
+            path,
+            installer.clone(),
+            file_digest,
+        ))
+    });
     let cluster_status = kube.as_ref().map(|(_, status)| status.clone());
     let watchers = kube.map(|(client, status)| {
         tokio::spawn(cluster::watch::run(client, installer.clone(), status))
@@ -269,6 +282,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     if let Some(w) = watchers {
         w.abort();
     }
+    if let Some(f) = follow {
+        f.abort();
+    }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     if control_tx
         .send(Input::Stop {
@@ -284,6 +300,56 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         m.abort();
     }
     Ok(())
+}
+
+/// File mode: the policy to enforce at start (see `persist`): the `--policy` file, or the
+/// policy saved in the state directory when the file is unchanged since it was saved. Returns
+/// it with the file's digest and what it is (`start`: the file; `saved`: the saved one).
+fn start_policy(
+    path: &Path,
+    store: Option<&PolicyStore>,
+) -> Result<(crate::policy::Policy, String, &'static str)> {
+    let text = crate::policy::read_policy_text(path)?;
+    let file_digest = crate::persist::digest(&text);
+    let saved = match store.map(PolicyStore::load).transpose() {
+        Ok(saved) => saved.flatten(),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the saved policy cannot be read; set aside, the policy file decides");
+            if let Some(s) = store {
+                s.set_aside();
+            }
+            None
+        }
+    };
+    if let StartChoice::Saved(saved) = crate::persist::choose(&text, saved) {
+        let store_path = store.map(|s| s.path().display().to_string()).unwrap_or_default();
+        match crate::policy::parse_policy_owned(saved.text, &store_path)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                crate::installer::refuse_selectors(&p)
+                    .map(|()| p)
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(policy) => {
+                tracing::info!(
+                    policy = %policy.name,
+                    saved_at = %saved.saved_at,
+                    source = %saved.source,
+                    "the policy file is unchanged since a later policy went live; enforcing that one (saved in the state directory)"
+                );
+                return Ok((policy, file_digest, "saved"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the saved policy no longer validates; set aside, the policy file decides");
+                if let Some(s) = store {
+                    s.set_aside();
+                }
+            }
+        }
+    }
+    let policy = crate::policy::parse_policy_owned(text, &path.display().to_string())?;
+    crate::installer::refuse_selectors(&policy)?;
+    Ok((policy, file_digest, "start"))
 }
 
 /// Asks the installer for a rescan every second and whenever a link changes. Link

@@ -38,6 +38,7 @@ use crate::{
     loader::{self, Attachment, InterfaceSelector, LoadOptions, Loaded},
     names::NamedGenerations,
     paths::PinLayout,
+    persist::{PolicyStore, SavedPolicy},
     pinlock::PinLock,
     policy::{compile_policy, parse_policy_owned, ClockReading, Policy, PolicyNames, Protocol},
     wire::{
@@ -259,6 +260,9 @@ pub struct Installer {
     applied: Option<mpsc::UnboundedSender<PolicyChange>>,
     /// Kubernetes mode.
     cluster: Option<ClusterState>,
+    /// File mode: where the policy in force is saved, and the digest of the `--policy` file
+    /// as last read.
+    store: Option<(PolicyStore, String)>,
     /// Held for the installer's lifetime: no second agent or uninstall on this pin directory.
     _lock: PinLock,
 }
@@ -415,6 +419,7 @@ impl Installer {
             not_enforced,
             applied,
             cluster,
+            store: None,
             _lock: lock,
         };
         installer.publish();
@@ -422,6 +427,32 @@ impl Installer {
             installer.tell_applied("start");
         }
         Ok(installer)
+    }
+
+    /// File mode: saves the policy in force to `store` now and after every change, with the
+    /// digest of the `--policy` file as read at start (see `persist`).
+    pub fn save_policies(&mut self, store: PolicyStore, file_digest: String, source: &str) {
+        self.store = Some((store, file_digest));
+        self.save_policy(source);
+    }
+
+    fn save_policy(&self, source: &str) {
+        let Some((store, file_digest)) = &self.store else {
+            return;
+        };
+        let saved = SavedPolicy {
+            text: self.policy.source_text.clone(),
+            source: source.to_owned(),
+            file_digest: file_digest.clone(),
+            saved_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        };
+        if let Err(e) = store.save(&saved) {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                path = %store.path().display(),
+                "could not save the policy in force; a restart would go back to the --policy file"
+            );
+        }
     }
 
     /// Runs the installer on a thread of its own until every handle is dropped.
@@ -560,6 +591,12 @@ impl Installer {
         self.policy = Arc::new(policy);
         self.generation = generation;
         self.names.push(generation, names, Instant::now());
+        if source == Source::File {
+            if let Some((_, file_digest)) = &mut self.store {
+                *file_digest = self.policy.digest.clone();
+            }
+        }
+        self.save_policy(source.name());
         self.publish();
         self.tell_applied(source.name());
         release_freed_memory();

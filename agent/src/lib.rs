@@ -23,6 +23,7 @@ pub mod loader;
 pub mod metrics;
 pub mod names;
 pub mod paths;
+pub mod persist;
 pub mod pinlock;
 pub mod policy;
 pub mod reader;

@@ -446,6 +446,12 @@ fn parse(mut text: Cow<'_, str>, source_name: &str) -> Result<Policy, PolicyErro
 /// Reads the file (error if unreadable or over [`MAX_POLICY_BYTES`], naming the path) and calls
 /// parse_policy with its path as source name.
 pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
+    let text = read_policy_text(path)?;
+    parse_policy_owned(text, &path.display().to_string())
+}
+
+/// The text of a policy file: at most [`MAX_POLICY_BYTES`], UTF-8.
+pub fn read_policy_text(path: &Path) -> Result<String, PolicyError> {
     let source_name = path.display().to_string();
     let cannot_read = |e: std::io::Error| {
         PolicyError::whole_file(&source_name, format!("cannot read the policy: {e}"))
@@ -473,7 +479,7 @@ pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
             ..PolicyError::whole_file(&source_name, "not UTF-8 text".to_owned())
         }
     })?;
-    parse_policy_owned(text, &source_name)
+    Ok(text)
 }
 
 /// `spec.rules[2].to` → `rules[2].to`; `metadata.name` stays; the document itself has no field.
