@@ -396,6 +396,73 @@ fn checkov_passes_with_every_skip_explained() {
     assert_eq!(skipped, expected);
 }
 
+/// deploy/prometheus/scrape-kubernetes.yml finds the DaemonSet's pods and port, and
+/// scrape.yml (which Debian's promtool can check) stays valid.
+#[test]
+fn kubernetes_scrape_job_matches_the_daemonset() {
+    let prometheus = repo().join("deploy/prometheus");
+    let out = run(Command::new("promtool")
+        .args(["check", "config", "scrape.yml"])
+        .current_dir(&prometheus));
+    assert!(
+        out.status.success(),
+        "promtool check config scrape.yml: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(prometheus.join("scrape-kubernetes.yml")).unwrap();
+    let config = &yaml_docs(&text)[0];
+    let job = &config["scrape_configs"][0];
+    let sd = &job["kubernetes_sd_configs"][0];
+    assert_eq!(sd["role"], "pod");
+    let docs = yaml_docs(&render("deploy"));
+    let ds = object(&docs, "DaemonSet", "tollgate-agent");
+    assert_eq!(
+        strings(&sd["namespaces"]["names"]),
+        [ds["metadata"]["namespace"].as_str().unwrap()]
+    );
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    let keep: Vec<(Vec<&str>, &str)> = job["relabel_configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "keep")
+        .map(|r| (strings(&r["source_labels"]), r["regex"].as_str().unwrap()))
+        .collect();
+    assert_eq!(keep.len(), 2, "{keep:?}");
+    let pod_labels: Vec<String> = keep[0]
+        .0
+        .iter()
+        .map(|l| {
+            let key = l
+                .strip_prefix("__meta_kubernetes_pod_label_")
+                .expect("a pod label");
+            labels
+                .as_object()
+                .unwrap()
+                .iter()
+                .find(|(k, _)| k.replace(['.', '/', '-'], "_") == key)
+                .unwrap_or_else(|| panic!("the pods have no label for {l}"))
+                .1
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(pod_labels.join(";"), keep[0].1);
+    assert_eq!(keep[1].0, ["__meta_kubernetes_pod_container_port_name"]);
+    let ports = &agent_container(&docs)["ports"];
+    assert!(
+        ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == keep[1].1 && p["containerPort"] == 9464),
+        "no container port {} (9464): {ports}",
+        keep[1].1
+    );
+}
+
 /// The good policies: examples/*.yaml, deploy/examples/policy-*.yaml and the file-mode one.
 fn good_policies() -> Vec<PathBuf> {
     let mut files = Vec::new();
