@@ -120,7 +120,7 @@ fn build_debug_ebpf() -> Result<PathBuf> {
 
 /// The test binaries that hold root-only kernel tests: each must run and pass at least this
 /// many tests, so a filter, a skip or a missing binary fails the run.
-const KERNEL_TEST_BINARIES: [(&str, usize); 6] = [
+const KERNEL_TEST_BINARIES: [(&str, usize); 7] = [
     ("prog_test_run", 78),
     ("namespaced", 24),
     ("traffic", 25),
@@ -128,6 +128,8 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 6] = [
     ("observability", 5),
     // The Prometheus harness against a fixed exposition (needs the Debian package).
     ("prometheus", 6),
+    // The deploy/ manifests and the DaemonSet's capabilities proven on the real agent.
+    ("manifests", 11),
 ];
 
 fn test() -> Result<()> {

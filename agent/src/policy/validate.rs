@@ -350,6 +350,7 @@ impl Validator {
             }
 
             let selector_path = at.field("selector");
+            let selector_written = entry.selector.is_some();
             let selector = entry
                 .selector
                 .and_then(|written| self.selector(selector_path, written));
@@ -357,7 +358,8 @@ impl Validator {
             let mut cidrs = Vec::new();
             let mut positions = Vec::new();
             match entry.cidrs {
-                None if selector.is_some() => {}
+                // A selector that is itself wrong has its own error.
+                None if selector_written => {}
                 None => self.issue(
                     cidrs_path,
                     "required unless the identity has a selector (the addresses of this identity)",
