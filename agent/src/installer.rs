@@ -1123,29 +1123,28 @@ const MAX_CONFLICTS_SHOWN: usize = 100;
 /// has its flows removed at once, before the new identity is written.)
 const REVOKE_BATCH: Duration = Duration::from_millis(250);
 
-/// Local pods' interfaces (the device of the host route to the pod's first address) and the
-/// identity each is bound to. An interface two pods of different identities sit behind is bound
-/// to `ambiguous`.
+/// Local pods' interfaces (the device of the most specific direct route to the pod's first
+/// address) and the identity each is bound to. A device more than one local pod sits behind (a
+/// bridge) is left unbound: binding it to one pod's identity would drop the others' traffic.
 fn pod_bindings(members: &Membership, node: &str) -> HashMap<String, IdentityId> {
-    let mut out: HashMap<String, IdentityId> = HashMap::new();
+    let mut by_device: HashMap<String, (Option<IdentityId>, usize)> = HashMap::new();
     for (pod, id) in members.local_pods(node) {
-        let Some(id) = id else { continue };
         let Some(device) = pod
             .ips
             .iter()
-            .find_map(|a| crate::cluster::routes::host_route_device(*a))
+            .find_map(|a| crate::cluster::routes::route_device(*a))
         else {
             continue;
         };
-        out.entry(device)
-            .and_modify(|b| {
-                if *b != id {
-                    *b = IDENTITY_AMBIGUOUS
-                }
-            })
-            .or_insert(id);
+        by_device
+            .entry(device)
+            .and_modify(|(_, pods)| *pods += 1)
+            .or_insert((id, 1));
     }
-    out
+    by_device
+        .into_iter()
+        .filter_map(|(device, (id, pods))| Some((device, id.filter(|_| pods == 1)?)))
+        .collect()
 }
 
 /// An interface bound by the policy (`interfaces:`) and by a pod: they must agree.

@@ -1,22 +1,21 @@
-//! A local pod's host-side interface: the device of the node's host route (`/32`, `/128`) to
-//! the pod's address, as routed CNIs (Calico, Cilium, the bridge-less plugins) install one per
-//! pod. A pod reached through a subnet route (a bridge CNI) has no interface of its own and is
-//! not bound; source validation then falls back to the reverse-path check alone.
+//! A local pod's host-side interface: the device of the node's most specific direct route (no
+//! gateway, not the default route) to the pod's address. Routed CNIs (Calico, Cilium) install a
+//! host route per pod on its veth. A device several local pods sit behind (a bridge CNI's
+//! bridge) is not bound (see the installer); source validation there falls back to the
+//! reverse-path check alone.
 //!
 //! Read from `/proc/net/route` and `/proc/net/ipv6_route` (the main table) of the agent's
 //! network namespace.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The interface of the host route to `addr`, if the most specific route to it is one.
-pub fn host_route_device(addr: IpAddr) -> Option<String> {
+/// The interface of the most specific direct route to `addr`, if there is one.
+pub fn route_device(addr: IpAddr) -> Option<String> {
     let table = match addr {
         IpAddr::V4(_) => std::fs::read_to_string("/proc/net/route").ok()?,
         IpAddr::V6(_) => std::fs::read_to_string("/proc/net/ipv6_route").ok()?,
     };
-    best_route(&table, addr)
-        .filter(|r| r.prefix_len == if addr.is_ipv4() { 32 } else { 128 })
-        .map(|r| r.device)
+    best_route(&table, addr).map(|r| r.device)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -34,7 +33,11 @@ fn best_route(table: &str, addr: IpAddr) -> Option<Route> {
         }) else {
             continue;
         };
-        if contains(dest, len, addr) && best.as_ref().is_none_or(|b| len > b.prefix_len) {
+        // The default route and routes through a gateway lead away from the node's pods.
+        if len > 0
+            && contains(dest, len, addr)
+            && best.as_ref().is_none_or(|b| len > b.prefix_len)
+        {
             best = Some(Route {
                 device,
                 prefix_len: len,
@@ -65,7 +68,11 @@ fn parse_v4(line: &str) -> Option<(IpAddr, u8, String)> {
         return None;
     }
     let dest = u32::from_str_radix(f[1], 16).ok()?;
+    let gateway = u32::from_str_radix(f[2], 16).ok()?;
     let mask = u32::from_str_radix(f[7], 16).ok()?;
+    if gateway != 0 {
+        return None;
+    }
     let dest = Ipv4Addr::from(dest.to_le_bytes());
     let len = u32::from_be_bytes(mask.to_le_bytes()).leading_ones() as u8;
     Some((IpAddr::V4(dest), len, f[0].to_owned()))
@@ -79,6 +86,9 @@ fn parse_v6(line: &str) -> Option<(IpAddr, u8, String)> {
     }
     let dest = u128::from_str_radix(f[0], 16).ok()?;
     let len = u8::from_str_radix(f[1], 16).ok()?;
+    if u128::from_str_radix(f[4], 16).ok()? != 0 {
+        return None;
+    }
     Some((IpAddr::V6(Ipv6Addr::from(dest)), len, f[9].to_owned()))
 }
 
@@ -95,7 +105,7 @@ tgp-web\t0201C80A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
 fd000200000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n";
 
     #[test]
-    fn the_longest_match_wins_and_only_host_routes_bind() {
+    fn the_longest_direct_match_wins() {
         let pod: IpAddr = "10.200.1.2".parse().unwrap();
         assert_eq!(
             best_route(V4, pod),
@@ -106,6 +116,9 @@ fd000200000000000000000000000000 40 00000000000000000000000000000000 00 00000000
         );
         let other: IpAddr = "10.200.7.7".parse().unwrap();
         assert_eq!(best_route(V4, other).unwrap().prefix_len, 16);
+        // Only the default route (through a gateway) covers it: no device.
+        let far: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(best_route(V4, far), None);
         let v6: IpAddr = "fd00:200::2".parse().unwrap();
         assert_eq!(best_route(V6, v6).unwrap().device, "tgp-web");
         let v6_other: IpAddr = "fd00:200::9".parse().unwrap();
