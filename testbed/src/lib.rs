@@ -11,6 +11,7 @@
 //! setup fails half-way. Addresses come from 10.200.0.0/16 and fd00:200::/48.
 
 pub mod agent;
+pub mod kubeapi;
 pub mod load;
 pub mod netns;
 pub mod offered;
@@ -21,6 +22,7 @@ pub mod topology;
 pub mod traffic;
 
 pub use agent::AgentProcess;
+pub use kubeapi::FakeApiServer;
 pub use netns::NetNs;
 pub use prometheus::{PrometheusServer, Sample};
 pub use tap::{CapturedPacket, PacketTap};
