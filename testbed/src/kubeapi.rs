@@ -67,7 +67,7 @@ use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Full, StreamBody};
 use hyper::{
     body::{Frame, Incoming},
-    header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE},
+    header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER},
     Method, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -826,6 +826,13 @@ fn json_response(code: StatusCode, value: &Value) -> hyper::Response<Body> {
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // The real server turns a Status's retryAfterSeconds into this header; kube's default retry
+    // layer honours it on 429, 503 and 504.
+    if let Some(secs) = value["details"]["retryAfterSeconds"].as_u64() {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
     response
 }
 
