@@ -760,8 +760,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             shared.connections.fetch_add(1, Ordering::SeqCst) >= shared.options.max_connections;
         let slot = ConnectionSlot(shared.clone());
         if over || shared.unavailable.load(Ordering::SeqCst) {
-            reset(stream);
             shared.lock().counters.refused_connections += 1;
+            reset(stream);
             continue;
         }
         shared.lock().counters.connections += 1;
@@ -1937,4 +1937,94 @@ fn rfc3339(time: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_825_600 + 3661); // 2000-02-29 13:01:01
+        assert_eq!(rfc3339(leap), "2000-02-29T13:01:01Z");
+        let later = UNIX_EPOCH + Duration::from_secs(1_767_225_599); // 2025-12-31 23:59:59
+        assert_eq!(rfc3339(later), "2025-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn uids_look_like_uuids_and_differ() {
+        let (a, b) = (uuid(7, 1), uuid(7, 2));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+    }
+
+    #[test]
+    fn label_selectors_match_like_kubernetes() {
+        let object = json!({"metadata": {"labels": {"app": "web", "tier": "front"}}});
+        let key = (Res::Pods, "ns".to_owned(), "p".to_owned());
+        let matches = |selector: &str| {
+            let filter = Filter {
+                namespace: None,
+                labels: parse_label_selector(selector).unwrap(),
+                fields: Vec::new(),
+            };
+            filter.matches(&key, &object)
+        };
+        assert!(matches(""));
+        assert!(matches("app=web"));
+        assert!(matches("app==web,tier"));
+        assert!(matches("app in (db, web),!canary"));
+        assert!(matches("canary notin (yes)"));
+        assert!(matches("app!=db"));
+        assert!(!matches("app=db"));
+        assert!(!matches("app notin (web)"));
+        assert!(!matches("!tier"));
+        for bad in [
+            "app in (",
+            "app=web,",
+            "a b",
+            "app in ()",
+            "x>1",
+            "!",
+            "app=w b",
+        ] {
+            assert!(parse_label_selector(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn field_selectors_use_the_real_field_sets() {
+        let host = pod("ns", "p", &[], "sa", "node-a", &[], "Running", true);
+        let plain = pod("ns", "q", &[], "sa", "", &[], "Pending", false);
+        let key = (Res::Pods, "ns".to_owned(), "p".to_owned());
+        let matches = |selector: &str, object: &Value| {
+            let filter = Filter {
+                namespace: None,
+                labels: Vec::new(),
+                fields: parse_field_selector(selector, Res::Pods).unwrap(),
+            };
+            filter.matches(&key, object)
+        };
+        assert!(matches("spec.nodeName=node-a,spec.hostNetwork=true", &host));
+        assert!(matches("spec.nodeName=,spec.hostNetwork=false", &plain));
+        assert!(matches("status.phase!=Running", &plain));
+        assert!(!matches("metadata.name==p", &plain));
+        assert!(parse_field_selector("spec.containers=x", Res::Pods).is_err());
+        assert!(parse_field_selector("spec.nodeName=x", Res::Namespaces).is_err());
+    }
+
+    #[test]
+    fn continue_tokens_round_trip_and_are_per_resource() {
+        let token = encode_continue(Res::Pods, 1234, "ns", "p");
+        assert_eq!(
+            decode_continue(Res::Pods, &token),
+            Some((1234, "ns".to_owned(), "p".to_owned()))
+        );
+        assert_eq!(decode_continue(Res::Namespaces, &token), None);
+        assert_eq!(decode_continue(Res::Pods, "zz"), None);
+        assert_eq!(decode_continue(Res::Pods, "é"), None);
+    }
 }

@@ -5,7 +5,8 @@
 //! that shows what actually arrived in a namespace, load generators (connection and
 //! request/response rates) for the traffic benchmark, and paced offered load with counting sinks
 //! for the rate-limit tests. A real Prometheus server (and promtool) scrapes and lints agents'
-//! metrics.
+//! metrics. A fake Kubernetes API server ([`kubeapi`]) speaks the list/watch protocol to the
+//! agent's Kubernetes mode.
 //!
 //! Everything is created by exact name and removed in Drop by that name or by pid, also when
 //! setup fails half-way. Addresses come from 10.200.0.0/16 and fd00:200::/48.

@@ -1046,3 +1046,75 @@ fn servers_are_independent_and_stop_on_drop() {
     assert!(TcpStream::connect(addr).is_err(), "the listener is closed");
     assert_eq!(second.resource_version(), 1000);
 }
+
+#[tokio::test]
+async fn a_short_history_expires_old_resource_versions() {
+    let server = start_with(Options {
+        history_limit: 3,
+        ..Options::default()
+    });
+    server.apply(web_pod("prod", "a", "Running")).unwrap();
+    let listed_at = server.resource_version();
+    for i in 0..5 {
+        server.apply(namespace(&format!("ns{i}"), &[])).unwrap();
+    }
+    let pods: Api<Pod> = Api::all(client(&server).await);
+    bounded("history", async {
+        let params = WatchParams::default().disable_bookmarks().timeout(10);
+        let mut expired = pods
+            .watch(&params, &listed_at.to_string())
+            .await
+            .unwrap()
+            .boxed();
+        match next(&mut expired, "410").await.unwrap() {
+            WatchEvent::Error(status) => assert_eq!(status.code, 410),
+            other => panic!("expected 410, got {other:?}"),
+        }
+        // Three changes back is still in the history.
+        let recent = (server.resource_version() - 3).to_string();
+        let mut events = pods.watch(&params, &recent).await.unwrap().boxed();
+        server.apply(web_pod("prod", "b", "Running")).unwrap();
+        match next(&mut events, "b").await.unwrap() {
+            WatchEvent::Added(pod) => assert_eq!(pod.name_any(), "b"),
+            other => panic!("expected ADDED b, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[test]
+fn connections_over_the_limit_are_reset() {
+    let server = start_with(Options {
+        max_connections: 1,
+        ..Options::default()
+    });
+    let request = format!(
+        "GET /api/v1/namespaces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token()
+    );
+    let mut first = TcpStream::connect(server.addr()).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    first.write_all(request.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = first.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // The first connection is kept alive, so a second one is over the limit.
+    let (code, body) = http(server.addr(), &request);
+    assert_eq!((code, body.as_str()), (0, ""));
+    assert_eq!(server.counters().refused_connections, 1);
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, _) = http(
+            server.addr(),
+            &request.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n"),
+        );
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
