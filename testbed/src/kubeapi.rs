@@ -503,8 +503,6 @@ impl FakeApiServer {
                 for field in ["uid", "creationTimestamp"] {
                     meta.insert(field.into(), prev_meta[field].clone());
                 }
-                let generation = prev_meta["generation"].as_u64().unwrap_or(1);
-                meta.insert("generation".into(), json!(generation));
             }
             None => {
                 store.uids += 1;
@@ -514,17 +512,15 @@ impl FakeApiServer {
                     "creationTimestamp".into(),
                     Value::String(rfc3339(SystemTime::now())),
                 );
-                meta.insert("generation".into(), json!(1));
             }
         }
         meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
         let mut value = Value::Object(obj);
-        if let Some(prev) = &prev {
-            if prev.get("spec") != value.get("spec") {
-                let generation = prev["metadata"]["generation"].as_u64().unwrap_or(1) + 1;
-                value["metadata"]["generation"] = json!(generation);
-            }
-        }
+        let generation = prev.as_ref().map_or(1, |prev| {
+            let spec_changed = prev.get("spec") != value.get("spec");
+            prev["metadata"]["generation"].as_u64().unwrap_or(1) + u64::from(spec_changed)
+        });
+        value["metadata"]["generation"] = json!(generation);
         store.objects.insert(key.clone(), value.clone());
         let kind = if prev.is_some() {
             ChangeKind::Modified
