@@ -23,8 +23,8 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     aggregate, api,
-    cluster::{self, watch::KubeSettings, watch::SharedStatus},
     audit::{AuditConfig, AuditLog},
+    cluster::{self, watch::KubeSettings, watch::SharedStatus},
     events::{Control, EventStats, Input, LogSink, Pipeline, Sink},
     flows::{Flows, FlowsSink},
     handles::{ConfigView, Handles},
@@ -144,8 +144,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut file_mode = None;
     let (initial, cluster, kube) = match &config.source {
         PolicySource::File(path) => {
-            let (policy, file_digest, source) =
-                start_policy(path, config.state_dir.as_deref().map(PolicyStore::new).as_ref())?;
+            let (policy, file_digest, source) = start_policy(
+                path,
+                config.state_dir.as_deref().map(PolicyStore::new).as_ref(),
+            )?;
             file_mode = Some((path.clone(), file_digest, source));
             (Initial::Policy(policy), None, None)
         }
@@ -154,11 +156,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             // that does not answer is not (the watchers retry, the pinned state enforces).
             let client = cluster::watch::client(settings).await?;
             let status = SharedStatus::default();
-            let fallback = crate::policy::parse_policy_owned(
-                cluster::merge::merge(&[]).text,
-                "kubernetes",
-            )
-            .context("the deny-all policy")?;
+            let fallback =
+                crate::policy::parse_policy_owned(cluster::merge::merge(&[]).text, "kubernetes")
+                    .context("the deny-all policy")?;
             (
                 Initial::KeepPinned { fallback },
                 Some(ClusterState::new(config.node.clone(), status.clone())),
@@ -322,7 +322,9 @@ fn start_policy(
         }
     };
     if let StartChoice::Saved(saved) = crate::persist::choose(&text, saved) {
-        let store_path = store.map(|s| s.path().display().to_string()).unwrap_or_default();
+        let store_path = store
+            .map(|s| s.path().display().to_string())
+            .unwrap_or_default();
         match crate::policy::parse_policy_owned(saved.text, &store_path)
             .map_err(|e| e.to_string())
             .and_then(|p| {

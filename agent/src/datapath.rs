@@ -6,13 +6,12 @@ use std::{net::IpAddr, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{
-    IterableMap as _,
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray,
 };
 use tollgate_common::{
     flow::v4_mapped,
-    identity::{is_exact_identity, IDENTITY_FIRST_USER, IdentityId},
+    identity::{is_exact_identity, IdentityId, IDENTITY_FIRST_USER},
     interface::{INTERFACE_FLAG_ENFORCED, INTERFACE_FLAG_UPLINK},
     map_names, maps,
     rule::is_exact_rule,
@@ -445,7 +444,10 @@ impl Datapath {
                     addr: a.octets(),
                 };
                 match value {
-                    Some(v) => self.addr_id_v4.insert(key, v, 0).context("writing a pod address")?,
+                    Some(v) => self
+                        .addr_id_v4
+                        .insert(key, v, 0)
+                        .context("writing a pod address")?,
                     None => {
                         let _ = self.addr_id_v4.remove(&key);
                     }
@@ -457,7 +459,10 @@ impl Datapath {
                     addr: a.octets(),
                 };
                 match value {
-                    Some(v) => self.addr_id_v6.insert(key, v, 0).context("writing a pod address")?,
+                    Some(v) => self
+                        .addr_id_v6
+                        .insert(key, v, 0)
+                        .context("writing a pod address")?,
                     None => {
                         let _ = self.addr_id_v6.remove(&key);
                     }

@@ -42,8 +42,8 @@ use crate::{
     pinlock::PinLock,
     policy::{compile_policy, parse_policy_owned, ClockReading, Policy, PolicyNames, Protocol},
     wire::{
-        CheckLimit, CheckRequest, CheckResponse, InterfaceStatus, MapStatus, MapUsage,
-        NamedReason, PolicyResponse,
+        CheckLimit, CheckRequest, CheckResponse, InterfaceStatus, MapStatus, MapUsage, NamedReason,
+        PolicyResponse,
     },
 };
 
@@ -463,12 +463,28 @@ impl Installer {
             installed: self.published.subscribe(),
         };
         let mut installer = self;
+        // A clock for waiting on the channel with a deadline (revoked flows to remove).
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .context("starting the installer's clock")?;
         let thread = std::thread::Builder::new()
             .name("tollgate-installer".into())
-            .spawn(move || {
-                while let Some(command) = rx.blocking_recv() {
-                    installer.handle(command);
-                }
+            .spawn(move || loop {
+                let command = match installer.next_deadline() {
+                    None => rx.blocking_recv(),
+                    Some(wait) => match clock
+                        .block_on(async { tokio::time::timeout(wait, rx.recv()).await })
+                    {
+                        Ok(command) => command,
+                        Err(_) => {
+                            installer.flush_revoked(false);
+                            continue;
+                        }
+                    },
+                };
+                let Some(command) = command else { return };
+                installer.handle(command);
             })
             .context("starting the installer thread")?;
         Ok((handle, thread))
@@ -523,7 +539,11 @@ impl Installer {
             .iter()
             .chain(&self.passive_uplinks)
             .map(|(name, ifindex)| {
-                let bound = live_names.bound_identity(name);
+                let pod = self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.bindings.get(name).copied());
+                let bound = combined_binding(live_names.bound_identity(name), pod);
                 InterfaceStatus {
                     name: name.clone(),
                     ifindex: *ifindex,
@@ -618,10 +638,11 @@ impl Installer {
         let changes = c.members.apply(events);
         let slot = slot_of(self.generation);
         let mut failed = None;
+        let mut rebound = false;
         for ch in changes.iter().filter(|ch| ch.before.is_some()) {
-            if let Err(e) = self
-                .datapath
-                .set_address(slot, ch.addr, c.members.statics().exact(&ch.addr))
+            if let Err(e) =
+                self.datapath
+                    .set_address(slot, ch.addr, c.members.statics().exact(&ch.addr))
             {
                 failed = Some(e);
             }
@@ -648,7 +669,8 @@ impl Installer {
         if bindings != c.bindings {
             let live = self.names.live();
             for (name, ifindex) in &self.interfaces {
-                let old = combined_binding(live.bound_identity(name), c.bindings.get(name).copied());
+                let old =
+                    combined_binding(live.bound_identity(name), c.bindings.get(name).copied());
                 let new = combined_binding(live.bound_identity(name), bindings.get(name).copied());
                 if old != new {
                     if let Err(e) = self.datapath.bind_interface(*ifindex, slot, new) {
@@ -657,6 +679,7 @@ impl Installer {
                 }
             }
             c.bindings = bindings;
+            rebound = true;
         }
         if let Some(e) = failed {
             tracing::error!(error = %format!("{e:#}"), "writing pod addresses failed; the next policy install rewrites them");
@@ -677,6 +700,15 @@ impl Installer {
         if due {
             flush_revoked(&mut self.datapath, c);
         }
+        if rebound {
+            self.publish();
+        }
+    }
+
+    /// How long until revoked addresses are due to lose their flows, if any wait.
+    fn next_deadline(&self) -> Option<Duration> {
+        let since = self.cluster.as_ref()?.revoked_since?;
+        Some(REVOKE_BATCH.saturating_sub(since.elapsed()))
     }
 
     /// Removes the tracked flows of revoked addresses: now when `force`, else once the oldest
@@ -963,12 +995,7 @@ fn install(
 ) -> Result<(LivePolicy, Arc<PolicyNames>, u64)> {
     let generation = datapath.next_generation()?;
     let slot = slot_of(generation);
-    let mut compiled = compile_policy(
-        &policy,
-        slot,
-        &ClockReading::now(),
-        &host_addresses()?,
-    );
+    let mut compiled = compile_policy(&policy, slot, &ClockReading::now(), &host_addresses()?);
     let selectors: Vec<(String, Option<crate::policy::selector::Selector>)> = policy
         .identities
         .iter()
@@ -1063,11 +1090,17 @@ fn flush_revoked(datapath: &mut Datapath, c: &mut ClusterState) {
     match datapath.purge_flows(&addrs) {
         Ok(n) => {
             if n > 0 {
-                tracing::info!(addresses = addrs.len(), entries = n, "flows of revoked pod addresses removed");
+                tracing::info!(
+                    addresses = addrs.len(),
+                    entries = n,
+                    "flows of revoked pod addresses removed"
+                );
             }
             c.status.lock().expect("status lock").flows_revoked += n as u64;
         }
-        Err(e) => tracing::error!(error = %format!("{e:#}"), "removing the flows of revoked pod addresses failed"),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "removing the flows of revoked pod addresses failed")
+        }
     }
 }
 

@@ -332,7 +332,11 @@ impl Metrics {
             }
         }
         self.ready.set(i64::from(h.is_ready()));
-        if let Some(k) = h.cluster.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone())) {
+        if let Some(k) = h
+            .cluster
+            .as_ref()
+            .and_then(|s| s.lock().ok().map(|s| s.clone()))
+        {
             self.kube_synced.set(i64::from(k.synced));
             self.kube_connected.set(i64::from(k.connected));
             self.kube_pods.set(k.pods as i64);

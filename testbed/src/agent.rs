@@ -115,9 +115,13 @@ impl AgentProcess {
                 });
             }
         }
+        // Kubernetes mode takes its policy from the API server.
+        let kubernetes = self.extra_args.iter().any(|a| a == "--kubernetes");
+        cmd.args(["agent", "--interfaces", interfaces]);
+        if !kubernetes {
+            cmd.arg("--policy").arg(policy);
+        }
         let child = cmd
-            .args(["agent", "--interfaces", interfaces, "--policy"])
-            .arg(policy)
             .arg("--socket")
             .arg(&self.socket)
             .arg("--bpffs")

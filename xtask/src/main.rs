@@ -120,7 +120,7 @@ fn build_debug_ebpf() -> Result<PathBuf> {
 
 /// The test binaries that hold root-only kernel tests: each must run and pass at least this
 /// many tests, so a filter, a skip or a missing binary fails the run.
-const KERNEL_TEST_BINARIES: [(&str, usize); 7] = [
+const KERNEL_TEST_BINARIES: [(&str, usize); 8] = [
     ("prog_test_run", 78),
     ("namespaced", 24),
     ("traffic", 25),
@@ -130,6 +130,8 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 7] = [
     ("prometheus", 6),
     // The deploy/ manifests and the DaemonSet's capabilities proven on the real agent.
     ("manifests", 11),
+    // Kubernetes mode against the fake API server, and file mode's ConfigMap swap and saved policy.
+    ("kubernetes", 5),
 ];
 
 fn test() -> Result<()> {

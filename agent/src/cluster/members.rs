@@ -20,8 +20,8 @@ use std::{
 };
 
 use tollgate_common::identity::{
-    is_exact_identity, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityValue,
-    IDENTITY_AMBIGUOUS, IDENTITY_FIRST_USER, SLOT_PREFIX_BITS,
+    is_exact_identity, IdentityId, IdentityKeyV4, IdentityKeyV6, IdentityValue, IDENTITY_AMBIGUOUS,
+    IDENTITY_FIRST_USER, SLOT_PREFIX_BITS,
 };
 
 use super::{ClusterEvent, PodFacts, PodKey};
@@ -319,7 +319,11 @@ impl Membership {
 
     /// A namespace's labels changed: its pods may move, if any selector reads namespace labels.
     fn touch_namespace(&mut self, name: &str, touched: &mut HashSet<IpAddr>) {
-        if !self.selectors.iter().any(|(_, s)| s.reads_namespace_labels()) {
+        if !self
+            .selectors
+            .iter()
+            .any(|(_, s)| s.reads_namespace_labels())
+        {
             return;
         }
         for pod in self.pods.values().filter(|p| p.namespace == name) {
@@ -477,7 +481,9 @@ mod tests {
             &["10.200.1.2", "fd00:200::2"],
         ))]);
         assert_eq!(changes.len(), 2);
-        assert!(changes.iter().all(|c| c.after == Some(WEB) && c.before.is_none()));
+        assert!(changes
+            .iter()
+            .all(|c| c.after == Some(WEB) && c.before.is_none()));
         // Unrelated pods and other namespaces get nothing.
         let none = m.apply(vec![
             ClusterEvent::Pod(pod("shop", "x", &[("app", "other")], &["10.200.1.3"])),
@@ -566,7 +572,11 @@ mod tests {
         ))]);
         assert_eq!(c[0].after, Some(IDENTITY_AMBIGUOUS));
         let conflict = m.conflicts().next().unwrap();
-        assert!(conflict.reason.contains("web and tiered"), "{}", conflict.reason);
+        assert!(
+            conflict.reason.contains("web and tiered"),
+            "{}",
+            conflict.reason
+        );
     }
 
     #[test]

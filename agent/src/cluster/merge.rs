@@ -134,7 +134,10 @@ fn piece(object: &PolicyObject) -> Result<Piece<'_>, String> {
         _ => return Err("spec: must be a mapping".to_owned()),
     };
     for key in spec.keys() {
-        if !matches!(key.as_str(), "mode" | "log" | "identities" | "rules" | "rateLimits") {
+        if !matches!(
+            key.as_str(),
+            "mode" | "log" | "identities" | "rules" | "rateLimits"
+        ) {
             return Err(format!(
                 "spec.{key}: unknown field (expected mode, log, identities, rules, rateLimits)"
             ));
@@ -336,7 +339,10 @@ mod tests {
         assert_eq!(merged.accepted, ["a-base"]);
         assert_eq!(merged.skipped.len(), 1);
         let reason = &merged.skipped[0].reason;
-        assert!(reason.starts_with("spec.rules[1].ports[0].port"), "{reason}");
+        assert!(
+            reason.starts_with("spec.rules[1].ports[0].port"),
+            "{reason}"
+        );
         // Nothing of it went in: not its identity, not its valid rule.
         let policy = parse_policy(&merged.text, "merged").unwrap();
         assert_eq!(policy.identities.len(), 2);

@@ -52,7 +52,10 @@ pub enum ClusterEvent {
     PodGone(PodKey),
     /// Every pod there is, after a (re)list: pods not in it are gone.
     Pods(Vec<PodFacts>),
-    Namespace { name: String, labels: Labels },
+    Namespace {
+        name: String,
+        labels: Labels,
+    },
     NamespaceGone(String),
     /// Every namespace there is, after a (re)list.
     Namespaces(Vec<(String, Labels)>),

@@ -34,9 +34,7 @@ fn best_route(table: &str, addr: IpAddr) -> Option<Route> {
             continue;
         };
         // The default route and routes through a gateway lead away from the node's pods.
-        if len > 0
-            && contains(dest, len, addr)
-            && best.as_ref().is_none_or(|b| len > b.prefix_len)
+        if len > 0 && contains(dest, len, addr) && best.as_ref().is_none_or(|b| len > b.prefix_len)
         {
             best = Some(Route {
                 device,
@@ -96,7 +94,8 @@ fn parse_v6(line: &str) -> Option<(IpAddr, u8, String)> {
 mod tests {
     use super::*;
 
-    const V4: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+    const V4: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
 eth0\t00000000\t0100C80A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
 eth0\t0000C80A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
 tgp-web\t0201C80A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";

@@ -257,10 +257,13 @@ async fn watch_namespaces(
             }
             Ok(Event::Apply(ns)) => {
                 connected(&status);
-                ns.metadata.name.clone().map(|name| ClusterEvent::Namespace {
-                    labels: labels_of(&ns.metadata),
-                    name,
-                })
+                ns.metadata
+                    .name
+                    .clone()
+                    .map(|name| ClusterEvent::Namespace {
+                        labels: labels_of(&ns.metadata),
+                        name,
+                    })
             }
             Ok(Event::Delete(ns)) => {
                 connected(&status);
@@ -346,11 +349,7 @@ async fn watch_policies(
         }
         status.lock().expect("status lock").policies_synced = true;
         // Pods and namespaces first: the merged policy's selectors need them.
-        if synced
-            .wait_for(|s| s.pods && s.namespaces)
-            .await
-            .is_err()
-        {
+        if synced.wait_for(|s| s.pods && s.namespaces).await.is_err() {
             return;
         }
         let list: Vec<PolicyObject> = objects.values().cloned().collect();
@@ -464,7 +463,11 @@ fn policy_object(o: &DynamicObject) -> Option<PolicyObject> {
     Some(PolicyObject {
         name: o.metadata.name.clone()?,
         resource_version: o.metadata.resource_version.clone().unwrap_or_default(),
-        spec: o.data.get("spec").cloned().unwrap_or(serde_json::Value::Null),
+        spec: o
+            .data
+            .get("spec")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null),
     })
 }
 
@@ -488,10 +491,19 @@ mod tests {
         assert_eq!(f.node_name.as_deref(), Some("node-a"));
         assert_eq!(f.labels.get("app").map(String::as_str), Some("web"));
         for (patch, eligible) in [
-            (serde_json::json!({"spec": {"containers": [], "hostNetwork": true}}), false),
-            (serde_json::json!({"status": {"phase": "Succeeded", "podIP": "10.200.1.2"}}), false),
+            (
+                serde_json::json!({"spec": {"containers": [], "hostNetwork": true}}),
+                false,
+            ),
+            (
+                serde_json::json!({"status": {"phase": "Succeeded", "podIP": "10.200.1.2"}}),
+                false,
+            ),
             (serde_json::json!({"status": {"phase": "Pending"}}), false),
-            (serde_json::json!({"status": {"phase": "Pending", "podIP": "10.200.1.2"}}), true),
+            (
+                serde_json::json!({"status": {"phase": "Pending", "podIP": "10.200.1.2"}}),
+                true,
+            ),
         ] {
             let mut value = serde_json::json!({"metadata": {"namespace": "a", "name": "b"},
                 "spec": {"containers": []}, "status": {"phase": "Running", "podIP": "10.200.1.2"}});

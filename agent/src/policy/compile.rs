@@ -24,8 +24,8 @@ use std::{
 use ipnet::IpNet;
 use tollgate_common::{
     identity::{
-        is_exact_identity, IdentityId, IDENTITY_FIRST_USER, IDENTITY_FLAG_NODE_ADDRESS,
-        IDENTITY_AMBIGUOUS, IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS,
+        is_exact_identity, IdentityId, IDENTITY_AMBIGUOUS, IDENTITY_FIRST_USER,
+        IDENTITY_FLAG_NODE_ADDRESS, IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS,
     },
     ports::for_each_prefix,
     ratelimit::{self, LIMIT_FLAG_AUDIT, LIMIT_KINDS},

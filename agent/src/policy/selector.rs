@@ -255,7 +255,12 @@ mod tests {
             namespace_labels: Some(&ns_labels),
         };
         let app = || vec![req("app", Op::In(set(&["pay"])))];
-        assert!(sel(NamespaceMatch::Named("shop".into()), app(), Some("payments")).matches(&pod));
+        assert!(sel(
+            NamespaceMatch::Named("shop".into()),
+            app(),
+            Some("payments")
+        )
+        .matches(&pod));
         assert!(!sel(NamespaceMatch::Named("other".into()), app(), None).matches(&pod));
         assert!(!sel(NamespaceMatch::Any, app(), Some("default")).matches(&pod));
         let by_team = NamespaceMatch::Labels(LabelSelector {
@@ -319,7 +324,15 @@ mod tests {
         for ok in ["app", "app.kubernetes.io/name", "a_b.c-d", "x/y"] {
             assert!(check_label_key(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/app", "Bad_Prefix/app", "app/", "-app", "a b", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "/app",
+            "Bad_Prefix/app",
+            "app/",
+            "-app",
+            "a b",
+            &"x".repeat(64),
+        ] {
             assert!(check_label_key(bad).is_err(), "{bad}");
         }
         for ok in ["", "v1", "a.b-c_d", "A1"] {

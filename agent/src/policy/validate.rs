@@ -516,10 +516,7 @@ impl Validator {
                 "In" | "NotIn" => {
                     let values = e.values.unwrap_or_default();
                     if values.is_empty() {
-                        self.issue(
-                            values_path,
-                            format!("{operator} needs at least one value"),
-                        );
+                        self.issue(values_path, format!("{operator} needs at least one value"));
                     }
                     for (j, v) in values.iter().enumerate() {
                         if let Err(why) = check_label_value(v) {
