@@ -1161,11 +1161,10 @@ const REVOKE_BATCH: Duration = Duration::from_millis(250);
 /// bridge) is left unbound: binding it to one pod's identity would drop the others' traffic.
 fn pod_bindings(members: &Membership, node: &str) -> HashMap<String, IdentityId> {
     let mut by_device: HashMap<String, (Option<IdentityId>, usize)> = HashMap::new();
+    let mut routes = None;
     for (pod, id) in members.local_pods(node) {
-        let Some(device) = pod
-            .ips
-            .iter()
-            .find_map(|a| crate::cluster::routes::route_device(*a))
+        let routes = routes.get_or_insert_with(crate::cluster::routes::RouteTables::read);
+        let Some(device) = pod.ips.iter().find_map(|a| routes.device(*a))
         else {
             continue;
         };

@@ -25,7 +25,7 @@ const POLICY_TEMPLATE: &str = include_str!("demo-policy.yaml");
 const GRANT_TTL: Duration = Duration::from_secs(20);
 
 /// Sleeps up to `d`, waking early on Ctrl-C.
-fn pause(d: Duration) -> Result<()> {
+pub(crate) fn pause(d: Duration) -> Result<()> {
     let end = Instant::now() + d;
     while Instant::now() < end {
         check_interrupted()?;
@@ -34,16 +34,16 @@ fn pause(d: Duration) -> Result<()> {
     Ok(())
 }
 
-enum Probe {
+pub(crate) enum Probe {
     Tcp(u16),
     Ping,
 }
 
-struct Flow {
-    from: &'static str,
-    to: &'static str,
-    v6: bool,
-    probe: Probe,
+pub(crate) struct Flow {
+    pub from: &'static str,
+    pub to: &'static str,
+    pub v6: bool,
+    pub probe: Probe,
 }
 
 pub fn run() -> Result<()> {
@@ -254,7 +254,7 @@ pub fn run() -> Result<()> {
 
 /// The intruder puts frontend's address on its own interface and connects to orders:8080,
 /// which frontend may reach. Source validation drops it at tg-intruder.
-fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
+pub(crate) fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
     let intruder = topo.workload("intruder");
     let frontend = topo.workload("frontend");
     let orders = topo.workload("orders");
@@ -295,7 +295,7 @@ fn spoof_attempt(topo: &Topology, agent: &AgentProcess) -> Result<()> {
 
 /// Frontend tries orders' login port (tcp/2222) eight times in a row; its rule allows 5 new
 /// connections a minute, so the kernel refuses the last three SYNs.
-fn login_attempts(topo: &Topology, agent: &AgentProcess) -> Result<()> {
+pub(crate) fn login_attempts(topo: &Topology, agent: &AgentProcess) -> Result<()> {
     let frontend = topo.workload("frontend");
     let orders = topo.workload("orders");
     println!(
@@ -366,11 +366,11 @@ fn verdict_count(agent: &AgentProcess, verdict: &str) -> Result<u64> {
         .with_context(|| format!("no verdict {verdict} in status"))
 }
 
-fn print_header() {
+pub(crate) fn print_header() {
     println!("  {:<40} {:<8} WHY (tollgate check)", "FLOW", "RESULT");
 }
 
-fn drive(topo: &Topology, agent: &AgentProcess, f: &Flow) -> Result<()> {
+pub(crate) fn drive(topo: &Topology, agent: &AgentProcess, f: &Flow) -> Result<()> {
     let from = topo.workload(f.from);
     let to = topo.workload(f.to);
     let (src, dst): (IpAddr, IpAddr) = if f.v6 {
@@ -429,7 +429,7 @@ fn drive(topo: &Topology, agent: &AgentProcess, f: &Flow) -> Result<()> {
 }
 
 /// Removes the demo's scratch directory (socket, log, policy) by its exact path.
-struct RemoveDir(std::path::PathBuf);
+pub(crate) struct RemoveDir(pub std::path::PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {

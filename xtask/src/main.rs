@@ -4,6 +4,8 @@
 mod demo;
 mod interrupt;
 mod setup;
+mod churn_bench;
+mod demo_kubernetes;
 mod traffic_bench;
 
 use std::{
@@ -18,13 +20,21 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup::run(),
         Some("test") => setup::run().and_then(|()| test()),
-        Some("demo") => setup::run().and_then(|()| demo::run()),
+        Some("demo") if args.len() == 1 => setup::run().and_then(|()| demo::run()),
+        Some("demo") if args.len() == 2 && args[1] == "--kubernetes" => {
+            setup::run().and_then(|()| demo_kubernetes::run())
+        }
         Some("bench") if args.len() == 1 => setup::run().and_then(|()| bench()),
+        Some("bench") if args.len() == 2 && args[1] == "--churn" => {
+            setup::run().and_then(|()| churn_bench::run())
+        }
         Some("bench") if args[1] == "--traffic" => {
             setup::run().and_then(|()| traffic_bench::run(&args[2..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup|test|demo|bench [--traffic [OPTIONS|--help]]>");
+            eprintln!(
+                "usage: cargo xtask <setup|test|demo [--kubernetes]|bench [--churn|--traffic [OPTIONS|--help]]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -228,8 +238,10 @@ fn check_test_summary(text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The datapath bench (BPF_PROG_TEST_RUN), then Kubernetes churn against a real agent.
 fn bench() -> Result<()> {
-    run_command(cargo().args(["bench", "-p", "tollgate-agent", "--bench", "datapath"]))
+    run_command(cargo().args(["bench", "-p", "tollgate-agent", "--bench", "datapath"]))?;
+    churn_bench::run()
 }
 
 #[cfg(test)]

@@ -9,13 +9,26 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The interface of the most specific direct route to `addr`, if there is one.
-pub fn route_device(addr: IpAddr) -> Option<String> {
-    let table = match addr {
-        IpAddr::V4(_) => std::fs::read_to_string("/proc/net/route").ok()?,
-        IpAddr::V6(_) => std::fs::read_to_string("/proc/net/ipv6_route").ok()?,
-    };
-    best_route(&table, addr).map(|r| r.device)
+/// The main routing tables of the agent's namespace, read once for many lookups.
+pub struct RouteTables {
+    v4: String,
+    v6: String,
+}
+
+impl RouteTables {
+    /// Reads both tables (an unreadable table finds no route).
+    pub fn read() -> Self {
+        RouteTables {
+            v4: std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
+            v6: std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default(),
+        }
+    }
+
+    /// The interface of the most specific direct route to `addr`, if there is one.
+    pub fn device(&self, addr: IpAddr) -> Option<String> {
+        let table = if addr.is_ipv4() { &self.v4 } else { &self.v6 };
+        best_route(table, addr).map(|r| r.device)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
