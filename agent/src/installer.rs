@@ -1164,8 +1164,7 @@ fn pod_bindings(members: &Membership, node: &str) -> HashMap<String, IdentityId>
     let mut routes = None;
     for (pod, id) in members.local_pods(node) {
         let routes = routes.get_or_insert_with(crate::cluster::routes::RouteTables::read);
-        let Some(device) = pod.ips.iter().find_map(|a| routes.device(*a))
-        else {
+        let Some(device) = pod.ips.iter().find_map(|a| routes.device(*a)) else {
             continue;
         };
         by_device

@@ -282,6 +282,9 @@ pub struct KubernetesStatus {
     /// Whether every watch is connected now (false while the API server is unreachable: the
     /// agent keeps enforcing what it last knew).
     pub connected: bool,
+    /// Resources whose watch is failing now.
+    #[serde(default)]
+    pub disconnected: Vec<String>,
     /// The last error of a watch or an install, and when (RFC 3339).
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,

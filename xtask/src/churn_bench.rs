@@ -79,9 +79,11 @@ pub fn run() -> Result<()> {
         ],
     )?;
     let pid = agent.pid().context("agent pid")?;
-    wait_for("the agent to sync 10,000 pods", Duration::from_secs(60), || {
-        Ok(status(&agent)?["kubernetes"]["synced"] == true)
-    })?;
+    wait_for(
+        "the agent to sync 10,000 pods",
+        Duration::from_secs(60),
+        || Ok(status(&agent)?["kubernetes"]["synced"] == true),
+    )?;
     let synced_after = started.elapsed();
     let maps = Maps::open(&bpffs)?;
     let rss_synced = rss_kb(pid)?;
@@ -165,11 +167,16 @@ pub fn run() -> Result<()> {
     let swap_median = pct(&swaps, 0.5);
     let lag_median = pct(&lags, 0.5);
     println!();
-    println!("## Kubernetes churn ({PODS} pods on {NODES} nodes, {IDENTITIES} selector identities)");
+    println!(
+        "## Kubernetes churn ({PODS} pods on {NODES} nodes, {IDENTITIES} selector identities)"
+    );
     println!();
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| initial sync (agent start to synced, 10k pods) | {:.2} s |", synced_after.as_secs_f64());
+    println!(
+        "| initial sync (agent start to synced, 10k pods) | {:.2} s |",
+        synced_after.as_secs_f64()
+    );
     println!(
         "| pod changes applied | {} in {:.1} s ({:.0}/s), {missed} not seen within {CHANGE_LIMIT:?} |",
         lags.len(),
@@ -191,7 +198,10 @@ pub fn run() -> Result<()> {
         "| pod change lag / generation swap (median) | {:.3} |",
         lag_median.as_secs_f64() / swap_median.as_secs_f64()
     );
-    println!("| agent CPU during churn | {:.1}% of one core |", cpu_share * 100.0);
+    println!(
+        "| agent CPU during churn | {:.1}% of one core |",
+        cpu_share * 100.0
+    );
     println!(
         "| agent RSS: synced / after churn | {:.1} MB / {:.1} MB |",
         rss_synced as f64 / 1024.0,
@@ -351,7 +361,8 @@ fn obj_get(path: &Path) -> Result<std::os::fd::OwnedFd> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("opening {}", path.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening {}", path.display()));
     }
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })

@@ -28,12 +28,44 @@ use crate::{
 const NODE: &str = "demo-node";
 const GRANT_TTL: Duration = Duration::from_secs(20);
 
-/// (workload, namespace, pod name, labels, service account)
-const PODS: [(&str, &str, &str, &[(&str, &str)], &str); 4] = [
-    ("frontend", "shop", "frontend-7f9c4", &[("app", "frontend")], "frontend"),
-    ("orders", "shop", "orders-5d8b2", &[("app", "orders")], "orders"),
-    ("payments", "shop", "payments-6c4a1", &[("app", "payments")], "payments"),
-    ("intruder", "sandbox", "debug-tools-1", &[("app", "debug-tools")], "default"),
+/// Workload, namespace, pod name, labels, service account.
+type DemoPod = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
+const PODS: [DemoPod; 4] = [
+    (
+        "frontend",
+        "shop",
+        "frontend-7f9c4",
+        &[("app", "frontend")],
+        "frontend",
+    ),
+    (
+        "orders",
+        "shop",
+        "orders-5d8b2",
+        &[("app", "orders")],
+        "orders",
+    ),
+    (
+        "payments",
+        "shop",
+        "payments-6c4a1",
+        &[("app", "payments")],
+        "payments",
+    ),
+    (
+        "intruder",
+        "sandbox",
+        "debug-tools-1",
+        &[("app", "debug-tools")],
+        "default",
+    ),
 ];
 
 fn pod(topo: &Topology, i: usize, labels: &[(&str, &str)]) -> Value {
@@ -97,12 +129,20 @@ fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> Result<bool
 
 fn print_status(agent: &AgentProcess) -> Result<()> {
     let status = agent.cli(&["status"])?;
-    for line in String::from_utf8_lossy(&status.stdout)
-        .lines()
-        .filter(|l| l.starts_with("kubernetes") || l.starts_with("  ") || l.starts_with("policy"))
-        .filter(|l| !l.contains("->"))
-    {
-        println!("    {line}");
+    let text = String::from_utf8_lossy(&status.stdout);
+    let mut in_section = false;
+    for line in text.lines() {
+        if line.starts_with("policy ") {
+            println!("    {line}");
+        }
+        if line.starts_with("kubernetes") {
+            in_section = true;
+        } else if !line.starts_with("  ") {
+            in_section = false;
+        }
+        if in_section {
+            println!("    {line}");
+        }
     }
     Ok(())
 }
@@ -119,12 +159,20 @@ pub fn run() -> Result<()> {
     api.apply(kubeapi::namespace("shop", &[("team", "shop")]))?;
     api.apply(kubeapi::namespace("sandbox", &[]))?;
     println!("\n  $ kubectl get pods -A -o wide --show-labels   (as the fake API server has them)");
-    println!("  {:<9} {:<16} {:<12} {:<16} LABELS / SERVICE ACCOUNT", "NAMESPACE", "NAME", "IP", "IPv6");
+    println!(
+        "  {:<9} {:<16} {:<12} {:<16} LABELS / SERVICE ACCOUNT",
+        "NAMESPACE", "NAME", "IP", "IPv6"
+    );
     for (i, (w, ns, name, labels, sa)) in PODS.iter().enumerate() {
         api.apply(pod(&topo, i, labels))?;
         let wl = topo.workload(w);
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("  {ns:<9} {name:<16} {:<12} {:<16} {} / sa {sa}", wl.v4, wl.v6, labels.join(","));
+        println!(
+            "  {ns:<9} {name:<16} {:<12} {:<16} {} / sa {sa}",
+            wl.v4,
+            wl.v6,
+            labels.join(",")
+        );
     }
     let expires = SystemTime::now() + GRANT_TTL;
     let shop = policy(expires);
@@ -193,10 +241,28 @@ pub fn run() -> Result<()> {
     for (from, to, port) in flows {
         check_interrupted()?;
         for v6 in [false, true] {
-            drive(&topo, &agent, &Flow { from, to, v6, probe: Probe::Tcp(port) })?;
+            drive(
+                &topo,
+                &agent,
+                &Flow {
+                    from,
+                    to,
+                    v6,
+                    probe: Probe::Tcp(port),
+                },
+            )?;
         }
     }
-    drive(&topo, &agent, &Flow { from: "frontend", to: "orders", v6: false, probe: Probe::Ping })?;
+    drive(
+        &topo,
+        &agent,
+        &Flow {
+            from: "frontend",
+            to: "orders",
+            v6: false,
+            probe: Probe::Ping,
+        },
+    )?;
     spoof_attempt(&topo, &agent)?;
     login_attempts(&topo, &agent)?;
 
@@ -205,20 +271,42 @@ pub fn run() -> Result<()> {
     let orders = topo.workload("orders");
     let payments = topo.workload("payments");
     let mut open = tcp_connect(&orders.ns, IpAddr::V4(payments.v4), 9090)?;
-    println!("  open connection orders -> payments: echo {}", if echo_roundtrip(&mut open, b"hello") { "ok" } else { "FAILED" });
+    println!(
+        "  open connection orders -> payments: echo {}",
+        if echo_roundtrip(&mut open, b"hello") {
+            "ok"
+        } else {
+            "FAILED"
+        }
+    );
     api.apply(pod(&topo, 2, &[("app", "quarantine")]))?;
     wait_until("the relabel", Duration::from_secs(10), || {
         Ok(kube_status(&agent)?["flows_revoked"].as_u64().unwrap_or(0) > 0)
     })?;
     println!(
         "  the same connection after the relabel: echo {}",
-        if echo_roundtrip(&mut open, b"again") { "ok (UNEXPECTED)" } else { "no answer: its flow was revoked" }
+        if echo_roundtrip(&mut open, b"again") {
+            "ok (UNEXPECTED)"
+        } else {
+            "no answer: its flow was revoked"
+        }
     );
     print_header();
-    drive(&topo, &agent, &Flow { from: "orders", to: "payments", v6: false, probe: Probe::Tcp(9090) })?;
+    drive(
+        &topo,
+        &agent,
+        &Flow {
+            from: "orders",
+            to: "payments",
+            v6: false,
+            probe: Probe::Tcp(9090),
+        },
+    )?;
     api.apply(pod(&topo, 2, PODS[2].3))?;
 
-    println!("\nThe API server goes away. The agent keeps enforcing what it last knew (never allow):\n");
+    println!(
+        "\nThe API server goes away. The agent keeps enforcing what it last knew (never allow):\n"
+    );
     api.set_unavailable(true);
     wait_until("the outage is noticed", Duration::from_secs(20), || {
         Ok(kube_status(&agent)?["connected"] == false)
@@ -227,7 +315,16 @@ pub fn run() -> Result<()> {
     println!();
     print_header();
     for (from, to, port) in [("orders", "payments", 9090), ("intruder", "orders", 8080)] {
-        drive(&topo, &agent, &Flow { from, to, v6: false, probe: Probe::Tcp(port) })?;
+        drive(
+            &topo,
+            &agent,
+            &Flow {
+                from,
+                to,
+                v6: false,
+                probe: Probe::Tcp(port),
+            },
+        )?;
     }
     api.set_unavailable(false);
     wait_until("reconnection", Duration::from_secs(20), || {
@@ -239,12 +336,26 @@ pub fn run() -> Result<()> {
         .duration_since(SystemTime::now())
         .unwrap_or_default()
         + Duration::from_secs(1);
-    println!("\nWaiting {} s for oncall-debug-grant to expire (the kernel enforces the expiry)...\n", wait.as_secs());
+    println!(
+        "\nWaiting {} s for oncall-debug-grant to expire (the kernel enforces the expiry)...\n",
+        wait.as_secs()
+    );
     pause(wait)?;
     print_header();
-    drive(&topo, &agent, &Flow { from: "frontend", to: "payments", v6: false, probe: Probe::Tcp(9090) })?;
+    drive(
+        &topo,
+        &agent,
+        &Flow {
+            from: "frontend",
+            to: "payments",
+            v6: false,
+            probe: Probe::Tcp(9090),
+        },
+    )?;
 
-    println!("\nCleaning up: stopping the agent, removing its pins, the namespaces and the API server.");
+    println!(
+        "\nCleaning up: stopping the agent, removing its pins, the namespaces and the API server."
+    );
     drop(agent);
     drop(api);
     drop(topo);

@@ -1,11 +1,11 @@
 //! `cargo xtask setup | test | demo | bench`: the commands the README gives. Each installs
 //! what it needs first (idempotently), so a fresh machine needs nothing but this repository.
 
+mod churn_bench;
 mod demo;
+mod demo_kubernetes;
 mod interrupt;
 mod setup;
-mod churn_bench;
-mod demo_kubernetes;
 mod traffic_bench;
 
 use std::{

@@ -135,8 +135,36 @@ pub async fn run(client: Client, installer: InstallerHandle, status: SharedStatu
         status.clone(),
         synced_tx,
     ));
+    let probe = tokio::spawn(probe_failing(client.clone(), status.clone()));
     let policies = tokio::spawn(watch_policies(client, installer, status, synced_rx));
-    let _ = tokio::join!(pods, namespaces, policies);
+    let _ = tokio::join!(pods, namespaces, policies, probe);
+}
+
+/// How often a failing resource is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A watch that resumes after an outage says nothing when nothing changed meanwhile (bookmarks
+/// yield no event), so a resource whose watch failed is probed with a one-item list until it
+/// answers again: then it counts as connected.
+async fn probe_failing(client: Client, status: SharedStatus) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let policies: Api<DynamicObject> = Api::all_with(client, &policy_resource());
+    let one = kube::api::ListParams::default().limit(1);
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let failing: Vec<String> = status.lock().expect("status lock").disconnected.clone();
+        for resource in failing {
+            let ok = match resource.as_str() {
+                "pods" => pods.list_metadata(&one).await.is_ok(),
+                "namespaces" => namespaces.list_metadata(&one).await.is_ok(),
+                _ => policies.list_metadata(&one).await.is_ok(),
+            };
+            if ok {
+                connected(&status, &resource);
+            }
+        }
+    }
 }
 
 /// Records a watch error: logged, kept for `status`, and the watch counted as disconnected. A
@@ -153,6 +181,9 @@ fn record_error(status: &SharedStatus, resource: &str, error: &watcher::Error) {
     };
     tracing::warn!(resource, error = %message, "Kubernetes watch failed");
     let mut s = status.lock().expect("status lock");
+    if !s.disconnected.iter().any(|r| r == resource) {
+        s.disconnected.push(resource.to_owned());
+    }
     s.connected = false;
     s.last_error = Some(message);
     s.last_error_at =
@@ -160,8 +191,11 @@ fn record_error(status: &SharedStatus, resource: &str, error: &watcher::Error) {
     s.watch_errors += 1;
 }
 
-fn connected(status: &SharedStatus) {
-    status.lock().expect("status lock").connected = true;
+/// `resource` answered: its watch is connected.
+fn connected(status: &SharedStatus, resource: &str) {
+    let mut s = status.lock().expect("status lock");
+    s.disconnected.retain(|r| r != resource);
+    s.connected = s.disconnected.is_empty();
 }
 
 /// Events ready right now, up to a bound, so that a burst goes to the installer as one command.
@@ -197,19 +231,19 @@ async fn watch_pods(
                     }
                 }
                 Ok(Event::InitDone) => {
-                    connected(&status);
+                    connected(&status, "pods");
                     if let Some(list) = listing.take() {
                         events.push(ClusterEvent::Pods(list));
                     }
                 }
                 Ok(Event::Apply(pod)) => {
-                    connected(&status);
+                    connected(&status, "pods");
                     if let Some(facts) = pod_facts(&pod) {
                         events.push(ClusterEvent::Pod(facts));
                     }
                 }
                 Ok(Event::Delete(pod)) => {
-                    connected(&status);
+                    connected(&status, "pods");
                     if let (Some(ns), Some(name)) =
                         (pod.metadata.namespace.clone(), pod.metadata.name.clone())
                     {
@@ -252,11 +286,11 @@ async fn watch_namespaces(
                 None
             }
             Ok(Event::InitDone) => {
-                connected(&status);
+                connected(&status, "namespaces");
                 listing.take().map(ClusterEvent::Namespaces)
             }
             Ok(Event::Apply(ns)) => {
-                connected(&status);
+                connected(&status, "namespaces");
                 ns.metadata
                     .name
                     .clone()
@@ -266,7 +300,7 @@ async fn watch_namespaces(
                     })
             }
             Ok(Event::Delete(ns)) => {
-                connected(&status);
+                connected(&status, "namespaces");
                 ns.metadata.name.clone().map(ClusterEvent::NamespaceGone)
             }
             Err(e) => {
@@ -318,7 +352,7 @@ async fn watch_policies(
                     }
                 }
                 Ok(Event::InitDone) => {
-                    connected(&status);
+                    connected(&status, "policies.tollgate.dev");
                     if let Some(list) = listing.take() {
                         objects = list;
                         listed = true;
@@ -326,14 +360,14 @@ async fn watch_policies(
                     }
                 }
                 Ok(Event::Apply(o)) => {
-                    connected(&status);
+                    connected(&status, "policies.tollgate.dev");
                     if let Some(p) = policy_object(&o) {
                         objects.insert(p.name.clone(), p);
                         changed = true;
                     }
                 }
                 Ok(Event::Delete(o)) => {
-                    connected(&status);
+                    connected(&status, "policies.tollgate.dev");
                     if let Some(name) = &o.metadata.name {
                         changed |= objects.remove(name).is_some();
                     }
