@@ -395,6 +395,16 @@ impl Membership {
                 IDENTITY_AMBIGUOUS
             }
         };
+        // The node's own addresses are never a pod's: they keep `host` (or their identity).
+        if self.statics.exact(addr).is_some_and(|v| v.is_node_address()) {
+            for k in &holders {
+                self.conflicts.insert(
+                    k.clone(),
+                    format!("address {addr} is one of the node's own; it stays the node's"),
+                );
+            }
+            return None;
+        }
         match self.statics.claim(addr) {
             Some(claimed) if claimed != id && id != IDENTITY_AMBIGUOUS => {
                 for k in &holders {
@@ -671,6 +681,35 @@ mod tests {
         assert_eq!(c[0].after, Some(WEB));
         assert_eq!(c[1].after, Some(IDENTITY_AMBIGUOUS));
         assert!(m.conflicts().any(|c| c.reason.contains("CIDR of nets")));
+    }
+
+    #[test]
+    fn a_node_address_is_never_a_pods() {
+        let mut m = Membership::default();
+        let host = IdentityValue {
+            id: tollgate_common::identity::IDENTITY_HOST,
+            ..Default::default()
+        };
+        let statics = StaticClaims::new(
+            &[(
+                SLOT_PREFIX_BITS + 32,
+                IdentityKeyV4 {
+                    slot: 0,
+                    addr: [10, 200, 0, 1],
+                },
+                host,
+            )],
+            &[],
+        );
+        m.set_policy(&[("web".into(), Some(app("shop", "web")))], statics);
+        let c = m.apply(vec![ClusterEvent::Pod(pod(
+            "shop",
+            "liar",
+            &[("app", "web")],
+            &["10.200.0.1"],
+        ))]);
+        assert!(c.is_empty());
+        assert!(m.conflicts().any(|c| c.reason.contains("node's own")));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -465,17 +466,31 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
             texts.push(ip);
         }
     }
-    let mut ips = Vec::new();
+    // Kubernetes gives a pod at most one address per family; anything beyond is not trusted.
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let pod_name = || format!("{namespace}/{name}");
     for text in texts {
-        match text.parse() {
-            Ok(ip) => {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => tracing::warn!(
+                pod = %pod_name(),
+                address = text,
+                "IPv4-mapped pod address: no IPv4 packet carries it; left out"
+            ),
+            Ok(ip) if ips.iter().any(|a| a.is_ipv4() == ip.is_ipv4()) => {
                 if !ips.contains(&ip) {
-                    ips.push(ip)
+                    tracing::warn!(
+                        pod = %pod_name(),
+                        address = text,
+                        "a second pod address of one family; left out"
+                    )
                 }
             }
-            Err(_) => {
-                tracing::warn!(pod = %format!("{namespace}/{name}"), address = text, "pod address does not parse; left out")
-            }
+            Ok(ip) => ips.push(ip),
+            Err(_) => tracing::warn!(
+                pod = %pod_name(),
+                address = text,
+                "pod address does not parse; left out"
+            ),
         }
     }
     let finished = matches!(phase, "Succeeded" | "Failed");
@@ -515,7 +530,8 @@ mod tests {
             "metadata": {"namespace": "shop", "name": "web-1", "labels": {"app": "web"}},
             "spec": {"containers": [], "serviceAccountName": "web", "nodeName": "node-a"},
             "status": {"phase": "Running", "podIP": "10.200.1.2",
-                        "podIPs": [{"ip": "10.200.1.2"}, {"ip": "fd00:200::2"}, {"ip": "junk"}]}
+                        "podIPs": [{"ip": "10.200.1.2"}, {"ip": "fd00:200::2"}, {"ip": "junk"},
+                                   {"ip": "10.200.1.3"}, {"ip": "::ffff:10.200.1.4"}]}
         }))
         .unwrap();
         let f = pod_facts(&pod).unwrap();
