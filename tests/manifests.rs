@@ -924,3 +924,23 @@ fn daemonset_capabilities_are_exactly_what_the_agent_needs() {
         }
     }
 }
+
+/// The DaemonSet's arguments (both the base and the file-mode example) are ones this build's
+/// `tollgate` accepts: parsed with the CLI's own parser, `$(VAR)` references filled in as
+/// kubelet would.
+#[test]
+fn daemonset_arguments_parse_with_this_build() {
+    use clap::Parser as _;
+    for dir in ["deploy", "deploy/examples/file-mode"] {
+        let docs = yaml_docs(&render(dir));
+        let c = agent_container(&docs);
+        let mut argv = vec!["tollgate".to_owned()];
+        argv.extend(strings(&c["args"]).iter().map(|a| {
+            a.replace("$(NODE_NAME)", "node-a")
+                .replace("$(HOST_IP)", "192.0.2.10")
+        }));
+        if let Err(e) = tollgate_agent::cli::Cli::try_parse_from(&argv) {
+            panic!("{dir}: the DaemonSet's arguments {argv:?} do not parse: {e}");
+        }
+    }
+}

@@ -139,7 +139,7 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 8] = [
     // The Prometheus harness against a fixed exposition (needs the Debian package).
     ("prometheus", 6),
     // The deploy/ manifests and the DaemonSet's capabilities proven on the real agent.
-    ("manifests", 11),
+    ("manifests", 12),
     // Kubernetes mode against the fake API server, and file mode's ConfigMap swap and saved policy.
     ("kubernetes", 5),
 ];

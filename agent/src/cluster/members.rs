@@ -396,7 +396,11 @@ impl Membership {
             }
         };
         // The node's own addresses are never a pod's: they keep `host` (or their identity).
-        if self.statics.exact(addr).is_some_and(|v| v.is_node_address()) {
+        if self
+            .statics
+            .exact(addr)
+            .is_some_and(|v| v.is_node_address())
+        {
             for k in &holders {
                 self.conflicts.insert(
                     k.clone(),
