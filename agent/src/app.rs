@@ -156,9 +156,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             // that does not answer is not (the watchers retry, the pinned state enforces).
             let client = cluster::watch::client(settings).await?;
             let status = SharedStatus::default();
-            let fallback =
-                crate::policy::parse_policy_owned(cluster::merge::merge(&[]).text, "kubernetes")
-                    .context("the deny-all policy")?;
+            let fallback = crate::policy::parse_policy_owned(
+                cluster::merge::merge(&[], &[]).text,
+                "kubernetes",
+            )
+            .context("the deny-all policy")?;
             (
                 Initial::KeepPinned { fallback },
                 Some(ClusterState::new(config.node.clone(), status.clone())),

@@ -635,7 +635,11 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         audit,
         node,
     };
-    runtime()?.block_on(app::run(config))?;
+    let rt = runtime()?;
+    let result = rt.block_on(app::run(config));
+    // A blocking task stuck in a system call must not keep a stopping agent alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    result?;
     Ok(0)
 }
 

@@ -369,7 +369,13 @@ impl Installer {
                 )
             }
             Initial::Policy(policy) | Initial::KeepPinned { fallback: policy } => {
-                let (p, n, g) = install(&mut datapath, policy, &interfaces, cluster.as_mut())?;
+                let (p, n, g) = install(
+                    &mut datapath,
+                    policy,
+                    &interfaces,
+                    cluster.as_mut(),
+                    &|name| config.is_uplink(name),
+                )?;
                 (p, n, g, true)
             }
         };
@@ -447,11 +453,26 @@ impl Installer {
             saved_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         };
         if let Err(e) = store.save(&saved) {
-            tracing::warn!(
-                error = %format!("{e:#}"),
-                path = %store.path().display(),
-                "could not save the policy in force; a restart would go back to the --policy file"
-            );
+            // What is saved is older than what is in force now: it must not come back at a
+            // restart. Without it the --policy file decides.
+            match std::fs::remove_file(store.path()) {
+                Ok(()) => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    path = %store.path().display(),
+                    "could not save the policy in force; the older saved policy was removed, so a restart enforces the --policy file"
+                ),
+                Err(r) if r.kind() == std::io::ErrorKind::NotFound => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    path = %store.path().display(),
+                    "could not save the policy in force; a restart enforces the --policy file"
+                ),
+                Err(r) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    remove_error = %r,
+                    path = %store.path().display(),
+                    "could not save the policy in force, nor remove the older saved one: a restart would enforce that older policy while the --policy file is unchanged; fix the state directory"
+                ),
+            }
         }
     }
 
@@ -511,6 +532,13 @@ impl Installer {
                 if let Err(e) = self.rescan() {
                     tracing::warn!(error = %format!("{e:#}"), "interface rescan failed");
                 }
+                if let Some(c) = self.cluster.as_mut() {
+                    c.bindings = pod_bindings(&c.members, &c.node);
+                }
+                if self.sync_bindings() {
+                    self.publish();
+                }
+                self.retry_unwritten();
                 self.flush_revoked(true);
             }
         }
@@ -539,11 +567,13 @@ impl Installer {
             .iter()
             .chain(&self.passive_uplinks)
             .map(|(name, ifindex)| {
-                let pod = self
+                // What was written, where Kubernetes mode writes bindings itself.
+                let bound = self
                     .cluster
                     .as_ref()
-                    .and_then(|c| c.bindings.get(name).copied());
-                let bound = combined_binding(live_names.bound_identity(name), pod);
+                    .filter(|c| c.active)
+                    .and_then(|c| c.written.get(ifindex).copied())
+                    .unwrap_or_else(|| live_names.bound_identity(name));
                 InterfaceStatus {
                     name: name.clone(),
                     ifindex: *ifindex,
@@ -600,11 +630,13 @@ impl Installer {
             refuse_selectors(&policy)?;
         }
         let interfaces = self.interfaces.clone();
+        let config = &self.config;
         let (policy, names, generation) = install(
             &mut self.datapath,
             policy,
             &interfaces,
             self.cluster.as_mut(),
+            &|name| config.is_uplink(name),
         )
         .map_err(Error::NotInstalled)?;
         tracing::info!(policy = %policy.name, generation, rules = policy.rules, "policy applied");
@@ -638,7 +670,6 @@ impl Installer {
         let changes = c.members.apply(events);
         let slot = slot_of(self.generation);
         let mut failed = None;
-        let mut rebound = false;
         for ch in changes.iter().filter(|ch| ch.before.is_some()) {
             if let Err(e) =
                 self.datapath
@@ -658,31 +689,22 @@ impl Installer {
             flush_revoked(&mut self.datapath, c);
         }
         for ch in &changes {
+            c.unwritten.remove(&ch.addr);
             if let Some(id) = ch.after {
                 let value = self.datapath.identity_value(id);
                 if let Err(e) = self.datapath.set_address(slot, ch.addr, Some(value)) {
+                    c.unwritten.insert(ch.addr);
                     failed = Some(e);
                 }
             }
         }
-        let bindings = pod_bindings(&c.members, &c.node);
-        if bindings != c.bindings {
-            let live = self.names.live();
-            for (name, ifindex) in &self.interfaces {
-                let old =
-                    combined_binding(live.bound_identity(name), c.bindings.get(name).copied());
-                let new = combined_binding(live.bound_identity(name), bindings.get(name).copied());
-                if old != new {
-                    if let Err(e) = self.datapath.bind_interface(*ifindex, slot, new) {
-                        failed = Some(e);
-                    }
-                }
-            }
-            c.bindings = bindings;
-            rebound = true;
-        }
+        c.bindings = pod_bindings(&c.members, &c.node);
+        let rebound = self.sync_bindings();
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
         if let Some(e) = failed {
-            tracing::error!(error = %format!("{e:#}"), "writing pod addresses failed; the next policy install rewrites them");
+            tracing::error!(error = %format!("{e:#}"), "writing pod addresses failed (retried every second; see `tollgate status`)");
         }
         for ch in &changes {
             if ch.after == Some(IDENTITY_AMBIGUOUS) {
@@ -703,6 +725,65 @@ impl Installer {
         if rebound {
             self.publish();
         }
+    }
+
+    /// Kubernetes mode, once active: writes the binding each enforced workload interface should
+    /// have in the live slot where it differs from what was written (by ifindex, so a veth
+    /// recreated under the same name is bound again). Returns whether anything changed.
+    fn sync_bindings(&mut self) -> bool {
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
+        if !c.active {
+            return false;
+        }
+        let slot = slot_of(self.generation);
+        let live = self.names.live();
+        let mut changed = false;
+        let mut written = HashMap::with_capacity(self.interfaces.len());
+        for (name, ifindex) in &self.interfaces {
+            let policy = live.bound_identity(name);
+            let want = if self.config.is_uplink(name) {
+                policy
+            } else {
+                desired_binding(policy, c.bindings.get(name))
+            };
+            if c.written.get(ifindex) != Some(&want) {
+                match self.datapath.bind_interface(*ifindex, slot, want) {
+                    Ok(()) => changed = true,
+                    Err(e) => {
+                        tracing::error!(interface = %name, error = %format!("{e:#}"), "binding a pod interface failed");
+                        continue;
+                    }
+                }
+            }
+            written.insert(*ifindex, want);
+        }
+        c.written = written;
+        changed
+    }
+
+    /// Kubernetes mode: writes again the pod addresses whose write failed.
+    fn retry_unwritten(&mut self) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        if c.unwritten.is_empty() {
+            return;
+        }
+        let slot = slot_of(self.generation);
+        let pending: Vec<IpAddr> = c.unwritten.iter().copied().collect();
+        for addr in pending {
+            let Some(&id) = c.members.assigned().get(&addr) else {
+                c.unwritten.remove(&addr);
+                continue;
+            };
+            let value = self.datapath.identity_value(id);
+            if self.datapath.set_address(slot, addr, Some(value)).is_ok() {
+                c.unwritten.remove(&addr);
+            }
+        }
+        c.report();
     }
 
     /// How long until revoked addresses are due to lose their flows, if any wait.
@@ -858,7 +939,16 @@ impl Installer {
             }
             // New (or renamed, or a new interface on a reused ifindex): a fresh entry.
             let mut bound = [Some(0); 2];
-            bound[live_slot as usize] = Some(self.names.live().bound_identity(name));
+            let policy = self.names.live().bound_identity(name);
+            bound[live_slot as usize] = Some(match &self.cluster {
+                // A new pod's interface is pending until its pod is known (see
+                // `desired_binding`); routes are read afresh for it.
+                Some(c) if c.active && !self.config.is_uplink(name) => {
+                    let bindings = pod_bindings(&c.members, &c.node);
+                    desired_binding(policy, bindings.get(name))
+                }
+                _ => policy,
+            });
             self.datapath.write_interface(
                 *ifindex,
                 self.config.is_uplink(name),
@@ -992,6 +1082,7 @@ fn install(
     policy: Policy,
     interfaces: &[(String, u32)],
     cluster: Option<&mut ClusterState>,
+    uplink: &dyn Fn(&str) -> bool,
 ) -> Result<(LivePolicy, Arc<PolicyNames>, u64)> {
     let generation = datapath.next_generation()?;
     let slot = slot_of(generation);
@@ -1044,11 +1135,22 @@ fn install(
             compiled.identities_v4.extend(v4);
             compiled.identities_v6.extend(v6);
             let bindings = pod_bindings(&members, &c.node);
-            datapath.install_with(&compiled, generation, interfaces, &|name| {
-                combined_binding(compiled.bound_identity(name), bindings.get(name).copied())
-            })?;
+            let bound = |name: &str| {
+                if uplink(name) {
+                    compiled.bound_identity(name)
+                } else {
+                    desired_binding(compiled.bound_identity(name), bindings.get(name))
+                }
+            };
+            datapath.install_with(&compiled, generation, interfaces, &bound)?;
+            c.written = interfaces
+                .iter()
+                .map(|(name, ifindex)| (*ifindex, bound(name)))
+                .collect();
             c.members = members;
             c.bindings = bindings;
+            c.active = true;
+            c.unwritten.clear();
             // Every tracked flow is decided again under the new generation.
             c.revoked.clear();
             c.report();
@@ -1109,8 +1211,15 @@ pub struct ClusterState {
     /// This node, as pods name it in `spec.nodeName`.
     pub node: String,
     pub members: Membership,
-    /// Interface → the identity of the local pod behind it.
-    pub bindings: HashMap<String, IdentityId>,
+    /// Interface name → what local pods sit behind it (from their routes).
+    pub bindings: HashMap<String, PodBinding>,
+    /// The binding written in the live slot, per enforced interface (ifindex).
+    pub written: HashMap<u32, IdentityId>,
+    /// Once this agent installed a policy: before that, the pinned live slot (addresses and
+    /// bindings) is the previous agent's and is left alone.
+    pub active: bool,
+    /// Addresses whose entry could not be written (a full map), retried every second.
+    pub unwritten: HashSet<IpAddr>,
     /// Addresses whose identity was revoked, whose tracked flows are still to be removed, and
     /// since when.
     pub revoked: HashSet<IpAddr>,
@@ -1124,6 +1233,9 @@ impl ClusterState {
             node,
             members: Membership::default(),
             bindings: HashMap::new(),
+            written: HashMap::new(),
+            active: false,
+            unwritten: HashSet::new(),
             revoked: HashSet::new(),
             revoked_since: None,
             status,
@@ -1135,7 +1247,9 @@ impl ClusterState {
         let mut s = self.status.lock().expect("status lock");
         s.pods = self.members.pod_count();
         s.local_pods = self.members.local_pods(&self.node).count();
-        s.addresses = self.members.assigned().len();
+        s.addresses =
+            self.members.assigned().len() - self.unwritten.len().min(self.members.assigned().len());
+        s.addresses_not_written = self.unwritten.len();
         s.conflicts = self
             .members
             .conflicts()
@@ -1156,34 +1270,48 @@ const MAX_CONFLICTS_SHOWN: usize = 100;
 /// has its flows removed at once, before the new identity is written.)
 const REVOKE_BATCH: Duration = Duration::from_millis(250);
 
-/// Local pods' interfaces (the device of the most specific direct route to the pod's first
-/// address) and the identity each is bound to. A device more than one local pod sits behind (a
-/// bridge) is left unbound: binding it to one pod's identity would drop the others' traffic.
-fn pod_bindings(members: &Membership, node: &str) -> HashMap<String, IdentityId> {
-    let mut by_device: HashMap<String, (Option<IdentityId>, usize)> = HashMap::new();
+/// What sits behind a device, from the local pods' routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodBinding {
+    /// One local pod, of this identity.
+    Pod(IdentityId),
+    /// One local pod that no selector takes in: nothing to bind it to.
+    NoIdentity,
+    /// Several local pods (a bridge): binding it to one pod's identity would drop the others'.
+    Shared,
+}
+
+/// Local pods' interfaces: the device of the most specific direct route to each pod's first
+/// address, and what sits behind it.
+fn pod_bindings(members: &Membership, node: &str) -> HashMap<String, PodBinding> {
+    let mut by_device: HashMap<String, PodBinding> = HashMap::new();
     let mut routes = None;
     for (pod, id) in members.local_pods(node) {
         let routes = routes.get_or_insert_with(crate::cluster::routes::RouteTables::read);
         let Some(device) = pod.ips.iter().find_map(|a| routes.device(*a)) else {
             continue;
         };
+        let this = id.map_or(PodBinding::NoIdentity, PodBinding::Pod);
         by_device
             .entry(device)
-            .and_modify(|(_, pods)| *pods += 1)
-            .or_insert((id, 1));
+            .and_modify(|b| *b = PodBinding::Shared)
+            .or_insert(this);
     }
     by_device
-        .into_iter()
-        .filter_map(|(device, (id, pods))| Some((device, id.filter(|_| pods == 1)?)))
-        .collect()
 }
 
-/// An interface bound by the policy (`interfaces:`) and by a pod: they must agree.
-fn combined_binding(policy: IdentityId, pod: Option<IdentityId>) -> IdentityId {
+/// The binding of a workload interface in Kubernetes mode: its pod's identity (which must agree
+/// with a binding the policy gives it with `interfaces:`), the policy's binding where no single
+/// identified pod sits behind it, and `ambiguous` (pending) where no known pod does: a new
+/// pod's interface passes nothing until the agent knows the pod, so an address reused before
+/// the old pod's deletion arrived never passes as the old pod's identity.
+fn desired_binding(policy: IdentityId, pod: Option<&PodBinding>) -> IdentityId {
     match pod {
-        None => policy,
-        Some(p) if policy == 0 || policy == p => p,
-        Some(_) => IDENTITY_AMBIGUOUS,
+        Some(PodBinding::Pod(p)) if policy == 0 || policy == *p => *p,
+        Some(PodBinding::Pod(_)) => IDENTITY_AMBIGUOUS,
+        Some(PodBinding::NoIdentity | PodBinding::Shared) => policy,
+        None if policy != 0 => policy,
+        None => IDENTITY_AMBIGUOUS,
     }
 }
 

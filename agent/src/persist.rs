@@ -160,17 +160,23 @@ pub const FILE_POLL: Duration = Duration::from_secs(1);
 /// the last one seen is applied. A file that is gone, unreadable or invalid leaves the policy
 /// in force (the refusal is logged and audited once per version of the file).
 pub async fn follow_file(path: PathBuf, installer: InstallerHandle, mut last_digest: String) {
-    let mut last_stamp = stamp(&path);
+    // No stamp yet: the first look reads the file and compares its digest with the one read at
+    // start, so a change while the agent was starting is not missed.
+    let mut last_stamp = None;
     let mut tick = tokio::time::interval(FILE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = stamp(&path);
-        if now == last_stamp {
+        if now.is_some() && now == last_stamp {
             continue;
         }
+        let was_there = last_stamp.is_some();
         last_stamp = now;
         if now.is_none() {
+            if !was_there {
+                continue;
+            }
             tracing::warn!(path = %path.display(), "the policy file is gone; the policy in force stays");
             continue;
         }

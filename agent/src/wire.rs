@@ -293,6 +293,9 @@ pub struct KubernetesStatus {
     pub local_pods: usize,
     /// Pod addresses with an entry of their own in the identity maps.
     pub addresses: usize,
+    /// Pod addresses whose entry could not be written (a full map); retried every second.
+    #[serde(default)]
+    pub addresses_not_written: usize,
     /// Pod changes applied to the maps since start.
     pub pod_changes: u64,
     /// Tracked flow entries removed because an address changed identity.

@@ -32,6 +32,9 @@ const RATE: u32 = 100;
 const CHURN: Duration = Duration::from_secs(30);
 /// How long one change may take to show before the bench gives up on it.
 const CHANGE_LIMIT: Duration = Duration::from_secs(5);
+/// Conntrack entries written before the churn (the IPv4 map holds 131,072).
+const TRACKED_ENTRIES: usize = 120_000;
+const FLOWS_PER_POD: usize = 12;
 
 pub fn run() -> Result<()> {
     // SAFETY: geteuid cannot fail.
@@ -87,6 +90,18 @@ pub fn run() -> Result<()> {
     let synced_after = started.elapsed();
     let maps = Maps::open(&bpffs)?;
     let rss_synced = rss_kb(pid)?;
+    // Tracked flows, so that every deletion and relabel pays for its conntrack purge as on a
+    // busy node: FLOWS_PER_POD entries from each of the first pods' addresses.
+    let mut tracked = 0usize;
+    for n in 0..PODS {
+        for k in 0..FLOWS_PER_POD {
+            if tracked >= TRACKED_ENTRIES {
+                break;
+            }
+            maps.track(address(n), k as u16)?;
+            tracked += 1;
+        }
+    }
 
     // Baseline: a new generation (one more rule) with every pod address in it.
     let mut swaps = Vec::new();
@@ -298,6 +313,7 @@ fn rss_kb(pid: u32) -> Result<u64> {
 struct Maps {
     active: std::os::fd::OwnedFd,
     addr_v4: std::os::fd::OwnedFd,
+    conntrack_v4: std::os::fd::OwnedFd,
 }
 
 impl Maps {
@@ -305,6 +321,7 @@ impl Maps {
         Ok(Maps {
             active: obj_get(&bpffs.join("maps/TG_ACTIVE"))?,
             addr_v4: obj_get(&bpffs.join("maps/TG_ADDR_ID_V4"))?,
+            conntrack_v4: obj_get(&bpffs.join("maps/TG_CONNTRACK_V4"))?,
         })
     }
 
@@ -316,6 +333,19 @@ impl Maps {
 
     fn slot(&self) -> Result<u32> {
         Ok((self.generation()? & 1) as u32)
+    }
+
+    /// Writes a conntrack entry (a TCP flow from `from`:`port` to 10.200.250.1:80), as a
+    /// tracked flow would leave; its value is all zero (never current, only to be walked).
+    fn track(&self, from: Ipv4Addr, port: u16) -> Result<()> {
+        let mut key = [0u8; 16];
+        key[..4].copy_from_slice(&from.octets());
+        key[4..8].copy_from_slice(&[10, 200, 250, 1]);
+        key[8..10].copy_from_slice(&port.to_be_bytes());
+        key[10..12].copy_from_slice(&80u16.to_be_bytes());
+        key[12] = 6;
+        let value = [0u8; 48];
+        update(&self.conntrack_v4, &key, &value)
     }
 
     /// The identity of `addr`'s exact entry in `slot`, if it has one.
@@ -404,6 +434,39 @@ fn lookup(map: &std::os::fd::OwnedFd, key: &[u8], value: &mut [u8]) -> Result<bo
         return Ok(false);
     }
     Err(e).context("BPF_MAP_LOOKUP_ELEM")
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (any).
+fn update(map: &std::os::fd::OwnedFd, key: &[u8], value: &[u8]) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = Attr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: the kernel reads key_size and value_size bytes, which the buffers hold.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            2 as libc::c_long, // BPF_MAP_UPDATE_ELEM
+            &attr as *const Attr,
+            std::mem::size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_ELEM");
+    }
+    Ok(())
 }
 
 struct RemoveDir(PathBuf);

@@ -130,7 +130,7 @@ fn build_debug_ebpf() -> Result<PathBuf> {
 
 /// The test binaries that hold root-only kernel tests: each must run and pass at least this
 /// many tests, so a filter, a skip or a missing binary fails the run.
-const KERNEL_TEST_BINARIES: [(&str, usize); 8] = [
+const KERNEL_TEST_BINARIES: [(&str, usize); 9] = [
     ("prog_test_run", 78),
     ("namespaced", 24),
     ("traffic", 25),
@@ -142,6 +142,8 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 8] = [
     ("manifests", 12),
     // Kubernetes mode against the fake API server, and file mode's ConfigMap swap and saved policy.
     ("kubernetes", 5),
+    // Regression tests of the attack round on Kubernetes mode and the saved policy.
+    ("kubernetes_attacks", 10),
 ];
 
 fn test() -> Result<()> {

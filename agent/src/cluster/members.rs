@@ -294,9 +294,13 @@ impl Membership {
             return;
         }
         self.remove_pod(&key, touched);
-        for ip in &pod.ips {
-            self.holders.entry(*ip).or_default().insert(key.clone());
-            touched.insert(*ip);
+        // Only pods that take part hold their addresses: a finished pod keeps its podIPs in the
+        // API for hours while the CNI hands the address to a new pod.
+        if pod.eligible {
+            for ip in &pod.ips {
+                self.holders.entry(*ip).or_default().insert(key.clone());
+                touched.insert(*ip);
+            }
         }
         self.pods.insert(key, pod);
     }
@@ -306,6 +310,9 @@ impl Membership {
             return;
         };
         self.conflicts.remove(key);
+        if !old.eligible {
+            return;
+        }
         for ip in &old.ips {
             if let Some(holders) = self.holders.get_mut(ip) {
                 holders.remove(key);
@@ -326,7 +333,11 @@ impl Membership {
         {
             return;
         }
-        for pod in self.pods.values().filter(|p| p.namespace == name) {
+        for pod in self
+            .pods
+            .values()
+            .filter(|p| p.namespace == name && p.eligible)
+        {
             touched.extend(pod.ips.iter().copied());
         }
     }
@@ -604,6 +615,19 @@ mod tests {
         p.eligible = false;
         let c = m.apply(vec![ClusterEvent::Pod(p)]);
         assert!(c[0].revokes() && c[0].after.is_none());
+    }
+
+    #[test]
+    fn a_finished_pod_still_listing_an_address_does_not_hold_it() {
+        let mut m = membership();
+        let mut done = pod("shop", "job-1", &[("app", "web")], &["10.200.1.2"]);
+        done.eligible = false;
+        let c = m.apply(vec![
+            ClusterEvent::Pod(done),
+            ClusterEvent::Pod(pod("shop", "db-1", &[("app", "db")], &["10.200.1.2"])),
+        ]);
+        assert_eq!(c[0].after, Some(DB));
+        assert_eq!(m.conflicts().count(), 0);
     }
 
     #[test]

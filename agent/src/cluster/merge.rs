@@ -1,14 +1,17 @@
 //! Merging every `Policy` object of the cluster into the one policy a generation enforces.
 //!
-//! - Objects are taken in name order. Identity, rule and rate-limit names share one namespace
-//!   across objects, and a rule may name an identity another object declares.
+//! - Objects are taken in order: those merged last time first (so an established object is
+//!   never pushed out by a newcomer), then the rest, each group in name order. Identity, rule
+//!   and rate-limit names share one namespace across objects, and a rule may name an identity
+//!   another object declares.
 //! - An object that makes the merged policy invalid is skipped whole, never half-applied: its
 //!   first error is its reason (field paths and indexes are the object's own). Where two objects
 //!   conflict (the same identity name, overlapping CIDRs or selectors), the error lands on the
-//!   later item, so the object whose name sorts first wins.
+//!   later item, so the object taken first wins.
 //! - An object's `spec.mode` and `spec.log` apply to its own rules and quotas (those that do
-//!   not set their own). The default deny is in audit mode only when every object says
-//!   `mode: audit`; one enforcing object makes it enforce.
+//!   not set their own). The default deny is in audit mode only when every object there is,
+//!   skipped ones included, says `mode: audit`: an enforcing object that is skipped for a typo
+//!   never turns the cluster's default deny into audit.
 //!
 //! The merged policy is a JSON document (JSON is YAML), so it goes through the same parser and
 //! validation as a file, and `tollgate policy get` shows it.
@@ -55,10 +58,20 @@ struct Piece<'a> {
     audit: bool,
 }
 
-/// Merges `objects` (any order).
-pub fn merge(objects: &[PolicyObject]) -> Merged {
+/// Merges `objects` (any order); `established` are the objects merged last time, taken first.
+pub fn merge(objects: &[PolicyObject], established: &[String]) -> Merged {
     let mut sorted: Vec<&PolicyObject> = objects.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    sorted.sort_by(|a, b| {
+        let new = |o: &PolicyObject| !established.contains(&o.name);
+        (new(a), &a.name).cmp(&(new(b), &b.name))
+    });
+    // Audit only if every object says so, whether or not it merges.
+    let all_audit = !objects.is_empty()
+        && objects.iter().all(|o| {
+            o.spec
+                .get("mode")
+                .is_some_and(|m| m.as_str() == Some("audit"))
+        });
     let mut skipped = Vec::new();
     let mut pieces: Vec<Piece<'_>> = Vec::new();
     for object in sorted {
@@ -72,7 +85,7 @@ pub fn merge(objects: &[PolicyObject]) -> Merged {
     }
     // Each round either succeeds or removes at least one object: bounded by their number.
     for _ in 0..=pieces.len() {
-        let text = document(&pieces);
+        let text = document(&pieces, all_audit);
         let error = match parse_policy_owned(text.clone(), "kubernetes") {
             Ok(_) => {
                 return Merged {
@@ -115,7 +128,7 @@ pub fn merge(objects: &[PolicyObject]) -> Merged {
         reason: "the merged policy could not be validated".to_owned(),
     }));
     Merged {
-        text: document(&[]),
+        text: document(&[], false),
         accepted: Vec::new(),
         skipped: sorted_skipped(all),
     }
@@ -189,10 +202,10 @@ fn piece(object: &PolicyObject) -> Result<Piece<'_>, String> {
     })
 }
 
-/// The merged document of `pieces`.
-fn document(pieces: &[Piece<'_>]) -> String {
+/// The merged document of `pieces`, its default deny in audit mode when `audit`.
+fn document(pieces: &[Piece<'_>], audit: bool) -> String {
     let mut spec = Map::new();
-    let all_audit = !pieces.is_empty() && pieces.iter().all(|p| p.audit);
+    let all_audit = audit && !pieces.is_empty() && pieces.iter().all(|p| p.audit);
     spec.insert(
         "mode".into(),
         Value::String(if all_audit { "audit" } else { "enforce" }.into()),
@@ -311,7 +324,7 @@ mod tests {
                            "ports": [{"port": 5432, "protocol": "TCP"}]}]
             }),
         );
-        let merged = merge(&[rules, web_db()]);
+        let merged = merge(&[rules, web_db()], &[]);
         assert_eq!(merged.accepted, ["a-base", "b-rules"]);
         assert!(merged.skipped.is_empty());
         let policy = parse_policy(&merged.text, "merged").unwrap();
@@ -335,7 +348,7 @@ mod tests {
                 ]
             }),
         );
-        let merged = merge(&[web_db(), bad]);
+        let merged = merge(&[web_db(), bad], &[]);
         assert_eq!(merged.accepted, ["a-base"]);
         assert_eq!(merged.skipped.len(), 1);
         let reason = &merged.skipped[0].reason;
@@ -355,7 +368,7 @@ mod tests {
             "z-dup",
             json!({"identities": [{"name": "web", "cidrs": ["10.200.5.0/24"]}]}),
         );
-        let merged = merge(&[dup, web_db()]);
+        let merged = merge(&[dup, web_db()], &[]);
         assert_eq!(merged.accepted, ["a-base"]);
         assert_eq!(merged.skipped[0].name, "z-dup");
         assert!(
@@ -376,7 +389,7 @@ mod tests {
             "b-user",
             json!({"rules": [{"name": "r", "from": "web", "to": "world", "ports": [{"protocol": "TCP", "port": 80}]}]}),
         );
-        let merged = merge(&[base, user]);
+        let merged = merge(&[base, user], &[]);
         assert!(merged.accepted.is_empty());
         assert_eq!(merged.skipped.len(), 2);
         assert!(merged.skipped[1].reason.contains("unknown identity"));
@@ -394,7 +407,7 @@ mod tests {
             (json!({"rules": {"a": 1}}), "spec.rules: must be a list"),
             (json!({"log": "yes"}), "spec.log"),
         ] {
-            let merged = merge(&[object("x", spec)]);
+            let merged = merge(&[object("x", spec)], &[]);
             assert!(merged.accepted.is_empty());
             assert!(
                 merged.skipped[0].reason.contains(expect),
@@ -405,12 +418,43 @@ mod tests {
     }
 
     #[test]
+    fn a_skipped_enforcing_object_keeps_the_default_deny_enforcing() {
+        let trial = object("trial", json!({"mode": "audit"}));
+        let broken = object(
+            "shop",
+            json!({"rules": [{"name": "r", "from": "world", "to": "world",
+                              "ports": [{"port": 70000, "protocol": "TCP"}]}]}),
+        );
+        let merged = merge(&[trial.clone(), broken], &[]);
+        assert_eq!(merged.accepted, ["trial"]);
+        let p = parse_policy(&merged.text, "merged").unwrap();
+        assert_eq!(p.mode, crate::policy::Mode::Enforce);
+        let alone = merge(&[trial], &[]);
+        let p = parse_policy(&alone.text, "merged").unwrap();
+        assert_eq!(p.mode, crate::policy::Mode::Audit);
+    }
+
+    #[test]
+    fn an_established_object_is_not_pushed_out_by_a_newcomer() {
+        let newcomer = object(
+            "00-newcomer",
+            json!({"identities": [{"name": "web", "cidrs": ["10.200.9.0/24"]}]}),
+        );
+        let merged = merge(&[newcomer.clone(), web_db()], &["a-base".to_owned()]);
+        assert_eq!(merged.accepted, ["a-base"]);
+        assert_eq!(merged.skipped[0].name, "00-newcomer");
+        // Without history (a fresh agent), names decide.
+        let fresh = merge(&[newcomer, web_db()], &[]);
+        assert_eq!(fresh.accepted, ["00-newcomer"]);
+    }
+
+    #[test]
     fn no_objects_is_a_valid_deny_all_policy() {
-        let merged = merge(&[]);
+        let merged = merge(&[], &[]);
         let p = parse_policy(&merged.text, "merged").unwrap();
         assert!(p.rules.is_empty() && p.identities.is_empty());
         assert_eq!(p.mode, crate::policy::Mode::Enforce);
-        let audit = merge(&[object("a", json!({"mode": "audit"}))]);
+        let audit = merge(&[object("a", json!({"mode": "audit"}))], &[]);
         let p = parse_policy(&audit.text, "merged").unwrap();
         assert_eq!(p.mode, crate::policy::Mode::Audit);
     }

@@ -324,6 +324,8 @@ async fn watch_namespaces(
 /// How long policy events are gathered before one merge: a `kubectl apply -f dir/` of many
 /// objects becomes one generation, not one per object.
 const POLICY_SETTLE: Duration = Duration::from_millis(200);
+/// The longest policy events are gathered before a merge.
+const POLICY_GATHER: Duration = Duration::from_secs(1);
 
 async fn watch_policies(
     client: Client,
@@ -337,13 +339,16 @@ async fn watch_policies(
     let mut listing: Option<BTreeMap<String, PolicyObject>> = None;
     let mut listed = false;
     let mut last_applied: Option<String> = None;
+    let mut established: Vec<String> = Vec::new();
     loop {
         let Some(first) = stream.next().await else {
             return;
         };
         let mut changed = false;
         let mut item = Some(first);
-        // Gather what follows within POLICY_SETTLE of the last event.
+        let gathering = tokio::time::Instant::now();
+        // Gather what follows within POLICY_SETTLE of the last event, for at most
+        // POLICY_GATHER in all: a writer that never pauses must not hold changes back.
         while let Some(event) = item.take() {
             match event {
                 Ok(Event::Init) => listing = Some(BTreeMap::new()),
@@ -363,8 +368,12 @@ async fn watch_policies(
                 Ok(Event::Apply(o)) => {
                     connected(&status, "policies.tollgate.dev");
                     if let Some(p) = policy_object(&o) {
+                        // A write that leaves the spec as it was (labels, annotations) changes
+                        // nothing enforced.
+                        if objects.get(&p.name).is_none_or(|old| old.spec != p.spec) {
+                            changed = true;
+                        }
                         objects.insert(p.name.clone(), p);
-                        changed = true;
                     }
                 }
                 Ok(Event::Delete(o)) => {
@@ -375,7 +384,13 @@ async fn watch_policies(
                 }
                 Err(e) => record_error(&status, "policies.tollgate.dev", &e),
             }
-            if let Ok(Some(next)) = tokio::time::timeout(POLICY_SETTLE, stream.next()).await {
+            let left = POLICY_GATHER.saturating_sub(gathering.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            if let Ok(Some(next)) =
+                tokio::time::timeout(POLICY_SETTLE.min(left), stream.next()).await
+            {
                 item = Some(next);
             }
         }
@@ -388,7 +403,7 @@ async fn watch_policies(
             return;
         }
         let list: Vec<PolicyObject> = objects.values().cloned().collect();
-        let merged = merge(&list);
+        let merged = merge(&list, &established);
         for s in &merged.skipped {
             tracing::warn!(policy = %s.name, reason = %s.reason, "Policy object skipped");
         }
@@ -414,6 +429,7 @@ async fn watch_policies(
                     "policy objects merged and installed"
                 );
                 last_applied = Some(merged.text);
+                established = merged.accepted.clone();
                 let mut st = status.lock().expect("status lock");
                 st.policies = merged.accepted;
                 st.skipped = skipped;

@@ -446,12 +446,20 @@ fn parse(mut text: Cow<'_, str>, source_name: &str) -> Result<Policy, PolicyErro
 /// Reads the file (error if unreadable or over [`MAX_POLICY_BYTES`], naming the path) and calls
 /// parse_policy with its path as source name.
 pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
-    let text = read_policy_text(path)?;
+    let text = read_text(path, false)?;
     parse_policy_owned(text, &path.display().to_string())
 }
 
-/// The text of a policy file: at most [`MAX_POLICY_BYTES`], UTF-8.
+/// The text of the agent's `--policy` file: a regular file only (a FIFO or a device put where
+/// the policy was expected must not hang the agent's start or its follower of the file), at
+/// most [`MAX_POLICY_BYTES`], UTF-8.
 pub fn read_policy_text(path: &Path) -> Result<String, PolicyError> {
+    read_text(path, true)
+}
+
+/// At most [`MAX_POLICY_BYTES`] of UTF-8 text; `regular_only` refuses anything but a regular
+/// file without blocking on it. (The CLI reads pipes too: `policy apply -f /dev/stdin`.)
+fn read_text(path: &Path, regular_only: bool) -> Result<String, PolicyError> {
     let source_name = path.display().to_string();
     let cannot_read = |e: std::io::Error| {
         PolicyError::whole_file(&source_name, format!("cannot read the policy: {e}"))
@@ -460,7 +468,20 @@ pub fn read_policy_text(path: &Path) -> Result<String, PolicyError> {
     // size the file reports: /dev/zero, a pipe and a file still being written have none. The
     // size is only a hint for the buffer, which would otherwise double its way up, to 16 MB
     // for a 9 MB policy.
-    let file = std::fs::File::open(path).map_err(cannot_read)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(if regular_only { libc::O_NONBLOCK } else { 0 })
+            .open(path)
+            .map_err(cannot_read)?
+    };
+    if regular_only && !file.metadata().map_err(cannot_read)?.is_file() {
+        return Err(PolicyError::whole_file(
+            &source_name,
+            "cannot read the policy: not a regular file".to_owned(),
+        ));
+    }
     let hint = file
         .metadata()
         .map_or(0, |m| m.len())

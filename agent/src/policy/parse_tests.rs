@@ -1283,7 +1283,26 @@ fn policy_over_the_size_limit_is_refused() {
 
 #[test]
 fn load_reads_at_most_the_size_limit() {
-    // /dev/zero never ends: without a bound the read would exhaust memory.
+    // A sparse file larger than the limit: read up to the bound, not whole.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(MAX_POLICY_BYTES as u64 + 4096)
+        .unwrap();
+    let e = load_policy_file(&big).unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("big.yaml: the policy is larger than 32 MiB"),
+        "{e}"
+    );
+    // /dev/zero never ends: the CLI (which reads pipes too) stops at the bound.
     let e = load_policy_file(Path::new("/dev/zero")).unwrap_err();
     assert_eq!(e.to_string(), "/dev/zero: the policy is larger than 32 MiB");
+    // The agent's --policy file must be a regular file: a FIFO would block its start.
+    let e = crate::policy::read_policy_text(Path::new("/dev/zero")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "/dev/zero: cannot read the policy: not a regular file"
+    );
 }
