@@ -281,7 +281,6 @@ fn a_recreated_pod_veth_is_bound_again_and_status_shows_what_is_written() {
     // The sandbox is re-created: the veth goes and comes back with the same name.
     let node = c.env.topo.node.name().to_string();
     let wns = web.ns.name().to_string();
-    let old_ifindex = std::fs::read_to_string(format!("/sys/class/net/tg-web/ifindex")).ok();
     ip(&["-n", &node, "link", "del", "tg-web"]);
     ip(&[
         "-n", &node, "link", "add", "tg-web", "type", "veth", "peer", "name", "eth0", "netns", &wns,
@@ -322,7 +321,6 @@ fn a_recreated_pod_veth_is_bound_again_and_status_shows_what_is_written() {
         "via",
         "fd00:200:1::1",
     ]);
-    let _ = old_ifindex;
     // kubelet reports the pod again (same address; an annotation-like label change makes an
     // event, which is what a status update after sandbox re-creation produces).
     c.api
@@ -595,7 +593,7 @@ fn a_policy_file_change_during_start_is_applied() {
     }
     std::thread::sleep(Duration::from_secs(4));
     let name = policy_name(&env);
-    let on_disk = std::fs::read_to_string(&workdir.join("policy.yaml")).unwrap();
+    let on_disk = std::fs::read_to_string(workdir.join("policy.yaml")).unwrap();
     assert!(
         name == "v2",
         "OBSERVED: the file on disk is v2 (`{}`) but the agent enforces {name} 4 s later, and \
