@@ -403,7 +403,12 @@ async fn watch_policies(
             return;
         }
         let list: Vec<PolicyObject> = objects.values().cloned().collect();
-        let merged = merge(&list, &established);
+        // Merging parses and validates the whole policy (once per skipped object): off the
+        // runtime's workers.
+        let prefer = established.clone();
+        let Ok(merged) = tokio::task::spawn_blocking(move || merge(&list, &prefer)).await else {
+            return;
+        };
         for s in &merged.skipped {
             tracing::warn!(policy = %s.name, reason = %s.reason, "Policy object skipped");
         }
