@@ -682,12 +682,17 @@ impl Installer {
                 c.revoked_since.get_or_insert_with(Instant::now);
             }
         }
+        // An address another pod now holds (reused) loses its old flows before anything else:
+        // they must never reach the new pod.
         if changes
             .iter()
-            .any(|ch| ch.after.is_some() && c.revoked.contains(&ch.addr))
+            .any(|ch| ch.after.is_some() && ch.new_holders && c.revoked.contains(&ch.addr))
         {
             flush_revoked(&mut self.datapath, c);
         }
+        // The same pod in another identity (relabelled) gets it at once; its flows of the old
+        // identity go with the purge that is due (within REVOKE_BATCH), so a burst of relabels
+        // costs one walk.
         for ch in &changes {
             c.unwritten.remove(&ch.addr);
             if let Some(id) = ch.after {
@@ -1151,8 +1156,10 @@ fn install(
             c.bindings = bindings;
             c.active = true;
             c.unwritten.clear();
-            // Every tracked flow is decided again under the new generation.
+            // Every tracked flow is decided again under the new generation, whose slot has
+            // every address as the membership wants it.
             c.revoked.clear();
+            c.revoked_since = None;
             c.report();
         }
     }
@@ -1266,8 +1273,8 @@ impl ClusterState {
 const MAX_CONFLICTS_SHOWN: usize = 100;
 
 /// How long revoked addresses may wait for their flows to be removed, so that a burst of pod
-/// deletions costs one walk of the conntrack maps. (A revoked address that gets a new identity
-/// has its flows removed at once, before the new identity is written.)
+/// deletions and relabels costs one walk of the conntrack maps. An address another pod now
+/// holds (reused) has its flows removed at once, before the new pod's identity is written.
 const REVOKE_BATCH: Duration = Duration::from_millis(250);
 
 /// What sits behind a device, from the local pods' routes.

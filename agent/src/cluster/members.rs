@@ -112,6 +112,9 @@ pub struct Change {
     pub addr: IpAddr,
     pub before: Option<IdentityId>,
     pub after: Option<IdentityId>,
+    /// Other pods hold the address than when it last resolved (a pod gone, an address reused):
+    /// flows of the old holders must not reach the new ones.
+    pub new_holders: bool,
 }
 
 impl Change {
@@ -142,6 +145,8 @@ pub struct Membership {
     holders: HashMap<IpAddr, BTreeSet<PodKey>>,
     /// The dynamic entries as they should be in the live slot.
     assigned: HashMap<IpAddr, IdentityId>,
+    /// The pods holding each assigned address when it last resolved.
+    resolved_holders: HashMap<IpAddr, BTreeSet<PodKey>>,
     conflicts: BTreeMap<PodKey, String>,
 }
 
@@ -169,6 +174,7 @@ impl Membership {
             }
         }
         self.assigned = assigned;
+        self.resolved_holders = self.holders.clone();
         &self.assigned
     }
 
@@ -277,11 +283,22 @@ impl Membership {
                 Some(id) => self.assigned.insert(addr, id),
                 None => self.assigned.remove(&addr),
             };
+            let holders = self.holders.get(&addr).cloned().unwrap_or_default();
+            let new_holders = self
+                .resolved_holders
+                .get(&addr)
+                .is_none_or(|h| *h != holders);
+            if holders.is_empty() {
+                self.resolved_holders.remove(&addr);
+            } else {
+                self.resolved_holders.insert(addr, holders);
+            }
             if before != after {
                 changes.push(Change {
                     addr,
                     before,
                     after,
+                    new_holders,
                 });
             }
         }
@@ -541,7 +558,8 @@ mod tests {
             vec![Change {
                 addr: ip("10.200.1.2"),
                 before: Some(WEB),
-                after: Some(DB)
+                after: Some(DB),
+                new_holders: false,
             }]
         );
         assert!(moved[0].revokes());
@@ -564,8 +582,10 @@ mod tests {
         ))]);
         assert_eq!(both[0].after, Some(IDENTITY_AMBIGUOUS));
         assert_eq!(m.conflicts().count(), 2);
+        assert!(both[0].new_holders);
         let settled = m.apply(vec![ClusterEvent::PodGone(("shop".into(), "old".into()))]);
         assert_eq!(settled[0].after, Some(DB));
+        assert!(settled[0].new_holders);
         assert_eq!(m.conflicts().count(), 0);
     }
 
