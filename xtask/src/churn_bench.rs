@@ -121,9 +121,7 @@ pub fn run() -> Result<()> {
     // map for every outstanding change and records its lag.
     let slot = maps.slot()?;
     let maps = std::sync::Arc::new(maps);
-    let outstanding: std::sync::Arc<
-        std::sync::Mutex<Vec<(Ipv4Addr, Option<u32>, Instant, usize)>>,
-    > = Default::default();
+    let outstanding: std::sync::Arc<std::sync::Mutex<Vec<Outstanding>>> = Default::default();
     let issuing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let checker = {
         let (maps, outstanding, issuing) = (maps.clone(), outstanding.clone(), issuing.clone());
@@ -286,6 +284,10 @@ pub fn run() -> Result<()> {
     }
     Ok(())
 }
+
+/// A change sent and not yet seen in the map: address, expected identity (None: no entry),
+/// when it was sent, and its kind (0 new pod, 1 deleted, 2 relabelled).
+type Outstanding = (Ipv4Addr, Option<u32>, Instant, usize);
 
 fn namespace_of(n: usize) -> String {
     format!("ns-{}", n % NAMESPACES)
