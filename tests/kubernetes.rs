@@ -10,163 +10,21 @@
 mod support;
 
 use std::{
-    net::{IpAddr, TcpListener},
+    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
-use support::env::{AgentEnv, BINARY};
+use support::{
+    cluster::{pod_at, shop, start, PORT},
+    env::{AgentEnv, BINARY},
+};
 use tollgate_testbed::{
-    kubeapi::{self, FakeApiServer},
+    kubeapi,
     traffic::{echo_roundtrip, tcp_connect, tcp_echo_server, tcp_reachable},
     AgentProcess, Topology, TopologyOptions,
 };
-
-const NODE: &str = "node-a";
-const PORT: u16 = 8080;
-
-/// The agent and its topology (dropped first: the agent stops and uninstalls), then the API
-/// server.
-struct Cluster {
-    env: AgentEnv,
-    api: FakeApiServer,
-}
-
-/// Topology `prefix` with `workloads`, a fake API server in the node namespace that `setup`
-/// fills, and an agent in Kubernetes mode enforcing on the `tg-*` interfaces.
-fn start(
-    prefix: &str,
-    pin: &str,
-    workloads: &[&str],
-    setup: impl FnOnce(&FakeApiServer, &Topology),
-) -> Cluster {
-    support::require_root();
-    let topo = Topology::with_options(prefix, workloads, TopologyOptions::default()).unwrap();
-    let listener = topo
-        .node
-        .run(|| TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApiServer::start(listener).unwrap();
-    setup(&api, &topo);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    for w in &topo.workloads {
-        tcp_echo_server(&w.ns, IpAddr::V4(w.v4), PORT, 1000).unwrap();
-        tcp_echo_server(&w.ns, IpAddr::V6(w.v6), PORT, 1000).unwrap();
-    }
-    let agent = AgentProcess::start_with_args(
-        Path::new(BINARY),
-        &topo.node,
-        "tg-*",
-        &dir.path().join("no-policy-file"),
-        dir.path(),
-        &support::test_pin_dir(pin),
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--node-name",
-            NODE,
-        ],
-    )
-    .expect("agent starts");
-    Cluster {
-        env: AgentEnv { agent, topo, dir },
-        api,
-    }
-}
-
-/// A pod on this node in namespace `shop` at workload `w`'s addresses.
-fn pod_at(topo: &Topology, w: &str, name: &str, labels: &[(&str, &str)]) -> Value {
-    let w = topo.workload(w);
-    kubeapi::pod(
-        "shop",
-        name,
-        labels,
-        "default",
-        NODE,
-        &[&w.v4.to_string(), &w.v6.to_string()],
-        "Running",
-        false,
-    )
-}
-
-fn shop_policy() -> Value {
-    kubeapi::policy(
-        "shop",
-        json!({
-            "identities": [
-                {"name": "web", "selector": {"namespace": "shop", "matchLabels": {"app": "web"}}},
-                {"name": "db", "selector": {"namespace": "shop", "matchLabels": {"app": "db"}}}
-            ],
-            "rules": [
-                {"name": "web-to-db", "from": "web", "to": "db",
-                 "ports": [{"port": PORT, "protocol": "TCP"}]}
-            ]
-        }),
-    )
-}
-
-fn shop(api: &FakeApiServer, topo: &Topology) {
-    api.apply(kubeapi::namespace("shop", &[("team", "a")]))
-        .unwrap();
-    api.apply(pod_at(topo, "web", "web-1", &[("app", "web")]))
-        .unwrap();
-    api.apply(pod_at(topo, "db", "db-1", &[("app", "db")]))
-        .unwrap();
-    api.apply(shop_policy()).unwrap();
-}
-
-impl Cluster {
-    fn kube(&self) -> Value {
-        self.env.status_json()["kubernetes"].clone()
-    }
-
-    /// Polls `cond` every 50 ms for up to `limit`; returns how long it took, or panics with
-    /// `what` and the agent's log.
-    fn eventually(
-        &self,
-        what: &str,
-        limit: Duration,
-        mut cond: impl FnMut(&Self) -> bool,
-    ) -> Duration {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            if cond(self) {
-                return started.elapsed();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "{what}: not within {limit:?}\nstatus: {}\nlog:\n{}",
-            self.kube(),
-            self.env.agent.log_text()
-        );
-    }
-
-    fn wait_synced(&self) {
-        self.eventually("synced", Duration::from_secs(15), |c| {
-            c.kube()["synced"] == true
-        });
-    }
-
-    fn reachable(&self, from: &str, to: &str, v6: bool) -> bool {
-        tcp_reachable(self.env.ns(from), self.env.addr(to, v6), PORT)
-    }
-
-    fn interface_binding(&self, ifname: &str) -> Value {
-        self.env.status_json()["interfaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["name"] == ifname)
-            .map(|i| i["bound_identity"].clone())
-            .unwrap_or(Value::Null)
-    }
-}
 
 #[test]
 fn pods_are_identities_by_labels_and_their_flows_follow_them() {
