@@ -17,7 +17,7 @@ use std::{
 
 use serde_json::{json, Value};
 use support::{
-    cluster::{pod_at, shop, start, PORT},
+    cluster::{file_policy, pod_at, shop, start, PORT},
     env::{AgentEnv, BINARY},
 };
 use tollgate_testbed::{
@@ -324,21 +324,6 @@ impl ConfigMapVolume {
     fn path(&self) -> std::path::PathBuf {
         self.dir.join("policy.yaml")
     }
-}
-
-fn file_policy(name: &str, allow: bool) -> String {
-    let rules = if allow {
-        format!(
-            "  rules:\n    - {{ name: web-to-db, from: web, to: db, ports: [{{ port: {PORT}, protocol: TCP }}] }}\n"
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: {name} }}\nspec:\n  \
-         identities:\n    - {{ name: web, cidrs: [10.200.1.0/24] }}\n    - {{ name: db, cidrs: \
-         [10.200.2.0/24] }}\n{rules}"
-    )
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::{
 
 use serde_json::{json, Value};
 use support::{
-    cluster::{pod_at, pod_at_phase, shop, shop_spec, start, PORT},
+    cluster::{file_policy, pod_at, pod_at_phase, shop, shop_spec, start, PORT},
     env::{AgentEnv, BINARY},
 };
 use tollgate_testbed::{
@@ -320,21 +320,6 @@ fn a_chatty_writer_does_not_starve_policy_changes() {
 
 // ---------------------------------------------------------------------------------------------
 // File mode
-
-fn file_policy(name: &str, allow: bool) -> String {
-    let rules = if allow {
-        format!(
-            "  rules:\n    - {{ name: web-to-db, from: web, to: db, ports: [{{ port: {PORT}, protocol: TCP }}] }}\n"
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: {name} }}\nspec:\n  \
-         identities:\n    - {{ name: web, cidrs: [10.200.1.0/24] }}\n    - {{ name: db, cidrs: \
-         [10.200.2.0/24] }}\n{rules}"
-    )
-}
 
 fn policy_name(env: &AgentEnv) -> Value {
     env.status_json()["policy_name"].clone()

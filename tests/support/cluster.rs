@@ -177,3 +177,20 @@ impl Cluster {
             .unwrap_or(Value::Null)
     }
 }
+
+/// File mode's policy `name`: identities `web` and `db` by the topology's first two subnets,
+/// with the rule `web` -> `db` on PORT when `allow`.
+pub fn file_policy(name: &str, allow: bool) -> String {
+    let rules = if allow {
+        format!(
+            "  rules:\n    - {{ name: web-to-db, from: web, to: db, ports: [{{ port: {PORT}, protocol: TCP }}] }}\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{ name: {name} }}\nspec:\n  \
+         identities:\n    - {{ name: web, cidrs: [10.200.1.0/24] }}\n    - {{ name: db, cidrs: \
+         [10.200.2.0/24] }}\n{rules}"
+    )
+}

@@ -461,6 +461,22 @@ fn obj_get(path: &Path) -> Result<std::os::fd::OwnedFd> {
 
 /// `BPF_MAP_LOOKUP_ELEM`; false when the key has no entry.
 fn lookup(map: &std::os::fd::OwnedFd, key: &[u8], value: &mut [u8]) -> Result<bool> {
+    match elem(1, map, key, value.as_mut_ptr() as u64) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (any).
+fn update(map: &std::os::fd::OwnedFd, key: &[u8], value: &[u8]) -> Result<()> {
+    elem(2, map, key, value.as_ptr() as u64).context("BPF_MAP_UPDATE_ELEM")
+}
+
+/// One element command (`BPF_MAP_LOOKUP_ELEM` = 1, `BPF_MAP_UPDATE_ELEM` = 2) on `map`: the
+/// key is read, the value read or written at `value` (the caller's buffer of the map's value
+/// size).
+fn elem(cmd: i32, map: &std::os::fd::OwnedFd, key: &[u8], value: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     #[repr(C)]
     struct Attr {
@@ -474,60 +490,24 @@ fn lookup(map: &std::os::fd::OwnedFd, key: &[u8], value: &mut [u8]) -> Result<bo
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: key.as_ptr() as u64,
-        value: value.as_mut_ptr() as u64,
+        value,
         flags: 0,
     };
-    // SAFETY: the kernel reads key_size bytes from `key` and writes value_size bytes to
+    // SAFETY: the kernel reads key_size bytes at `key` and reads or writes value_size bytes at
     // `value`; both buffers are the map's sizes and outlive the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            1 as libc::c_long, // BPF_MAP_LOOKUP_ELEM
+            libc::c_long::from(cmd),
             &attr as *const Attr,
             std::mem::size_of::<Attr>() as libc::c_uint,
         )
     };
     if r == 0 {
-        return Ok(true);
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        return Ok(false);
-    }
-    Err(e).context("BPF_MAP_LOOKUP_ELEM")
-}
-
-/// `BPF_MAP_UPDATE_ELEM` (any).
-fn update(map: &std::os::fd::OwnedFd, key: &[u8], value: &[u8]) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let attr = Attr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: the kernel reads key_size and value_size bytes, which the buffers hold.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            2 as libc::c_long, // BPF_MAP_UPDATE_ELEM
-            &attr as *const Attr,
-            std::mem::size_of::<Attr>() as libc::c_uint,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_ELEM");
-    }
-    Ok(())
 }
 
 struct RemoveDir(PathBuf);
