@@ -24,7 +24,7 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 use crate::{
     aggregate, api,
     audit::{AuditConfig, AuditLog},
-    cluster::{self, watch::KubeSettings, watch::SharedStatus},
+    cluster::{self, watch::KubeSettings, SharedStatus},
     events::{Control, EventStats, Input, LogSink, Pipeline, Sink},
     flows::{Flows, FlowsSink},
     handles::{ConfigView, Handles},
@@ -179,7 +179,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     let (installer, _installer_thread) = installer.spawn()?;
     let follow = file_mode.map(|(path, file_digest, _)| {
-        tokio::spawn(crate::persist::follow_file(
+        tokio::spawn(crate::follow::follow_file(
             path,
             installer.clone(),
             file_digest,

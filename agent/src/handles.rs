@@ -28,7 +28,7 @@ pub struct Handles {
     /// socket serves: what `/readyz` answers.
     pub ready: Arc<AtomicBool>,
     /// Kubernetes mode: the watchers' and the membership's status.
-    pub cluster: Option<crate::cluster::watch::SharedStatus>,
+    pub cluster: Option<crate::cluster::SharedStatus>,
     /// What `status` shows of the configuration.
     pub config: Arc<ConfigView>,
 }

@@ -28,8 +28,7 @@ use tollgate_common::{
 use crate::{
     cluster::{
         members::{Membership, StaticClaims},
-        watch::SharedStatus,
-        ClusterEvent,
+        ClusterEvent, SharedStatus,
     },
     datapath::Datapath,
     error::Error,
@@ -38,7 +37,7 @@ use crate::{
     loader::{self, Attachment, InterfaceSelector, LoadOptions, Loaded},
     names::NamedGenerations,
     paths::PinLayout,
-    persist::{PolicyStore, SavedPolicy},
+    persist::{hex, PolicyStore, SavedPolicy},
     pinlock::PinLock,
     policy::{compile_policy, parse_policy_owned, ClockReading, Policy, PolicyNames, Protocol},
     wire::{
@@ -104,10 +103,6 @@ impl LivePolicy {
             digest: String::new(),
         }
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What the installer last installed and attached: published after every change.

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod error;
 pub mod events;
 pub mod flows;
+pub mod follow;
 pub mod handles;
 pub mod host;
 pub mod installer;

@@ -23,7 +23,8 @@ use serde_json::{Map, Value};
 use crate::{
     audit::{AuditLog, Checkpoint},
     events::{Control, Sink},
-    installer::{hex, PolicyChange},
+    installer::PolicyChange,
+    persist::hex,
     wire::{AuditStatus, FlowRecord},
 };
 

@@ -14,9 +14,16 @@ pub mod merge;
 pub mod routes;
 pub mod watch;
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
-use crate::policy::selector::Labels;
+use crate::{policy::selector::Labels, wire::KubernetesStatus};
+
+/// Status shared by the watchers (sync, errors, policy objects) and the installer (pods,
+/// conflicts): what `status`, `/readyz` and the metrics read.
+pub type SharedStatus = Arc<Mutex<KubernetesStatus>>;
 
 /// A pod, by namespace and name.
 pub type PodKey = (String, String);

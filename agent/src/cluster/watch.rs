@@ -11,13 +11,7 @@
 //!   removed from the maps for want of an answer, so the datapath keeps enforcing what it last
 //!   knew (or its pinned state, or default deny). It never falls back to allow.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use futures_util::{FutureExt as _, StreamExt as _};
@@ -33,25 +27,18 @@ use kube::{
 };
 use tokio::sync::watch as tokio_watch;
 
+pub use super::SharedStatus;
 use super::{
     merge::{merge, PolicyObject},
     ClusterEvent, PodFacts,
 };
-use crate::{
-    installer::InstallerHandle,
-    policy::selector::Labels,
-    wire::{KubernetesStatus, NamedReason},
-};
+use crate::{installer::InstallerHandle, policy::selector::Labels, wire::NamedReason};
 
 /// Where the API server is: `--kubeconfig`, else in-cluster configuration (or `KUBECONFIG`).
 #[derive(Debug, Clone)]
 pub struct KubeSettings {
     pub kubeconfig: Option<PathBuf>,
 }
-
-/// Status shared by the watchers (sync, errors, policy objects) and the installer (pods,
-/// conflicts): what `status`, `/readyz` and the metrics read.
-pub type SharedStatus = Arc<Mutex<KubernetesStatus>>;
 
 /// Builds the client. A kubeconfig that cannot be read is an error now; a server that does not
 /// answer is not (the watchers retry).

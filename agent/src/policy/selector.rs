@@ -147,56 +147,6 @@ impl Selector {
     }
 }
 
-/// A label key as Kubernetes accepts it: an optional DNS-subdomain prefix and `/`, then a name
-/// of 1 to 63 characters of letters, digits, `-`, `_`, `.`, starting and ending with a letter or
-/// digit.
-pub fn check_label_key(key: &str) -> Result<(), &'static str> {
-    let (prefix, name) = match key.rsplit_once('/') {
-        Some((prefix, name)) => (Some(prefix), name),
-        None => (None, key),
-    };
-    if let Some(prefix) = prefix {
-        if prefix.is_empty() || prefix.len() > 253 {
-            return Err("the prefix before '/' must be 1 to 253 characters");
-        }
-        if !is_dns_subdomain(prefix) {
-            return Err("the prefix before '/' must be a DNS subdomain (lowercase letters, digits, '-' and '.')");
-        }
-    }
-    if name.is_empty() {
-        return Err("the name part is empty");
-    }
-    check_label_value(name).map_err(|_| {
-        "the name part must be at most 63 letters, digits, '-', '_' or '.', starting and ending \
-         with a letter or digit"
-    })
-}
-
-/// A label value: empty, or at most 63 letters, digits, `-`, `_`, `.`, starting and ending with
-/// a letter or digit.
-pub fn check_label_value(value: &str) -> Result<(), &'static str> {
-    let b = value.as_bytes();
-    if b.is_empty() {
-        return Ok(());
-    }
-    let ok = b.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err("a label value is at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
-    }
-}
-
-/// A DNS subdomain (RFC 1123), as Kubernetes object names: dot-separated DNS labels, at most
-/// 253 characters.
-pub fn is_dns_subdomain(name: &str) -> bool {
-    name.len() <= 253 && name.split('.').all(super::validate::is_dns_label)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,29 +267,5 @@ mod tests {
             None,
         );
         assert!(!labelled.covers(&whole_ns) && !whole_ns.covers(&labelled));
-    }
-
-    #[test]
-    fn label_keys_and_values() {
-        for ok in ["app", "app.kubernetes.io/name", "a_b.c-d", "x/y"] {
-            assert!(check_label_key(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "/app",
-            "Bad_Prefix/app",
-            "app/",
-            "-app",
-            "a b",
-            &"x".repeat(64),
-        ] {
-            assert!(check_label_key(bad).is_err(), "{bad}");
-        }
-        for ok in ["", "v1", "a.b-c_d", "A1"] {
-            assert!(check_label_value(ok).is_ok(), "{ok}");
-        }
-        for bad in ["-a", "a-", "a b", "é", &"x".repeat(64)] {
-            assert!(check_label_value(bad).is_err(), "{bad}");
-        }
     }
 }

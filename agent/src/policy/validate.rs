@@ -17,10 +17,7 @@ use tollgate_common::ratelimit::{kind, RateError, LIMIT_KINDS, MAX_BURST_WINDOW_
 
 use super::{
     model::{self, Present},
-    selector::{
-        check_label_key, check_label_value, is_dns_subdomain, LabelSelector, NamespaceMatch, Op,
-        Requirement, Selector,
-    },
+    selector::{LabelSelector, NamespaceMatch, Op, Requirement, Selector},
     Identity, IdentityQuota, Mode, Per, Policy, PortSpec, Protocol, Rate, RateLimit, Rule,
     API_VERSION, KIND,
 };
@@ -1120,6 +1117,56 @@ pub(super) fn is_dns_label(name: &str) -> bool {
         && b.iter().all(|c| alnum(c) || *c == b'-')
 }
 
+/// A label key as Kubernetes accepts it: an optional DNS-subdomain prefix and `/`, then a name
+/// of 1 to 63 characters of letters, digits, `-`, `_`, `.`, starting and ending with a letter or
+/// digit.
+pub fn check_label_key(key: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if prefix.is_empty() || prefix.len() > 253 {
+            return Err("the prefix before '/' must be 1 to 253 characters");
+        }
+        if !is_dns_subdomain(prefix) {
+            return Err("the prefix before '/' must be a DNS subdomain (lowercase letters, digits, '-' and '.')");
+        }
+    }
+    if name.is_empty() {
+        return Err("the name part is empty");
+    }
+    check_label_value(name).map_err(|_| {
+        "the name part must be at most 63 letters, digits, '-', '_' or '.', starting and ending \
+         with a letter or digit"
+    })
+}
+
+/// A label value: empty, or at most 63 letters, digits, `-`, `_`, `.`, starting and ending with
+/// a letter or digit.
+pub fn check_label_value(value: &str) -> Result<(), &'static str> {
+    let b = value.as_bytes();
+    if b.is_empty() {
+        return Ok(());
+    }
+    let ok = b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("a label value is at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+    }
+}
+
+/// A DNS subdomain (RFC 1123), as Kubernetes object names: dot-separated DNS labels, at most
+/// 253 characters.
+pub fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
+}
+
 /// `spiffe://<trust domain>[/<path>]` as the SPIFFE ID specification defines it.
 fn check_spiffe_id(id: &str) -> Result<(), &'static str> {
     let rest = id
@@ -1295,6 +1342,30 @@ mod tests {
         assert_eq!(parse_expiry("2026-12-01T10:00:00"), None);
         assert_eq!(parse_expiry("2026-12-01 10:00:00Z"), None);
         assert_eq!(parse_expiry("tomorrow"), None);
+    }
+
+    #[test]
+    fn label_keys_and_values() {
+        for ok in ["app", "app.kubernetes.io/name", "a_b.c-d", "x/y"] {
+            assert!(check_label_key(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/app",
+            "Bad_Prefix/app",
+            "app/",
+            "-app",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(check_label_key(bad).is_err(), "{bad}");
+        }
+        for ok in ["", "v1", "a.b-c_d", "A1"] {
+            assert!(check_label_value(ok).is_ok(), "{ok}");
+        }
+        for bad in ["-a", "a-", "a b", "é", &"x".repeat(64)] {
+            assert!(check_label_value(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
