@@ -17,7 +17,7 @@ use std::{
 
 use serde_json::{json, Value};
 use support::{
-    cluster::{file_policy, pod_at, shop, start, PORT},
+    cluster::{file_policy, pod_at, shop, start, start_with_args, PORT},
     env::{AgentEnv, BINARY},
 };
 use tollgate_testbed::{
@@ -122,12 +122,32 @@ fn pods_are_identities_by_labels_and_their_flows_follow_them() {
     assert!(!c.reachable("other", "db", true));
 }
 
+/// The metrics address of the agents that serve one (inside the node namespace).
+const METRICS: &str = "127.0.0.1:19464";
+
+/// `/metrics` of the agent, fetched from inside its namespace.
+fn scrape(c: &support::cluster::Cluster) -> String {
+    let addr: std::net::SocketAddr = METRICS.parse().unwrap();
+    let (code, body) = c
+        .env
+        .topo
+        .node
+        .run(move || {
+            tollgate_testbed::prometheus::http_get(addr, "/metrics", Duration::from_secs(5))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 200);
+    body
+}
+
 #[test]
 fn pods_two_selectors_match_and_invalid_objects_are_reported_never_half_applied() {
-    let c = start(
+    let c = start_with_args(
         "tgk8s2",
         "k8s-conflict",
         &["web", "db", "both"],
+        &["--metrics-addr", METRICS],
         |api, topo| {
             shop(api, topo);
             // A second object whose identity may share pods with `web` (different labels).
@@ -175,6 +195,23 @@ fn pods_two_selectors_match_and_invalid_objects_are_reported_never_half_applied(
             .contains("web and frontend"),
         "{conflict}"
     );
+    // Status, log and metrics say so.
+    let metrics = scrape(&c);
+    for line in [
+        "tollgate_kubernetes_synced 1",
+        "tollgate_kubernetes_connected 1",
+        "tollgate_kubernetes_pods 3",
+        "tollgate_kubernetes_pod_conflicts 1",
+        "tollgate_kubernetes_policy_objects{state=\"merged\"} 2",
+        "tollgate_kubernetes_policy_objects{state=\"skipped\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    tollgate_testbed::prometheus::promtool_check_metrics(&metrics).expect("promtool check metrics");
+    assert!(c.env.agent.log_text().contains("Policy object skipped"));
     // The pod both selectors match gets neither: denied, although each identity may reach db.
     assert!(!c.reachable("both", "db", false));
     assert!(c.reachable("web", "db", false));

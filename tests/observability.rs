@@ -527,6 +527,11 @@ fn a_real_prometheus_scrapes_the_agent_and_the_exposition_lints_clean() {
         .unwrap();
     assert_eq!(samples[0].labels["job"], "tollgate");
     promtool_check_metrics(&exposition).expect("promtool check metrics");
+    // An agent in file mode exports nothing of Kubernetes mode.
+    assert!(
+        !exposition.contains("tollgate_kubernetes_"),
+        "file mode exports Kubernetes metrics"
+    );
     assert_eq!(health.0, 200, "{}", health.1);
     assert_eq!(ready.0, 200, "{}", ready.1);
 

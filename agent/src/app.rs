@@ -203,7 +203,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let reader = Arc::new(Reader::open(&layout)?);
     let fill = FillSampler::spawn(reader.clone());
-    let metrics = Metrics::new()?;
+    let metrics = Metrics::new(matches!(config.source, PolicySource::Kubernetes(_)))?;
     let events = Arc::new(EventStats::default());
     let (recorder, audit_stats) = match audit {
         Some((r, stats)) => (Some(r), Some(stats)),

@@ -1252,6 +1252,7 @@ impl ClusterState {
         s.addresses =
             self.members.assigned().len() - self.unwritten.len().min(self.members.assigned().len());
         s.addresses_not_written = self.unwritten.len();
+        s.conflict_count = self.members.conflicts().count();
         s.conflicts = self
             .members
             .conflicts()

@@ -46,15 +46,8 @@ pub struct Metrics {
     audit_write_errors: IntCounter,
     audit_stdout_dropped: IntCounter,
     ready: IntGauge,
-    kube_synced: IntGauge,
-    kube_connected: IntGauge,
-    kube_pods: IntGauge,
-    kube_addresses: IntGauge,
-    kube_policies: IntGaugeVec,
-    kube_conflicts: IntGauge,
-    kube_pod_changes: IntCounter,
-    kube_flows_revoked: IntCounter,
-    kube_watch_errors: IntCounter,
+    /// Kubernetes mode only: not exported by an agent in file mode.
+    kube: Option<KubeMetrics>,
     /// Scrapes refresh the kernel-derived values one at a time.
     scrape: Mutex<()>,
 }
@@ -95,8 +88,88 @@ fn set_counter(c: &IntCounter, value: u64) {
     }
 }
 
+/// `tollgate_kubernetes_*`, read from the shared Kubernetes status at scrape time.
+struct KubeMetrics {
+    synced: IntGauge,
+    connected: IntGauge,
+    pods: IntGauge,
+    addresses: IntGauge,
+    policies: IntGaugeVec,
+    conflicts: IntGauge,
+    pod_changes: IntCounter,
+    flows_revoked: IntCounter,
+    watch_errors: IntCounter,
+}
+
+impl KubeMetrics {
+    fn new(r: &Registry) -> Result<Self> {
+        Ok(KubeMetrics {
+            synced: gauge(
+                r,
+                "tollgate_kubernetes_synced",
+                "Kubernetes mode: 1 once pods, namespaces and policies were listed and the merged policy installed.",
+            )?,
+            connected: gauge(
+                r,
+                "tollgate_kubernetes_connected",
+                "Kubernetes mode: 1 while every watch is connected (0: enforcing the last known state).",
+            )?,
+            pods: gauge(r, "tollgate_kubernetes_pods", "Kubernetes mode: pods known, all nodes.")?,
+            addresses: gauge(
+                r,
+                "tollgate_kubernetes_pod_addresses",
+                "Kubernetes mode: pod addresses with an identity entry of their own.",
+            )?,
+            policies: gauge_vec(
+                r,
+                "tollgate_kubernetes_policy_objects",
+                "Kubernetes mode: Policy objects merged (state=merged) or left out as invalid (state=skipped).",
+                &["state"],
+            )?,
+            conflicts: gauge(
+                r,
+                "tollgate_kubernetes_pod_conflicts",
+                "Kubernetes mode: pods that could not be given one identity (their traffic is denied).",
+            )?,
+            pod_changes: counter(
+                r,
+                "tollgate_kubernetes_pod_changes_total",
+                "Kubernetes mode: pod address changes written to the identity maps.",
+            )?,
+            flows_revoked: counter(
+                r,
+                "tollgate_kubernetes_flows_revoked_total",
+                "Kubernetes mode: tracked flow entries removed because their address changed identity.",
+            )?,
+            watch_errors: counter(
+                r,
+                "tollgate_kubernetes_watch_errors_total",
+                "Kubernetes mode: failed lists and watches (API server unreachable, refusing, or a watch cut).",
+            )?,
+        })
+    }
+
+    fn update(&self, k: &crate::wire::KubernetesStatus) {
+        self.synced.set(i64::from(k.synced));
+        self.connected.set(i64::from(k.connected));
+        self.pods.set(k.pods as i64);
+        self.addresses.set(k.addresses as i64);
+        self.policies
+            .with_label_values(&["merged"])
+            .set(k.policies.len() as i64);
+        self.policies
+            .with_label_values(&["skipped"])
+            .set(k.skipped.len() as i64);
+        self.conflicts.set(k.conflict_count as i64);
+        set_counter(&self.pod_changes, k.pod_changes);
+        set_counter(&self.flows_revoked, k.flows_revoked);
+        set_counter(&self.watch_errors, k.watch_errors);
+    }
+}
+
 impl Metrics {
-    pub fn new() -> Result<Arc<Self>> {
+    /// The registry; `kubernetes` adds the `tollgate_kubernetes_*` metrics.
+    pub fn new(kubernetes: bool) -> Result<Arc<Self>> {
         let r = Registry::new();
         let m = Metrics {
             verdicts: counter_vec(
@@ -189,48 +262,7 @@ impl Metrics {
                 "Audit records dropped on the way to stdout because nothing read them fast enough.",
             )?,
             ready: gauge(&r, "tollgate_ready", "1 when the agent is ready (as /readyz).")?,
-            kube_synced: gauge(
-                &r,
-                "tollgate_kubernetes_synced",
-                "Kubernetes mode: 1 once pods, namespaces and policies were listed and the merged policy installed.",
-            )?,
-            kube_connected: gauge(
-                &r,
-                "tollgate_kubernetes_connected",
-                "Kubernetes mode: 1 while every watch is connected (0: enforcing the last known state).",
-            )?,
-            kube_pods: gauge(&r, "tollgate_kubernetes_pods", "Kubernetes mode: pods known, all nodes.")?,
-            kube_addresses: gauge(
-                &r,
-                "tollgate_kubernetes_pod_addresses",
-                "Kubernetes mode: pod addresses with an identity entry of their own.",
-            )?,
-            kube_policies: gauge_vec(
-                &r,
-                "tollgate_kubernetes_policy_objects",
-                "Kubernetes mode: Policy objects merged (state=merged) or left out as invalid (state=skipped).",
-                &["state"],
-            )?,
-            kube_conflicts: gauge(
-                &r,
-                "tollgate_kubernetes_pod_conflicts",
-                "Kubernetes mode: pods that could not be given one identity (their traffic is denied).",
-            )?,
-            kube_pod_changes: counter(
-                &r,
-                "tollgate_kubernetes_pod_changes_total",
-                "Kubernetes mode: pod address changes written to the identity maps.",
-            )?,
-            kube_flows_revoked: counter(
-                &r,
-                "tollgate_kubernetes_flows_revoked_total",
-                "Kubernetes mode: tracked flow entries removed because their address changed identity.",
-            )?,
-            kube_watch_errors: counter(
-                &r,
-                "tollgate_kubernetes_watch_errors_total",
-                "Kubernetes mode: failed lists and watches (API server unreachable, refusing, or a watch cut).",
-            )?,
+            kube: kubernetes.then(|| KubeMetrics::new(&r)).transpose()?,
             registry: r,
             scrape: Mutex::new(()),
         };
@@ -332,25 +364,13 @@ impl Metrics {
             }
         }
         self.ready.set(i64::from(h.is_ready()));
-        if let Some(k) = h
-            .cluster
-            .as_ref()
-            .and_then(|s| s.lock().ok().map(|s| s.clone()))
-        {
-            self.kube_synced.set(i64::from(k.synced));
-            self.kube_connected.set(i64::from(k.connected));
-            self.kube_pods.set(k.pods as i64);
-            self.kube_addresses.set(k.addresses as i64);
-            self.kube_policies
-                .with_label_values(&["merged"])
-                .set(k.policies.len() as i64);
-            self.kube_policies
-                .with_label_values(&["skipped"])
-                .set(k.skipped.len() as i64);
-            self.kube_conflicts.set(k.conflicts.len() as i64);
-            set_counter(&self.kube_pod_changes, k.pod_changes);
-            set_counter(&self.kube_flows_revoked, k.flows_revoked);
-            set_counter(&self.kube_watch_errors, k.watch_errors);
+        if let (Some(m), Some(k)) = (
+            &self.kube,
+            h.cluster
+                .as_ref()
+                .and_then(|s| s.lock().ok().map(|s| s.clone())),
+        ) {
+            m.update(&k);
         }
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;

@@ -307,7 +307,10 @@ pub struct KubernetesStatus {
     pub policies: Vec<String>,
     /// Policy objects left out, and why.
     pub skipped: Vec<NamedReason>,
-    /// Pods that could not be given one identity (their traffic is denied).
+    /// Pods that could not be given one identity (their traffic is denied): how many, and the
+    /// first 100 of them.
+    #[serde(default)]
+    pub conflict_count: usize,
     pub conflicts: Vec<NamedReason>,
 }
 

@@ -38,6 +38,17 @@ pub fn start(
     workloads: &[&str],
     setup: impl FnOnce(&FakeApiServer, &Topology),
 ) -> Cluster {
+    start_with_args(prefix, pin, workloads, &[], setup)
+}
+
+/// Like `start`, with more `tollgate agent` arguments.
+pub fn start_with_args(
+    prefix: &str,
+    pin: &str,
+    workloads: &[&str],
+    extra_args: &[&str],
+    setup: impl FnOnce(&FakeApiServer, &Topology),
+) -> Cluster {
     super::require_root();
     let topo = Topology::with_options(prefix, workloads, TopologyOptions::default()).unwrap();
     let listener = topo
@@ -62,12 +73,16 @@ pub fn start(
         dir.path(),
         &super::test_pin_dir(pin),
         &[
-            "--kubernetes",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--node-name",
-            NODE,
-        ],
+            &[
+                "--kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--node-name",
+                NODE,
+            ],
+            extra_args,
+        ]
+        .concat(),
     )
     .expect("agent starts");
     Cluster {
