@@ -1831,6 +1831,16 @@ impl WatchStream {
     /// The next chunk, None at the end, or an error to cut the connection.
     async fn next(&mut self) -> Option<io::Result<Bytes>> {
         loop {
+            // A server that went away says nothing more, even if its connection task has not
+            // closed this stream yet.
+            if self.shared.unavailable.load(Ordering::SeqCst) {
+                self.pending.clear();
+                self.finishing = true;
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the server is unavailable",
+                )));
+            }
             if let Some(line) = self.pending.pop_front() {
                 return Some(Ok(line));
             }
