@@ -192,26 +192,7 @@ pub fn run() -> Result<()> {
     spoof_attempt(&topo, &agent)?;
     login_attempts(&topo, &agent)?;
 
-    let wait = expires
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
-        + Duration::from_secs(1);
-    println!(
-        "\nWaiting {} s for oncall-debug-grant to expire (the kernel enforces the expiry itself)...\n",
-        wait.as_secs()
-    );
-    pause(wait)?;
-    print_header();
-    drive(
-        &topo,
-        &agent,
-        &Flow {
-            from: "frontend",
-            to: "payments",
-            v6: false,
-            probe: Probe::Tcp(9090),
-        },
-    )?;
+    grant_expires(&topo, &agent, expires)?;
 
     println!("\n`tollgate status`:\n");
     let status = agent.cli(&["status"])?;
@@ -249,6 +230,36 @@ pub fn run() -> Result<()> {
     drop(agent);
     drop(topo);
     println!("Done.");
+    Ok(())
+}
+
+/// Waits for oncall-debug-grant (frontend -> payments tcp/9090), which expires at `expires`,
+/// to lapse, and shows the kernel refusing it.
+pub(crate) fn grant_expires(
+    topo: &Topology,
+    agent: &AgentProcess,
+    expires: SystemTime,
+) -> Result<()> {
+    let wait = expires
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        + Duration::from_secs(1);
+    println!(
+        "\nWaiting {} s for oncall-debug-grant to expire (the kernel enforces the expiry itself)...\n",
+        wait.as_secs()
+    );
+    pause(wait)?;
+    print_header();
+    drive(
+        topo,
+        agent,
+        &Flow {
+            from: "frontend",
+            to: "payments",
+            v6: false,
+            probe: Probe::Tcp(9090),
+        },
+    )?;
     Ok(())
 }
 

@@ -21,7 +21,9 @@ use tollgate_testbed::{
 
 use crate::{
     build_agent_binary,
-    demo::{drive, login_attempts, pause, print_header, spoof_attempt, Flow, Probe, RemoveDir},
+    demo::{
+        drive, grant_expires, login_attempts, print_header, spoof_attempt, Flow, Probe, RemoveDir,
+    },
     interrupt::{self, check_interrupted},
 };
 
@@ -332,26 +334,7 @@ pub fn run() -> Result<()> {
     })?;
     println!("\nThe API server is back; the watches resumed.");
 
-    let wait = expires
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
-        + Duration::from_secs(1);
-    println!(
-        "\nWaiting {} s for oncall-debug-grant to expire (the kernel enforces the expiry)...\n",
-        wait.as_secs()
-    );
-    pause(wait)?;
-    print_header();
-    drive(
-        &topo,
-        &agent,
-        &Flow {
-            from: "frontend",
-            to: "payments",
-            v6: false,
-            probe: Probe::Tcp(9090),
-        },
-    )?;
+    grant_expires(&topo, &agent, expires)?;
 
     println!(
         "\nCleaning up: stopping the agent, removing its pins, the namespaces and the API server."
