@@ -32,7 +32,11 @@ use super::{
     merge::{merge, PolicyObject},
     ClusterEvent, PodFacts,
 };
-use crate::{installer::InstallerHandle, policy::selector::Labels, wire::NamedReason};
+use crate::{
+    installer::InstallerHandle,
+    policy::selector::Labels,
+    wire::{KubernetesStatus, NamedReason},
+};
 
 /// Where the API server is: `--kubeconfig`, else in-cluster configuration (or `KUBECONFIG`).
 #[derive(Debug, Clone)]
@@ -173,10 +177,15 @@ fn record_error(status: &SharedStatus, resource: &str, error: &watcher::Error) {
         s.disconnected.push(resource.to_owned());
     }
     s.connected = false;
+    s.watch_errors += 1;
+    set_last_error(&mut s, message);
+}
+
+/// The last error `status` shows, stamped now.
+fn set_last_error(s: &mut KubernetesStatus, message: String) {
     s.last_error = Some(message);
     s.last_error_at =
         Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
-    s.watch_errors += 1;
 }
 
 /// `resource` answered: its watch is connected.
@@ -432,10 +441,7 @@ async fn watch_policies(
                 let message = format!("installing the merged policy failed: {e}");
                 tracing::error!(error = %message, "the previous policy stays in force");
                 let mut st = status.lock().expect("status lock");
-                st.last_error = Some(message);
-                st.last_error_at = Some(
-                    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-                );
+                set_last_error(&mut st, message);
                 st.skipped = skipped;
             }
         }
