@@ -17,6 +17,7 @@ pub mod flows;
 pub mod follow;
 pub mod handles;
 pub mod host;
+pub mod identity;
 pub mod installer;
 pub mod limits;
 pub mod linkwatch;
