@@ -174,12 +174,19 @@ pub struct FlowEvent {
     /// For `DropRateLimited` and `AuditWouldDrop`: the `TG_LIMITS` id of the limit; 0
     /// otherwise.
     pub limit_id: u32,
+    /// `EVENT_FLAG_*`.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// The flow was refused (or, in audit mode, would have been) because its rule requires
+/// authentication and no valid proof exists for the pair: the agent runs the handshake.
+pub const EVENT_FLAG_AUTH_REQUIRED: u32 = 1 << 0;
 
 /// An identity id in a `FlowEvent` that the datapath did not resolve (a spoofed packet is
 /// dropped before its identities are looked up).
 pub const EVENT_IDENTITY_UNRESOLVED: u32 = 0;
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 96);
 
 /// Writes an IPv4 address as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
 #[inline(always)]

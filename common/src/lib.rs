@@ -8,6 +8,7 @@
 
 #![no_std]
 
+pub mod auth;
 pub mod decision;
 pub mod flow;
 pub mod identity;
@@ -21,6 +22,7 @@ pub mod tcp;
 pub mod time;
 pub mod verdict;
 
+pub use auth::{AuthKey, AuthValue};
 pub use decision::{decide, Decision};
 pub use flow::{FlowEvent, FlowKey, FlowKeyV4, FlowValue};
 pub use identity::{IdentityKeyV4, IdentityKeyV6, IdentityValue};
@@ -39,7 +41,9 @@ pub use verdict::Verdict;
 /// family, the ABI version in `TG_ACTIVE`, the deny-event sampler, `SlotConfig::lookup_flags`.
 /// 4: rate limits: `TG_LIMITS`, limit ids in identity entries and conntrack entries, the
 /// rate-limit verdicts and counters, limits in `CheckResult` and `FlowEvent`.
-pub const ABI_VERSION: u32 = 4;
+/// 5: authentication: `TG_AUTH`, the `DenyAuthRequired` verdict (which moves the counters after
+/// the verdicts), `CheckResult::auth_state`, `FlowEvent::flags`.
+pub const ABI_VERSION: u32 = 5;
 
 /// Names of the maps as they appear in the object file and as pin file names under
 /// `<bpffs>/maps/`, taken from the registry in [`maps`].
@@ -63,6 +67,7 @@ pub mod map_names {
     pub const INTERFACES: &str = maps::INTERFACES.name;
     pub const CHECK: &str = maps::CHECK.name;
     pub const LIMITS: &str = maps::LIMITS.name;
+    pub const AUTH: &str = maps::AUTH.name;
 }
 
 /// Program (function) names in the object file.
@@ -154,7 +159,9 @@ pub struct CheckResult {
     pub rule_limit: u32,
     pub src_limit: u32,
     pub dst_limit: u32,
-    pub _pad: u32,
+    /// `auth::state::*`: whether the deciding rule requires authentication and whether a valid
+    /// entry admits the pair.
+    pub auth_state: u32,
 }
 const _: () = assert!(core::mem::size_of::<CheckResult>() == 48);
 
@@ -207,5 +214,7 @@ mod pod {
         CheckResult,
         SamplerSlot,
         LimitBucket,
+        AuthKey,
+        AuthValue,
     );
 }

@@ -10,7 +10,7 @@
 //! the key data, and a ring buffer has neither key nor value.
 
 use crate::{
-    verdict::COUNTER_SLOTS, CheckResult, FlowEvent, FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4,
+    verdict::COUNTER_SLOTS, AuthKey, AuthValue, CheckResult, FlowEvent, FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4,
     IdentityKeyV6, IdentityValue, InterfaceValue, LimitBucket, RuleKey, RuleValue, SamplerSlot,
     SlotConfig, SAMPLER_SLOTS, SLOT_COUNT,
 };
@@ -277,8 +277,20 @@ pub const LIMITS: MapSpec = spec(
     "rate-limit buckets",
 );
 
+/// (slot, source identity, destination identity) → proof of a mutual-TLS handshake between
+/// the pair, until when it holds (see `auth`).
+pub const AUTH: MapSpec = spec(
+    "TG_AUTH",
+    MapKind::Hash,
+    size::<AuthKey>(),
+    size::<AuthValue>(),
+    capacity::AUTH_ENTRIES,
+    BPF_F_NO_PREALLOC,
+    "authenticated identity pairs",
+);
+
 /// Every map the agent pins, checks, adopts and removes on uninstall.
-pub const ALL: [MapSpec; 17] = [
+pub const ALL: [MapSpec; 18] = [
     ACTIVE,
     SLOT_CONFIG,
     IDENTITY_V4_EXACT,
@@ -296,6 +308,7 @@ pub const ALL: [MapSpec; 17] = [
     INTERFACES,
     CHECK,
     LIMITS,
+    AUTH,
 ];
 
 /// The registry entry named `name`.
@@ -329,6 +342,8 @@ pub mod capacity {
     /// keeps its bucket across a swap, a changed one needs a second bucket until the next.
     /// 184 bytes each, preallocated: 3 MB.
     pub const LIMIT_ENTRIES: u32 = 16_384;
+    /// Authenticated identity pairs, both slots together.
+    pub const AUTH_ENTRIES: u32 = 65_536;
 }
 
 #[cfg(test)]

@@ -67,7 +67,8 @@ impl RuleKey {
 pub const RULE_FLAG_ALLOW: u32 = 1 << 0;
 /// The rule is in `mode: audit`: its denies are would-denies.
 pub const RULE_FLAG_AUDIT: u32 = 1 << 1;
-/// Reserved: the rule requires mutual-TLS authentication of the pair (a later issue).
+/// The rule requires mutual-TLS authentication of the pair (`authentication: mtls`; see
+/// `auth`).
 pub const RULE_FLAG_AUTH_MTLS: u32 = 1 << 2;
 /// The rule's `log: true`: each new flow it admits is reported as an event.
 pub const RULE_FLAG_LOG: u32 = 1 << 3;

@@ -34,9 +34,13 @@ pub enum Verdict {
     DropRateLimited = 11,
     /// Would have been dropped by a rate limit in audit mode; passed.
     AuditWouldDrop = 12,
+    /// The rule that allows the flow requires mutual-TLS authentication of the identity pair,
+    /// and no valid proof exists (yet): the flow is refused and the agent is told to run the
+    /// handshake, so the client's retry can pass.
+    DenyAuthRequired = 13,
 }
 
-pub const VERDICT_COUNT: u32 = 13;
+pub const VERDICT_COUNT: u32 = 14;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -53,6 +57,7 @@ impl Verdict {
         Verdict::DropSpoofed,
         Verdict::DropRateLimited,
         Verdict::AuditWouldDrop,
+        Verdict::DenyAuthRequired,
     ];
 
     /// Does the packet pass?
@@ -84,6 +89,7 @@ impl Verdict {
             Verdict::DropSpoofed => "drop_spoofed",
             Verdict::DropRateLimited => "drop_rate_limited",
             Verdict::AuditWouldDrop => "audit_would_drop",
+            Verdict::DenyAuthRequired => "deny_auth_required",
         }
     }
 

@@ -78,7 +78,7 @@ static EVT_DRAFT: PerCpuArray<FlowEvent> =
 
 /// Reports a decision: puts a `FlowEvent` on the ring buffer unless the sampler holds it back.
 /// `ids`: see [`identities`]; `limit`: for a rate-limit verdict, the kind (bits 8..16) and limit
-/// id (bits 32..64) as `ratelimit::meter` reports them, else 0.
+/// id (bits 32..64) as `ratelimit::meter` reports them, else 0; `flags`: `EVENT_FLAG_*`.
 ///
 /// Inlined at each call site, it only writes the event's fields into this CPU's draft slot;
 /// the sampling, the ring-buffer reserve and the wakeup are in [`tollgate_emit`], a global
@@ -86,7 +86,7 @@ static EVT_DRAFT: PerCpuArray<FlowEvent> =
 /// it again for every state the classifier reaches it in (about 100k instructions each time a
 /// path to it was added).
 #[inline(always)]
-pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, ids: u64, limit: u64) {
+pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, ids: u64, limit: u64, flags: u32) {
     let (limit_kind, limit_id) = crate::ratelimit::limit_of(limit);
     let pkt = &pc.pkt;
     let (sport, dport) = match pkt.proto {
@@ -121,6 +121,7 @@ pub fn emit(pc: &PacketContext, verdict: Verdict, rule_id: u32, ids: u64, limit:
         d.direction = pc.dir;
         d.limit_kind = limit_kind;
         d.limit_id = limit_id;
+        d.flags = flags;
     }
     tollgate_emit(pc.coarse);
 }
@@ -139,7 +140,7 @@ pub extern "C" fn tollgate_emit(now: u64) -> u64 {
         return 0;
     };
     // SAFETY: this CPU's slot, written by `emit` in this program run and only touched by it;
-    // worked on in place (a copy would take 88 bytes of a stack the caller's frame shares).
+    // worked on in place (a copy would take 96 bytes of a stack the caller's frame shares).
     let event = unsafe { &mut *draft };
     let Some(suppressed) = sampled(event, now) else {
         count(COUNTER_EVENTS_SUPPRESSED);

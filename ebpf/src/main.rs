@@ -4,12 +4,13 @@
 //! parse → conntrack lookup → established: (source re-validated if the packet came in
 //! elsewhere) → TCP state → still admitted? pass.
 //! Otherwise (a new flow, or a tracked one under a new policy generation or past its expiry):
-//! source validation → the admission chain (`admit`): decide (identities, rule) → [auth and rate
-//! limits slot in here] → track → verdict, counters, and an event for anything denied.
+//! source validation → the admission chain (`admit`): decide (identities, rule, authentication
+//! of the pair) → rate limits → track → verdict, counters, and an event for anything denied.
 //!
 //! One module per concern: `parse` (headers), `source` (where a source may come from),
 //! `conntrack` (flows and TCP state), `policy` (generation, identities, rules), `events`
-//! (counters, sampled events). Each owns its maps.
+//! (counters, sampled events), `ratelimit`, `auth` (proofs of authenticated pairs). Each owns
+//! its maps.
 
 #![no_std]
 #![no_main]
@@ -17,6 +18,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod auth;
 mod conntrack;
 mod context;
 mod events;
@@ -29,7 +31,10 @@ use aya_ebpf::{
     bindings::TC_ACT_OK, macros::classifier, macros::map, maps::Array, programs::TcContext,
 };
 use tollgate_common::{
-    direction, flow::EVENT_IDENTITY_UNRESOLVED, maps, slot_of, CheckResult, FlowValue, Verdict,
+    auth::state as auth_state,
+    direction,
+    flow::{EVENT_FLAG_AUTH_REQUIRED, EVENT_IDENTITY_UNRESOLVED},
+    maps, slot_of, CheckResult, FlowValue, Verdict,
     CHECK_MARK_VALIDATE_SOURCE,
 };
 
@@ -251,7 +256,8 @@ fn source_passes(pc: &PacketContext) -> bool {
 ///
 /// 1. decide: both identities of the flow in its original direction, the rule between them,
 ///    the verdict; and the sender against its origin's binding;
-/// 2. (authentication: a later gate, here);
+/// 2. authentication (inside `evaluate`): a rule that requires it allows only while the pair
+///    has a valid proof in `TG_AUTH`, and the flow carries the proof's expiry;
 /// 3. rate limits: a new flow must pass its rule's limit and its source's quota, as a new
 ///    connection and as a packet (over either: refused, no conntrack entry); a re-checked flow
 ///    is metered as a packet under the limits of the live policy;
@@ -332,12 +338,20 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
         }
     };
     if event {
+        // A refusal for want of a proof tells the agent to run the handshake for the pair.
+        let flags = if e.auth_state == auth_state::MISSING || e.auth_state == auth_state::EXPIRED
+        {
+            EVENT_FLAG_AUTH_REQUIRED
+        } else {
+            0
+        };
         emit(
             pc,
             verdict,
             d.rule_id,
             identities(e.src_id, e.dst_id),
             limit,
+            flags,
         );
     }
     finish(verdict)
@@ -359,6 +373,7 @@ fn limited(pc: &PacketContext, outcome: u64, rule_id: u32) -> i32 {
         rule_id,
         identities(EVENT_IDENTITY_UNRESOLVED, EVENT_IDENTITY_UNRESOLVED),
         outcome,
+        0,
     );
     finish(verdict)
 }
@@ -366,7 +381,7 @@ fn limited(pc: &PacketContext, outcome: u64, rule_id: u32) -> i32 {
 /// Drops a packet whose source may not come from where it came from.
 #[inline(always)]
 fn drop_spoofed(pc: &PacketContext, src_id: u32, dst_id: u32) -> i32 {
-    emit(pc, Verdict::DropSpoofed, 0, identities(src_id, dst_id), 0);
+    emit(pc, Verdict::DropSpoofed, 0, identities(src_id, dst_id), 0, 0);
     finish(Verdict::DropSpoofed)
 }
 
@@ -464,7 +479,7 @@ fn check(ctx: &TcContext) -> CheckResult {
         rule_limit: if spoofed { 0 } else { e.rule_limit },
         src_limit: if spoofed { 0 } else { e.src_limit },
         dst_limit: if spoofed { 0 } else { e.dst_limit },
-        _pad: 0,
+        auth_state: if spoofed { 0 } else { e.auth_state },
     }
 }
 

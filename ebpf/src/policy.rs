@@ -23,6 +23,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 use tollgate_common::{
+    auth::{authorize, requires_auth},
     decide,
     identity::{IDENTITY_WORLD, SLOT_PREFIX_BITS},
     maps, proto,
@@ -134,6 +135,8 @@ pub struct Evaluation {
     pub dst_limit: u32,
     /// The deciding rule allows and asks for its new flows to be reported (`log: true`).
     pub log: bool,
+    /// `auth::state::*` of the decision.
+    pub auth_state: u32,
 }
 
 impl Evaluation {
@@ -150,6 +153,7 @@ impl Evaluation {
         src_limit: 0,
         dst_limit: 0,
         log: false,
+        auth_state: 0,
     };
 }
 
@@ -202,13 +206,22 @@ pub fn evaluate(pc: &PacketContext, reply: bool, out: &mut Evaluation) {
         None => false,
     };
     let entry = if found { Some(&rule) } else { None };
-    // CLOCK_BOOTTIME is read only when the rule can expire.
-    let now = if found && rule.expires_ns != 0 {
+    let needs_auth = found && requires_auth(rule.flags);
+    // CLOCK_BOOTTIME is read only when the rule can expire or needs a proof that can.
+    let now = if found && (rule.expires_ns != 0 || needs_auth) {
         boot_ns()
     } else {
         0
     };
-    out.decision = decide(entry, policy_flags, now);
+    let decision = decide(entry, policy_flags, now);
+    let proof = if needs_auth && decision.verdict == Verdict::AllowNew {
+        crate::auth::proof(slot, src_id, dst_id)
+    } else {
+        None
+    };
+    let (decision, auth_state) = authorize(decision, rule.flags, policy_flags, proof.as_ref(), now);
+    out.decision = decision;
+    out.auth_state = auth_state;
     out.src_id = src_id;
     out.dst_id = dst_id;
     out.sender_is_node = sender.is_node_address();

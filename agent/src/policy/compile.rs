@@ -30,7 +30,8 @@ use tollgate_common::{
     ports::for_each_prefix,
     ratelimit::{self, LIMIT_FLAG_AUDIT, LIMIT_KINDS},
     rule::{
-        is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_LOG, RULE_ID_NONE,
+        is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_AUTH_MTLS, RULE_FLAG_LOG,
+        RULE_ID_NONE,
         RULE_PAIR_PREFIX_BITS, RULE_PROTO_PREFIX_BITS,
     },
     time::{wall_to_boot_ns, NEVER},
@@ -556,8 +557,9 @@ fn is_covered(merged: &[(u128, u128)], addr: u128) -> bool {
 /// (a rule that never expires is latest of all), so a short grant never hides a standing rule;
 /// then enforce before audit, so an audit rule never weakens an enforced one; then a rule with a
 /// `rateLimit` before one without, so a limit is never lifted by a rule that merely allows the
-/// same traffic as long; then policy order, so the result is deterministic.
-type Rank = (u128, bool, bool, usize);
+/// same traffic as long; then a rule that requires authentication before one without, for the
+/// same reason; then policy order, so the result is deterministic.
+type Rank = (u128, bool, bool, bool, usize);
 
 fn rank(policy: &Policy, index: usize) -> Rank {
     let rule = &policy.rules[index];
@@ -569,6 +571,7 @@ fn rank(policy: &Policy, index: usize) -> Rank {
         expiry_order,
         rule.mode == Some(Mode::Audit),
         rule.rate_limit.is_none(),
+        rule.authentication.is_none(),
         index,
     )
 }
@@ -612,6 +615,10 @@ fn rule_entries(
                 RULE_FLAG_LOG
             } else {
                 0
+            }
+            | match policy.rules[rule].authentication {
+                Some(_) => RULE_FLAG_AUTH_MTLS,
+                None => 0,
             },
         expires_ns: expiries[rule],
         limit_id: limit_ids[rule],
@@ -743,7 +750,7 @@ impl PortSweep {
                 }
                 at += 1;
             }
-            let (Some(&(next, _, _)), Some((&(_, _, _, rule), _))) =
+            let (Some(&(next, _, _)), Some((&(_, _, _, _, rule), _))) =
                 (self.events.get(at), self.active.first_key_value())
             else {
                 continue;

@@ -11,7 +11,7 @@ use tollgate_common::{
     identity::{IDENTITY_FIRST_USER, IDENTITY_HOST, IDENTITY_WORLD},
     ratelimit::{kind, LIMIT_FLAG_AUDIT},
     rule::{
-        RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FULL_PREFIX_BITS, RULE_PAIR_PREFIX_BITS,
+        RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_AUTH_MTLS, RULE_FULL_PREFIX_BITS, RULE_PAIR_PREFIX_BITS,
         RULE_PROTO_PREFIX_BITS,
     },
     IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, Verdict, POLICY_FLAG_AUDIT,
@@ -237,6 +237,49 @@ fn enforce_rule_beats_audit_rule_where_they_overlap() {
         (at_80.rule_id, at_80.flags),
         (1, RULE_FLAG_ALLOW | RULE_FLAG_AUDIT)
     );
+}
+
+/// Identities a and b with SPIFFE IDs, and the given rules between them.
+fn compile_with_spiffe_ids(rules: &[&str]) -> CompiledPolicy {
+    let mut text = "apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: { name: test }
+spec:
+  identities:
+    - { name: a, spiffeId: spiffe://t.test/a, cidrs: [10.0.1.0/24] }
+    - { name: b, spiffeId: spiffe://t.test/b, cidrs: [10.0.2.0/24] }
+  rules:
+"
+    .to_owned();
+    for (i, rule) in rules.iter().enumerate() {
+        text.push_str(&format!("    - {{ name: r{}, {rule} }}\n", i + 1));
+    }
+    let policy = parse_policy(&text, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+    compile_policy(&policy, 0, &CLOCK, &[])
+}
+
+#[test]
+fn mtls_rule_entries_require_authentication() {
+    let c = compile_with_spiffe_ids(&[
+        "from: a, to: b, ports: [{ protocol: TCP, port: 443 }], authentication: mtls",
+    ]);
+    let entry = lookup(&c, A, B, TCP, 443).unwrap();
+    assert_eq!(entry.flags, RULE_FLAG_ALLOW | RULE_FLAG_AUTH_MTLS);
+}
+
+#[test]
+fn authenticated_rule_beats_unauthenticated_one_where_they_overlap() {
+    // Otherwise a broad rule without authentication would lift the requirement of a narrow one.
+    let c = compile_with_spiffe_ids(&[
+        "from: a, to: b, ports: [{ protocol: TCP }]",
+        "from: a, to: b, ports: [{ protocol: TCP, port: 443 }], authentication: mtls",
+    ]);
+    let at_443 = lookup(&c, A, B, TCP, 443).unwrap();
+    assert_eq!(
+        (at_443.rule_id, at_443.flags),
+        (2, RULE_FLAG_ALLOW | RULE_FLAG_AUTH_MTLS)
+    );
+    assert_eq!(lookup(&c, A, B, TCP, 80).unwrap().flags, RULE_FLAG_ALLOW);
 }
 
 #[test]
@@ -577,6 +620,7 @@ fn hundred_thousand_rules_compile() {
         .map(|i| Identity {
             name: format!("id-{i}"),
             spiffe_id: None,
+            auth_address: None,
             cidrs: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)).into()],
             interfaces: Vec::new(),
             selector: None,
@@ -596,6 +640,7 @@ fn hundred_thousand_rules_compile() {
             log: None,
             expires: None,
             rate_limit: None,
+            authentication: None,
         })
         .collect();
     let policy = Policy {

@@ -146,6 +146,9 @@ impl PortSpec {
 pub struct Identity {
     pub name: String,
     pub spiffe_id: Option<String>,
+    /// File mode: the auth listener (`--auth-addr`) of the node that hosts this identity,
+    /// where other agents run the handshake for pairs it takes part in.
+    pub auth_address: Option<std::net::SocketAddr>,
     /// Networks with host bits clear; a bare address was read as a /32 or /128.
     pub cidrs: Vec<ipnet::IpNet>,
     /// Interfaces bound to this identity: packets arriving on them must come from one of its
@@ -170,6 +173,29 @@ pub struct Rule {
     pub expires: Option<SystemTime>,
     /// Meters both directions of the flows this rule admits.
     pub rate_limit: Option<RateLimit>,
+    /// The flows this rule admits need a proof that both identities hold their certificates.
+    pub authentication: Option<Authentication>,
+}
+
+/// How a rule's identity pair must prove itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Authentication {
+    /// The agents of the two identities' nodes run a mutual TLS 1.3 handshake presenting the
+    /// identities' X.509 SVIDs.
+    Mtls,
+}
+
+impl Authentication {
+    /// Exactly `mtls`, as written in the policy.
+    pub fn parse(text: &str) -> Option<Self> {
+        (text == "mtls").then_some(Authentication::Mtls)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Authentication::Mtls => "mtls",
+        }
+    }
 }
 
 /// The period a rate is written per: `packetsPerSecond` or `packetsPerMinute`.

@@ -7,16 +7,12 @@
 //! are stored compactly: `Box<str>` and `Box<[T]>` are a third smaller than `String` and `Vec`,
 //! and carry no spare capacity (a `Vec` filled one element at a time keeps room for four).
 //!
-//! Fields this version parses but refuses (`authentication`) are kept as [`Present`] markers:
-//! they must be known field names, so the user is told they are not supported yet instead of
-//! "unknown field", and their content is never looked at.
-//!
 //! Rate numbers are read as `i64`, wider than the `u64` they become, so that `-5` gets
 //! validation's message rather than serde's type error.
 
 use std::collections::BTreeMap;
 
-use serde::{de::IgnoredAny, Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -48,6 +44,9 @@ pub(super) struct Spec {
 pub(super) struct IdentityEntry {
     pub name: Option<String>,
     pub spiffe_id: Option<String>,
+    /// File mode: where the agent of the node hosting this identity listens for mutual-TLS
+    /// handshakes (`host:port`).
+    pub auth_address: Option<String>,
     pub cidrs: Option<Vec<String>>,
     pub interfaces: Option<Vec<String>>,
     /// Kubernetes mode: the identity's addresses are those of the pods this selects.
@@ -92,8 +91,7 @@ pub(super) struct RuleEntry {
     pub mode: Option<Box<str>>,
     pub log: Option<bool>,
     pub expires: Option<Box<str>>,
-    #[serde(default, deserialize_with = "present")]
-    pub authentication: Option<Present>,
+    pub authentication: Option<Box<str>>,
     /// `Some(None)`: written as null or left empty, which is an error, not "no limit". Boxed:
     /// a 100k-rule policy mostly has none, and eight numbers inline would double every entry.
     #[serde(default, deserialize_with = "written")]
@@ -157,19 +155,10 @@ pub(super) struct PortEntry {
     pub end_port: Option<i64>,
 }
 
-/// A field that was written, whatever its value (even `null` or `[]`).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Present;
-
 /// An optional field that tells "written as null" (`Some(None)`) from "not written" (`None`,
 /// with `#[serde(default)]`).
 fn written<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(deserializer).map(Some)
-}
-
-fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Present>, D::Error> {
-    IgnoredAny::deserialize(deserializer)?;
-    Ok(Some(Present))
 }

@@ -600,17 +600,79 @@ fn missing_policy_name_is_rejected() {
     assert_error(&text, "metadata.name", 4, "required");
 }
 
+/// SHOP with `orders` given a SPIFFE ID and the rule `authentication: mtls`.
+fn with_mtls() -> String {
+    edit(
+        "      cidrs: [\"10.10.2.10/32\"]\n",
+        "      spiffeId: spiffe://shop.test/ns/shop/sa/orders\n      authAddress: \"10.200.0.2:7443\"\n      cidrs: [\"10.10.2.10/32\"]\n",
+    )
+    .replacen("      # mode: audit\n", "      authentication: mtls\n", 1)
+}
+
 #[test]
-fn authentication_is_refused_until_supported() {
+fn mtls_rule_between_identities_with_spiffe_ids_is_read() {
+    let p = parse(&with_mtls());
+    assert_eq!(p.rules[0].authentication, Some(Authentication::Mtls));
+    assert_eq!(
+        p.identities[1].auth_address,
+        Some("10.200.0.2:7443".parse().unwrap())
+    );
+    assert_eq!(p.identities[0].auth_address, None);
+}
+
+#[test]
+fn unknown_authentication_is_named() {
+    let text = with_mtls().replace("authentication: mtls", "authentication: tls");
+    let line = line_of(&text, "authentication: tls");
+    assert_error(&text, "rules[0].authentication", line, "expected mtls");
+}
+
+#[test]
+fn mtls_needs_a_spiffe_id_on_both_identities() {
     let text = edit("      # mode: audit\n", "      authentication: mtls\n");
     let line = line_of(&text, "authentication: mtls");
-    assert_eq!(
-        error(&text).to_string(),
-        format!(
-            "policy.yaml:{line}: rules[0].authentication: not supported by this version of \
-             tollgate yet (planned); remove it"
-        )
+    assert_error(
+        &text,
+        "rules[0].authentication",
+        line,
+        "identity \"orders\" (to) has no spiffeId",
     );
+}
+
+#[test]
+fn mtls_with_world_is_refused() {
+    let text = with_mtls().replacen("      from: frontend ", "      from: world ", 1);
+    let line = line_of(&text, "authentication: mtls");
+    assert_error(
+        &text,
+        "rules[0].authentication",
+        line,
+        "from is \"world\", which has no certificate",
+    );
+}
+
+#[test]
+fn auth_address_must_be_an_address_and_port() {
+    for bad in ["10.200.0.2", "node-b:7443", "0.0.0.0:7443", "10.200.0.2:0"] {
+        let text = with_mtls().replace("\"10.200.0.2:7443\"", &format!("\"{bad}\""));
+        let line = line_of(&text, "authAddress");
+        assert_error(
+            &text,
+            "identities[1].authAddress",
+            line,
+            "is not an address and port",
+        );
+    }
+}
+
+#[test]
+fn auth_address_needs_a_spiffe_id() {
+    let text = edit(
+        "      cidrs: [\"10.10.2.10/32\"]\n",
+        "      authAddress: \"[fd00:200::2]:7443\"\n      cidrs: [\"10.10.2.10/32\"]\n",
+    );
+    let line = line_of(&text, "authAddress");
+    assert_error(&text, "identities[1].authAddress", line, "needs spiffeId");
 }
 
 /// SHOP with `rate_limit` (a flow mapping's contents) as the rule's `rateLimit`.

@@ -16,9 +16,9 @@ use ipnet::IpNet;
 use tollgate_common::ratelimit::{kind, RateError, LIMIT_KINDS, MAX_BURST_WINDOW_NS};
 
 use super::{
-    model::{self, Present},
+    model,
     selector::{LabelSelector, NamespaceMatch, Op, Requirement, Selector},
-    Identity, IdentityQuota, Mode, Per, Policy, PortSpec, Protocol, Rate, RateLimit, Rule,
+    Authentication, Identity, IdentityQuota, Mode, Per, Policy, PortSpec, Protocol, Rate, RateLimit, Rule,
     API_VERSION, KIND,
 };
 
@@ -182,13 +182,6 @@ impl Validator {
         });
     }
 
-    fn not_supported_yet(&mut self, path: At<'_>) {
-        self.issue(
-            path,
-            "not supported by this version of tollgate yet (planned); remove it",
-        );
-    }
-
     fn document(&mut self, doc: model::Document) -> Policy {
         let mut policy = Policy {
             name: String::new(),
@@ -346,6 +339,30 @@ impl Validator {
                 }
             }
 
+            let auth_address = entry.auth_address.and_then(|text| {
+                let path = at.field("authAddress");
+                match text.parse::<std::net::SocketAddr>() {
+                    Ok(addr) if addr.port() != 0 && !addr.ip().is_unspecified() => {
+                        if entry.spiffe_id.is_none() {
+                            self.issue(
+                                path,
+                                "needs spiffeId: the handshake there proves that SPIFFE ID",
+                            );
+                        }
+                        Some(addr)
+                    }
+                    _ => {
+                        self.issue(
+                            path,
+                            format!(
+                                "{text:?} is not an address and port to connect to; write e.g. \
+                                 \"10.0.0.2:7443\" or \"[fd00::2]:7443\""
+                            ),
+                        );
+                        None
+                    }
+                }
+            });
             let selector_path = at.field("selector");
             let selector_written = entry.selector.is_some();
             let selector = entry
@@ -400,6 +417,7 @@ impl Validator {
             identities.push(Identity {
                 name,
                 spiffe_id: entry.spiffe_id,
+                auth_address,
                 cidrs,
                 interfaces,
                 selector,
@@ -664,6 +682,10 @@ impl Validator {
             .filter(|n| !n.is_empty())
             .chain(RESERVED_IDENTITIES)
             .collect();
+        let with_spiffe_id: HashMap<&str, bool> = identities
+            .iter()
+            .map(|i| (i.name.as_str(), i.spiffe_id.is_some()))
+            .collect();
         let mut known_list: Option<String> = None;
         // Rule index → index of the earlier rule of the same name. Found before the names move
         // into the rules, so that 100k rule names are looked up without a copy of each.
@@ -746,9 +768,9 @@ impl Validator {
                     None
                 }
             });
-            if let Some(Present) = entry.authentication {
-                self.not_supported_yet(at.field("authentication"));
-            }
+            let authentication = entry.authentication.and_then(|text| {
+                self.authentication(at.field("authentication"), &text, &with_spiffe_id, [&from, &to])
+            });
             let rate_limit = entry.rate_limit.and_then(|limit| {
                 self.rate_limit(at.field("rateLimit"), limit.as_deref(), LimitOf::Rule)
             });
@@ -761,9 +783,53 @@ impl Validator {
                 log: entry.log,
                 expires,
                 rate_limit,
+                authentication,
             });
         }
         rules
+    }
+
+    /// A rule's `authentication`: `mtls`, between two declared identities that each have a
+    /// `spiffeId` (the SVIDs the handshake must present).
+    fn authentication(
+        &mut self,
+        path: At<'_>,
+        text: &str,
+        with_spiffe_id: &HashMap<&str, bool>,
+        ends: [&str; 2],
+    ) -> Option<Authentication> {
+        let Some(authentication) = Authentication::parse(text) else {
+            self.issue(
+                path,
+                format!("unknown authentication {text:?}; expected mtls"),
+            );
+            return None;
+        };
+        for (end, field) in ends.into_iter().zip(["from", "to"]) {
+            if end.is_empty() {
+                continue;
+            }
+            if RESERVED_IDENTITIES.contains(&end) {
+                self.issue(
+                    path,
+                    format!(
+                        "{field} is {end:?}, which has no certificate to authenticate with; \
+                         mtls needs two declared identities with a spiffeId"
+                    ),
+                );
+            } else if let Some(&has) = with_spiffe_id.get(end) {
+                if !has {
+                    self.issue(
+                        path,
+                        format!(
+                            "identity {end:?} ({field}) has no spiffeId; mtls needs the SPIFFE ID \
+                             its certificates carry"
+                        ),
+                    );
+                }
+            }
+        }
+        Some(authentication)
     }
 
     fn quotas(
