@@ -1,24 +1,25 @@
 //! Authentication of identity pairs (`authentication: mtls` rules).
 //!
-//! `TG_AUTH` is a hash keyed by (slot, source identity, destination identity): an entry says
-//! that the agents of the two identities' nodes completed a mutual TLS handshake presenting the
-//! SVIDs of both identities, and until when that proof holds (CLOCK_BOOTTIME). The agent writes
-//! entries for the live slot when a handshake succeeds and copies the valid ones into the other
-//! slot, under that generation's identity ids, before a policy swap; identity ids are numbered
-//! per generation, so an entry never outlives the slot it was written for.
+//! `TG_AUTH` is a hash keyed by the identity pair's *pair key*: 64 bits of SHA-256 over the two
+//! SPIFFE IDs (source, then destination), which the agent's compiler also writes into every
+//! rule entry that requires authentication (`RuleValue::auth_pair`). An entry says that the
+//! agents of the two identities' nodes completed a mutual TLS handshake presenting the SVIDs of
+//! both identities, and until when that proof holds (CLOCK_BOOTTIME). Keyed by SPIFFE IDs, not
+//! by the per-generation identity numbers, a proof stays valid across policy swaps and agent
+//! restarts, and means nothing to a pair with other SPIFFE IDs. (A collision of two pairs'
+//! keys needs 2^32 pairs for even odds; a policy has at most a few thousand.)
 //!
 //! A rule that requires authentication admits a flow only while a valid entry for its pair
 //! exists. The flow then carries the earlier of the rule's and the entry's expiry, so the
 //! datapath decides it again when the proof lapses: a renewed entry readmits it, a missing one
 //! cuts it. Revoking an entry before its expiry (a certificate replaced by one of another
-//! SPIFFE ID, or withdrawn) is followed by a generation swap, which makes every tracked flow be
-//! decided again at its next packet.
+//! SPIFFE ID, or no longer trusted) is followed by a generation swap, which makes every tracked
+//! flow be decided again at its next packet.
 //!
 //! An entry without an expiry is never valid: a proof must lapse by itself if the agent dies.
 
 use crate::{
     decision::Decision,
-    identity::IdentityId,
     rule::{RULE_FLAG_AUDIT, RULE_FLAG_AUTH_MTLS},
     time::{earliest, NEVER},
     verdict::Verdict,
@@ -28,13 +29,13 @@ use crate::{
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AuthKey {
-    pub slot: u32,
-    /// The rule's `from` identity (the flow's source).
-    pub src: IdentityId,
-    /// The rule's `to` identity (the flow's destination).
-    pub dst: IdentityId,
+    /// The pair key of (source SPIFFE ID, destination SPIFFE ID); never 0.
+    pub pair: u64,
 }
-const _: () = assert!(core::mem::size_of::<AuthKey>() == 12);
+const _: () = assert!(core::mem::size_of::<AuthKey>() == 8);
+
+/// `RuleValue::auth_pair` of a rule that needs no authentication.
+pub const NO_PAIR: u64 = 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -162,7 +163,10 @@ mod tests {
     #[test]
     fn missing_entry_denies_naming_the_rule() {
         let (d, s) = authorize(allowed(0), AUTH, 0, None, 100);
-        assert_eq!((d.verdict, d.rule_id, s), (Verdict::DenyAuthRequired, 7, state::MISSING));
+        assert_eq!(
+            (d.verdict, d.rule_id, s),
+            (Verdict::DenyAuthRequired, 7, state::MISSING)
+        );
         assert!(!d.verdict.passes());
     }
 
@@ -181,7 +185,10 @@ mod tests {
     #[test]
     fn valid_entry_admits_with_its_expiry() {
         let (d, s) = authorize(allowed(0), AUTH, 0, Some(&entry(500)), 100);
-        assert_eq!((d.verdict, d.expires_ns, s), (Verdict::AllowNew, 500, state::VALID));
+        assert_eq!(
+            (d.verdict, d.expires_ns, s),
+            (Verdict::AllowNew, 500, state::VALID)
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub use verdict::Verdict;
 /// family, the ABI version in `TG_ACTIVE`, the deny-event sampler, `SlotConfig::lookup_flags`.
 /// 4: rate limits: `TG_LIMITS`, limit ids in identity entries and conntrack entries, the
 /// rate-limit verdicts and counters, limits in `CheckResult` and `FlowEvent`.
-/// 5: authentication: `TG_AUTH`, the `DenyAuthRequired` verdict (which moves the counters after
+/// 5: authentication: `TG_AUTH`, `RuleValue::auth_pair`, the `DenyAuthRequired` verdict (which moves the counters after
 /// the verdicts), `CheckResult::auth_state`, `FlowEvent::flags`.
 pub const ABI_VERSION: u32 = 5;
 

@@ -10,9 +10,9 @@
 //! the key data, and a ring buffer has neither key nor value.
 
 use crate::{
-    verdict::COUNTER_SLOTS, AuthKey, AuthValue, CheckResult, FlowEvent, FlowKey, FlowKeyV4, FlowValue, IdentityKeyV4,
-    IdentityKeyV6, IdentityValue, InterfaceValue, LimitBucket, RuleKey, RuleValue, SamplerSlot,
-    SlotConfig, SAMPLER_SLOTS, SLOT_COUNT,
+    verdict::COUNTER_SLOTS, AuthKey, AuthValue, CheckResult, FlowEvent, FlowKey, FlowKeyV4,
+    FlowValue, IdentityKeyV4, IdentityKeyV6, IdentityValue, InterfaceValue, LimitBucket, RuleKey,
+    RuleValue, SamplerSlot, SlotConfig, SAMPLER_SLOTS, SLOT_COUNT,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated when written. Policy maps use it (they are
@@ -277,8 +277,8 @@ pub const LIMITS: MapSpec = spec(
     "rate-limit buckets",
 );
 
-/// (slot, source identity, destination identity) → proof of a mutual-TLS handshake between
-/// the pair, until when it holds (see `auth`).
+/// Pair key of (source SPIFFE ID, destination SPIFFE ID) → proof of a mutual-TLS handshake
+/// between the pair, until when it holds (see `auth`).
 pub const AUTH: MapSpec = spec(
     "TG_AUTH",
     MapKind::Hash,
@@ -342,7 +342,7 @@ pub mod capacity {
     /// keeps its bucket across a swap, a changed one needs a second bucket until the next.
     /// 184 bytes each, preallocated: 3 MB.
     pub const LIMIT_ENTRIES: u32 = 16_384;
-    /// Authenticated identity pairs, both slots together.
+    /// Authenticated identity pairs.
     pub const AUTH_ENTRIES: u32 = 65_536;
 }
 

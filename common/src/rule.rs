@@ -89,5 +89,8 @@ pub struct RuleValue {
     /// (an audit fallback admits nothing of its own).
     pub limit_id: u32,
     pub _reserved: u32,
+    /// For a rule with `RULE_FLAG_AUTH_MTLS`: the `TG_AUTH` key of its identity pair (see
+    /// `auth`); 0 otherwise.
+    pub auth_pair: u64,
 }
-const _: () = assert!(core::mem::size_of::<RuleValue>() == 24);
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 32);

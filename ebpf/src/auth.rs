@@ -8,15 +8,15 @@
 use aya_ebpf::{macros::map, maps::HashMap};
 use tollgate_common::{maps, AuthKey, AuthValue};
 
-/// (slot, source identity, destination identity) → until when the pair is authenticated.
+/// Pair key (of two SPIFFE IDs) → until when the pair is authenticated.
 #[map(name = "TG_AUTH")]
 static AUTH: HashMap<AuthKey, AuthValue> =
     HashMap::pinned(maps::AUTH.max_entries, maps::AUTH.flags);
 
-/// The pair's proof in `slot`, copied out of the map, if there is one.
+/// The proof of the pair with key `pair`, copied out of the map, if there is one.
 #[inline(always)]
-pub fn proof(slot: u32, src: u32, dst: u32) -> Option<AuthValue> {
-    let key = AuthKey { slot, src, dst };
+pub fn proof(pair: u64) -> Option<AuthValue> {
+    let key = AuthKey { pair };
     // SAFETY: a map value valid for this program run (RCU), only read, and copied out at once.
     AUTH.get_ptr(&key).map(|v| unsafe { *v })
 }

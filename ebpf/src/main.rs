@@ -34,8 +34,7 @@ use tollgate_common::{
     auth::state as auth_state,
     direction,
     flow::{EVENT_FLAG_AUTH_REQUIRED, EVENT_IDENTITY_UNRESOLVED},
-    maps, slot_of, CheckResult, FlowValue, Verdict,
-    CHECK_MARK_VALIDATE_SOURCE,
+    maps, slot_of, CheckResult, FlowValue, Verdict, CHECK_MARK_VALIDATE_SOURCE,
 };
 
 use crate::{
@@ -339,8 +338,7 @@ fn admit(pc: &mut PacketContext, tracked: Option<bool>) -> i32 {
     };
     if event {
         // A refusal for want of a proof tells the agent to run the handshake for the pair.
-        let flags = if e.auth_state == auth_state::MISSING || e.auth_state == auth_state::EXPIRED
-        {
+        let flags = if e.auth_state == auth_state::MISSING || e.auth_state == auth_state::EXPIRED {
             EVENT_FLAG_AUTH_REQUIRED
         } else {
             0
@@ -381,7 +379,14 @@ fn limited(pc: &PacketContext, outcome: u64, rule_id: u32) -> i32 {
 /// Drops a packet whose source may not come from where it came from.
 #[inline(always)]
 fn drop_spoofed(pc: &PacketContext, src_id: u32, dst_id: u32) -> i32 {
-    emit(pc, Verdict::DropSpoofed, 0, identities(src_id, dst_id), 0, 0);
+    emit(
+        pc,
+        Verdict::DropSpoofed,
+        0,
+        identities(src_id, dst_id),
+        0,
+        0,
+    );
     finish(Verdict::DropSpoofed)
 }
 

@@ -215,7 +215,7 @@ pub fn evaluate(pc: &PacketContext, reply: bool, out: &mut Evaluation) {
     };
     let decision = decide(entry, policy_flags, now);
     let proof = if needs_auth && decision.verdict == Verdict::AllowNew {
-        crate::auth::proof(slot, src_id, dst_id)
+        crate::auth::proof(rule.auth_pair)
     } else {
         None
     };

@@ -23,6 +23,7 @@ use std::{
 
 use ipnet::IpNet;
 use tollgate_common::{
+    auth::NO_PAIR,
     identity::{
         is_exact_identity, IdentityId, IDENTITY_AMBIGUOUS, IDENTITY_FIRST_USER,
         IDENTITY_FLAG_NODE_ADDRESS, IDENTITY_HOST, IDENTITY_WORLD, SLOT_PREFIX_BITS,
@@ -30,9 +31,8 @@ use tollgate_common::{
     ports::for_each_prefix,
     ratelimit::{self, LIMIT_FLAG_AUDIT, LIMIT_KINDS},
     rule::{
-        is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_AUTH_MTLS, RULE_FLAG_LOG,
-        RULE_ID_NONE,
-        RULE_PAIR_PREFIX_BITS, RULE_PROTO_PREFIX_BITS,
+        is_exact_rule, RuleId, RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_AUTH_MTLS,
+        RULE_FLAG_LOG, RULE_ID_NONE, RULE_PAIR_PREFIX_BITS, RULE_PROTO_PREFIX_BITS,
     },
     time::{wall_to_boot_ns, NEVER},
     IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, LOOKUP_IDENTITY_V4_CIDRS,
@@ -604,6 +604,28 @@ fn rule_entries(
         .iter()
         .map(|r| r.expires.map_or(NEVER, |t| clock.boot_ns(t)))
         .collect();
+    let pair_keys: Vec<u64> = {
+        let spiffe: HashMap<&str, &str> = policy
+            .identities
+            .iter()
+            .filter_map(|i| Some((i.name.as_str(), i.spiffe_id.as_deref()?)))
+            .collect();
+        policy
+            .rules
+            .iter()
+            .map(|r| {
+                match (
+                    r.authentication,
+                    spiffe.get(r.from.as_str()),
+                    spiffe.get(r.to.as_str()),
+                ) {
+                    (Some(_), Some(src), Some(dst)) => auth_pair_key(src, dst),
+                    // Validation refuses authentication without both SPIFFE IDs.
+                    _ => NO_PAIR,
+                }
+            })
+            .collect()
+    };
     let allow = |rule: usize| RuleValue {
         rule_id: rule as RuleId + 1,
         flags: RULE_FLAG_ALLOW
@@ -623,6 +645,7 @@ fn rule_entries(
         expires_ns: expiries[rule],
         limit_id: limit_ids[rule],
         _reserved: 0,
+        auth_pair: pair_keys[rule],
     };
 
     // Group rules by identity pair by sorting, not hashing: the output comes out in pair order
@@ -700,11 +723,31 @@ fn rule_entries(
                 expires_ns: expiries[audit],
                 limit_id: 0,
                 _reserved: 0,
+                auth_pair: NO_PAIR,
             };
             entries.push((RULE_PAIR_PREFIX_BITS, pair_key, fallback));
         }
     }
     entries
+}
+
+/// The `TG_AUTH` key of the identity pair (source SPIFFE ID, destination SPIFFE ID): the first
+/// 8 bytes of SHA-256 over both, length-prefixed so no two pairs write the same bytes; never
+/// `NO_PAIR`. See `tollgate_common::auth`.
+pub fn auth_pair_key(src: &str, dst: &str) -> u64 {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for id in [src, dst] {
+        hash.update((id.len() as u64).to_be_bytes());
+        hash.update(id.as_bytes());
+    }
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    match u64::from_be_bytes(first) {
+        NO_PAIR => 1,
+        key => key,
+    }
 }
 
 /// Scratch space for splitting overlapping port intervals, reused across pairs.

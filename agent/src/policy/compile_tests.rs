@@ -11,8 +11,8 @@ use tollgate_common::{
     identity::{IDENTITY_FIRST_USER, IDENTITY_HOST, IDENTITY_WORLD},
     ratelimit::{kind, LIMIT_FLAG_AUDIT},
     rule::{
-        RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_AUTH_MTLS, RULE_FULL_PREFIX_BITS, RULE_PAIR_PREFIX_BITS,
-        RULE_PROTO_PREFIX_BITS,
+        RULE_FLAG_ALLOW, RULE_FLAG_AUDIT, RULE_FLAG_AUTH_MTLS, RULE_FULL_PREFIX_BITS,
+        RULE_PAIR_PREFIX_BITS, RULE_PROTO_PREFIX_BITS,
     },
     IdentityKeyV4, IdentityKeyV6, IdentityValue, RuleKey, RuleValue, Verdict, POLICY_FLAG_AUDIT,
 };
@@ -265,6 +265,22 @@ fn mtls_rule_entries_require_authentication() {
     ]);
     let entry = lookup(&c, A, B, TCP, 443).unwrap();
     assert_eq!(entry.flags, RULE_FLAG_ALLOW | RULE_FLAG_AUTH_MTLS);
+    assert_eq!(
+        entry.auth_pair,
+        auth_pair_key("spiffe://t.test/a", "spiffe://t.test/b")
+    );
+}
+
+#[test]
+fn pair_keys_depend_on_both_ids_and_their_order() {
+    let ab = auth_pair_key("spiffe://t.test/a", "spiffe://t.test/b");
+    assert_ne!(ab, auth_pair_key("spiffe://t.test/b", "spiffe://t.test/a"));
+    // The length prefix keeps the boundary between the two IDs.
+    assert_ne!(
+        auth_pair_key("spiffe://t.test/ab", "c"),
+        auth_pair_key("spiffe://t.test/a", "bc")
+    );
+    assert_ne!(ab, 0);
 }
 
 #[test]
@@ -279,7 +295,8 @@ fn authenticated_rule_beats_unauthenticated_one_where_they_overlap() {
         (at_443.rule_id, at_443.flags),
         (2, RULE_FLAG_ALLOW | RULE_FLAG_AUTH_MTLS)
     );
-    assert_eq!(lookup(&c, A, B, TCP, 80).unwrap().flags, RULE_FLAG_ALLOW);
+    let at_80 = lookup(&c, A, B, TCP, 80).unwrap();
+    assert_eq!((at_80.flags, at_80.auth_pair), (RULE_FLAG_ALLOW, 0));
 }
 
 #[test]

@@ -27,7 +27,8 @@ mod parse_tests;
 use std::{borrow::Cow, io::Read as _, path::Path, time::SystemTime};
 
 pub use compile::{
-    compile_policy, ClockReading, CompiledLimit, CompiledPolicy, LimitOwner, PolicyNames,
+    auth_pair_key, compile_policy, ClockReading, CompiledLimit, CompiledPolicy, LimitOwner,
+    PolicyNames,
 };
 use tollgate_common::{proto, ratelimit};
 

@@ -18,8 +18,8 @@ use tollgate_common::ratelimit::{kind, RateError, LIMIT_KINDS, MAX_BURST_WINDOW_
 use super::{
     model,
     selector::{LabelSelector, NamespaceMatch, Op, Requirement, Selector},
-    Authentication, Identity, IdentityQuota, Mode, Per, Policy, PortSpec, Protocol, Rate, RateLimit, Rule,
-    API_VERSION, KIND,
+    Authentication, Identity, IdentityQuota, Mode, Per, Policy, PortSpec, Protocol, Rate,
+    RateLimit, Rule, API_VERSION, KIND,
 };
 
 /// One problem, at a document path (`spec.identities[1].cidrs[0]`).
@@ -769,7 +769,12 @@ impl Validator {
                 }
             });
             let authentication = entry.authentication.and_then(|text| {
-                self.authentication(at.field("authentication"), &text, &with_spiffe_id, [&from, &to])
+                self.authentication(
+                    at.field("authentication"),
+                    &text,
+                    &with_spiffe_id,
+                    [&from, &to],
+                )
             });
             let rate_limit = entry.rate_limit.and_then(|limit| {
                 self.rate_limit(at.field("rateLimit"), limit.as_deref(), LimitOf::Rule)
