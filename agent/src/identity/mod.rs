@@ -8,6 +8,18 @@
 //! [`ca`] module is a small CA for development and tests, not for production.
 #![forbid(unsafe_code)]
 
+pub mod ca;
+pub mod source;
 pub mod spiffe;
+pub mod svid;
+pub mod verify;
+
+#[cfg(test)]
+mod tests;
 
 pub use spiffe::{sni_name, SpiffeId, SpiffeIdError, TrustDomain};
+pub use svid::{Svid, SvidError, TrustBundle, TrustBundles};
+pub use verify::{
+    client_config, expect, reason_of, server_config, verify_svid, SpiffeClientVerifier,
+    SpiffeServerVerifier, SvidResolver, Usage, VerifiedSvid, VerifyError,
+};
