@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod auth;
 pub mod check;
 pub mod cli;
 pub mod client;
