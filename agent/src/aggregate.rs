@@ -164,6 +164,7 @@ mod tests {
             direction: "ingress".into(),
             count,
             repeated: false,
+            auth_required: false,
         }
     }
 

@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub audit: Option<AuditSettings>,
     /// This node's name, in audit records.
     pub node: String,
+    /// Authentication of identity pairs (`--svid-dir`); None: this node holds no SVIDs, and
+    /// flows of rules that require authentication are refused.
+    pub auth: Option<crate::auth::manager::AuthSettings>,
 }
 
 pub struct AuditSettings {
@@ -201,9 +204,19 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         });
     }
 
+    let auth = match config.auth.clone() {
+        Some(settings) => Some(
+            crate::auth::manager::start(settings, &layout, installer.clone(), control_tx.clone())
+                .await?,
+        ),
+        None => None,
+    };
     let reader = Arc::new(Reader::open(&layout)?);
     let fill = FillSampler::spawn(reader.clone());
-    let metrics = Metrics::new(matches!(config.source, PolicySource::Kubernetes(_)))?;
+    let metrics = Metrics::new(
+        matches!(config.source, PolicySource::Kubernetes(_)),
+        auth.is_some(),
+    )?;
     let events = Arc::new(EventStats::default());
     let (recorder, audit_stats) = match audit {
         Some((r, stats)) => (Some(r), Some(stats)),
@@ -218,6 +231,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         audit: audit_stats,
         ready: Arc::new(AtomicBool::new(false)),
         cluster: cluster_status,
+        auth: auth.as_ref().map(|a| a.stats.clone()),
         config: Arc::new(ConfigView {
             bpffs: config.installer.bpffs.display().to_string(),
             interfaces_selector: config.installer.selector.as_str().to_string(),
@@ -229,6 +243,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         Box::new(metrics.sink()),
         Box::new(FlowsSink::new(flows)),
     ];
+    if let Some(a) = &auth {
+        sinks.push(Box::new(crate::auth::AuthSink::new(a.demand.clone())));
+    }
     if let Some(mut r) = recorder {
         r.check_remembered_head();
         let reader = handles.reader.clone();

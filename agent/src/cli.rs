@@ -70,6 +70,47 @@ pub enum Command {
     /// Show recent decisions (denies, would-denies, limit drops, logged new flows), follow them
     /// live, or print the flow inventory.
     Flows(FlowsArgs),
+    /// A development CA that issues short-lived SVIDs (no agent needed): for demos and tests,
+    /// not production (use SPIRE or cert-manager's csi-driver-spiffe there).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create the CA (ECDSA P-256): DIR/ca.crt and DIR/ca.key (mode 0600).
+    Init {
+        /// Where the CA's files go.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The trust domain it issues SVIDs for (e.g. shop.test).
+        #[arg(long)]
+        trust_domain: String,
+        /// How long the CA certificate is valid.
+        #[arg(long, default_value = "365d", value_parser = parse_timeout)]
+        ttl: Duration,
+        /// Replace a CA that exists in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an X.509 SVID for a SPIFFE ID into OUT (certificate, key, bundle).
+    Issue {
+        /// The CA's directory (`ca init --dir`).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long)]
+        spiffe_id: String,
+        /// How long the SVID is valid (never past the CA's expiry).
+        #[arg(long, default_value = "1h", value_parser = parse_timeout)]
+        ttl: Duration,
+        /// The directory to write the SVID into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// File names: `csi` (tls.crt, tls.key, ca.crt, as cert-manager's csi-driver-spiffe)
+        /// or `spiffe-helper` (svid.pem, svid_key.pem, svid_bundle.pem).
+        #[arg(long, default_value = "csi")]
+        layout: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +227,23 @@ pub struct AgentArgs {
     /// This node's name in audit records (default: the host name).
     #[arg(long, conflicts_with = "uninstall", env = "TOLLGATE_NODE_NAME")]
     pub node_name: Option<String>,
+    /// The SVIDs of the identities this node hosts and their trust bundle: one subdirectory
+    /// per SVID (or the directory itself), as csi-driver-spiffe (tls.crt, tls.key, ca.crt) or
+    /// spiffe-helper (svid.pem, svid_key.pem, svid_bundle.pem) write them; read again when
+    /// they change. Without it, flows of rules with `authentication: mtls` are refused.
+    #[arg(long, conflicts_with = "uninstall", value_name = "DIR")]
+    pub svid_dir: Option<PathBuf>,
+    /// The three file names of each SVID directory, as CERT,KEY,BUNDLE (default: either of
+    /// the two layouts, recognised per directory).
+    #[arg(long, requires = "svid_dir", value_name = "CERT,KEY,BUNDLE", value_parser = parse_svid_files)]
+    pub svid_files: Option<crate::identity::source::FileNames>,
+    /// Where this agent serves mutual-TLS handshakes for other nodes' agents (a node address
+    /// and port, e.g. 10.0.0.2:7443).
+    #[arg(long, requires = "svid_dir", value_name = "ADDR:PORT")]
+    pub auth_addr: Option<std::net::SocketAddr>,
+    /// The longest a proof of authentication lives, even when both certificates last longer.
+    #[arg(long, requires = "svid_dir", default_value = "10m", value_parser = parse_timeout)]
+    pub auth_max_ttl: Duration,
     /// Detach every program and remove every pin under --bpffs, then exit.
     #[arg(long, conflicts_with_all = ["interfaces", "policy"])]
     pub uninstall: bool,
@@ -223,6 +281,10 @@ pub struct CheckArgs {
     /// does there (reverse path, interface binding).
     #[arg(long)]
     pub interface: Option<String>,
+}
+
+fn parse_svid_files(text: &str) -> Result<crate::identity::source::FileNames, String> {
+    crate::identity::source::FileNames::parse(text).map_err(|e| e.to_string())
 }
 
 /// `--metrics-addr`: an address, or `none`.
@@ -324,6 +386,34 @@ pub fn run(cli: Cli) -> Result<u8> {
             crate::audit::run_verify_command(&args.files, args.checkpoint, args.hmac_key.as_deref())
         }
         Command::Flows(args) => run_flows(args, &cli.socket, cli.timeout),
+        Command::Ca(CaCommand::Init {
+            dir,
+            trust_domain,
+            ttl,
+            force,
+        }) => {
+            println!(
+                "{}",
+                crate::identity::ca::init_command(&dir, &trust_domain, ttl, force)?
+            );
+            Ok(0)
+        }
+        Command::Ca(CaCommand::Issue {
+            dir,
+            spiffe_id,
+            ttl,
+            out,
+            layout,
+        }) => {
+            let names = crate::identity::source::FileNames::layout(&layout).with_context(|| {
+                format!("--layout {layout:?}: expected csi or spiffe-helper")
+            })?;
+            println!(
+                "{}",
+                crate::identity::ca::issue_command(&dir, &spiffe_id, ttl, &out, &names)?
+            );
+            Ok(0)
+        }
         Command::Check(args) => {
             let req = CheckRequest {
                 from: args.from,
@@ -339,6 +429,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 "audit_would_deny" => "would-deny (audit mode: passes)",
                 "deny_expired" => "deny (rule expired)",
                 "drop_spoofed" => "deny (spoofed source)",
+                "deny_auth_required" => "deny (authentication required, no valid proof)",
                 _ => "deny",
             };
             let port = if matches!(req.protocol.as_str(), "tcp" | "udp") {
@@ -350,6 +441,15 @@ pub fn run(cli: Cli) -> Result<u8> {
                 "{what}: {} ({}) -> {} ({}) {}{port}: {}",
                 req.from, r.from_identity, req.to, r.to_identity, req.protocol, r.rule
             );
+            if let Some(state) = &r.authentication {
+                let what = match state.as_str() {
+                    "valid" => "a valid proof admits the pair",
+                    "missing" => "no proof yet: the agents run the handshake on the first attempt, the retry passes",
+                    "expired" => "the pair's proof has expired: the agents renew it on the next attempt",
+                    _ => "unknown",
+                };
+                println!("  authentication: mtls required; {what}");
+            }
             for l in &r.limits {
                 let audit = if l.mode == "audit" {
                     " [audit: over the rate passes as a would-drop]"
@@ -633,6 +733,13 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         state_dir: Some(args.state_dir),
         metrics_addr: args.metrics_addr.0,
         audit,
+        auth: args.svid_dir.map(|svid_dir| crate::auth::manager::AuthSettings {
+            listen: args.auth_addr,
+            svid_dir,
+            svid_files: args.svid_files,
+            max_ttl: args.auth_max_ttl,
+            node: node.clone(),
+        }),
         node,
     };
     let rt = runtime()?;
@@ -641,6 +748,51 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     result?;
     Ok(0)
+}
+
+fn print_auth(a: &crate::wire::AuthStatus) {
+    println!(
+        "auth         SVIDs from {}, listening on {}",
+        a.source,
+        a.listen.as_deref().unwrap_or("(no --auth-addr)")
+    );
+    for s in &a.svids {
+        println!("  svid {} (until {})", s.spiffe_id, s.not_after);
+    }
+    for p in &a.problems {
+        println!("  PROBLEM {p}");
+    }
+    for p in &a.proofs {
+        println!(
+            "  proof {} -> {} until {} ({}{})",
+            p.from_identity,
+            p.to_identity,
+            p.expires,
+            p.role,
+            if p.peer_node.is_empty() {
+                String::new()
+            } else {
+                format!(", peer {}", p.peer_node)
+            }
+        );
+    }
+    let handshakes: Vec<String> = a
+        .handshakes
+        .iter()
+        .map(|h| format!("{} {} {}", h.role, h.result, h.count))
+        .collect();
+    println!(
+        "  handshakes: {}",
+        if handshakes.is_empty() {
+            "none".to_owned()
+        } else {
+            handshakes.join(", ")
+        }
+    );
+    if !a.lapses.is_empty() {
+        let lapses: Vec<String> = a.lapses.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        println!("  lapses: {}", lapses.join(", "));
+    }
 }
 
 fn print_kubernetes(k: &crate::wire::KubernetesStatus) {
@@ -772,6 +924,9 @@ fn print_status(s: &StatusResponse) {
         "events       {} read, {} lost, {} suppressed by sampling, {} skipped",
         s.events_read, s.events_lost, s.events_suppressed, s.events_unknown
     );
+    if let Some(a) = &s.auth {
+        print_auth(a);
+    }
     if let Some(k) = &s.kubernetes {
         print_kubernetes(k);
     }

@@ -100,6 +100,12 @@ pub enum Control {
         interfaces: String,
     },
     Policy(PolicyChange),
+    /// A record of another subsystem (authentication: handshakes and lapses) for the audit
+    /// log, `kind` being its record type.
+    Record {
+        kind: &'static str,
+        fields: serde_json::Map<String, serde_json::Value>,
+    },
     AgentStop {
         reason: String,
     },
@@ -334,6 +340,7 @@ pub fn describe(ev: &FlowEvent, installed: &Installed, clock: &WallClock) -> Flo
         // The packet itself and those of its edge the datapath's sampler held back before it.
         count: 1 + u64::from(ev.suppressed),
         repeated: false,
+        auth_required: ev.flags & tollgate_common::flow::EVENT_FLAG_AUTH_REQUIRED != 0,
     }
 }
 

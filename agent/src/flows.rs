@@ -566,6 +566,7 @@ mod tests {
             direction: "ingress".into(),
             count: 2,
             repeated: false,
+            auth_required: false,
         }
     }
 

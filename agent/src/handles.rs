@@ -29,6 +29,8 @@ pub struct Handles {
     pub ready: Arc<AtomicBool>,
     /// Kubernetes mode: the watchers' and the membership's status.
     pub cluster: Option<crate::cluster::SharedStatus>,
+    /// Authentication, when the agent holds SVIDs (`--svid-dir`).
+    pub auth: Option<Arc<crate::auth::stats::AuthStats>>,
     /// What `status` shows of the configuration.
     pub config: Arc<ConfigView>,
 }

@@ -26,6 +26,7 @@ use tollgate_common::{
 };
 
 use crate::{
+    auth::plan::AuthPlan,
     cluster::{
         members::{Membership, StaticClaims},
         ClusterEvent, SharedStatus,
@@ -76,12 +77,16 @@ pub struct LivePolicy {
     pub source_text: String,
     /// SHA-256 of `source_text`, hex: what the audit log records of an applied policy.
     pub digest: String,
+    /// The identity pairs its rules require authenticated.
+    pub auth: Arc<AuthPlan>,
 }
 
 impl From<Policy> for LivePolicy {
     fn from(policy: Policy) -> Self {
         let digest = hex(&Sha256::digest(policy.source_text.as_bytes()));
+        let auth = Arc::new(AuthPlan::of(&policy));
         Self {
+            auth,
             name: policy.name,
             rules: policy.rules.len(),
             identities: policy.identities.len(),
@@ -101,6 +106,7 @@ impl LivePolicy {
             identities: 0,
             source_text: String::new(),
             digest: String::new(),
+            auth: Arc::default(),
         }
     }
 }
@@ -148,6 +154,10 @@ pub enum Command {
     /// Bring the enforced interfaces in line with what exists now, and forget the names of
     /// generations replaced long ago.
     Rescan,
+    /// Install the live policy again as a new generation, so that every tracked flow is
+    /// decided again at its next packet: a proof of authentication was withdrawn before its
+    /// expiry (the flows it admitted carry that expiry, not the withdrawal).
+    Redecide { reason: String },
 }
 
 /// Requests queued for the installer beyond the one it is working on. `apply` and `check`
@@ -216,6 +226,12 @@ impl InstallerHandle {
 
     pub async fn check(&self, request: CheckRequest) -> Result<CheckResponse, Error> {
         self.ask(|reply| Command::Check { request, reply }).await
+    }
+
+    /// Asks for every tracked flow to be decided again (see [`Command::Redecide`]); waits for
+    /// room in the queue, not for the install.
+    pub async fn redecide(&self, reason: String) {
+        let _ = self.commands.send(Command::Redecide { reason }).await;
     }
 
     /// Asks for a rescan; a rescan already queued is enough.
@@ -292,6 +308,8 @@ pub enum Source {
     File,
     /// The Policy objects of the cluster, merged.
     Cluster,
+    /// The live policy again, to decide every tracked flow again.
+    Redecide,
 }
 
 impl Source {
@@ -300,6 +318,7 @@ impl Source {
             Source::Api => "api",
             Source::File => "file",
             Source::Cluster => "kubernetes",
+            Source::Redecide => "redecide",
         }
     }
 }
@@ -519,6 +538,7 @@ impl Installer {
             Command::Check { request, reply } => {
                 let _ = reply.send(self.check(&request));
             }
+            Command::Redecide { reason } => self.redecide(&reason),
             Command::Rescan => {
                 if self.names.forget_expired(Instant::now()) {
                     release_freed_memory();
@@ -616,6 +636,20 @@ impl Installer {
             });
         }
         result
+    }
+
+    /// The live policy again, as the next generation (see [`Command::Redecide`]).
+    fn redecide(&mut self, reason: &str) {
+        let text = self.policy.source_text.clone();
+        if text.is_empty() {
+            // Kubernetes mode before the first sync: the pinned policy is not known here, and
+            // the first sync installs a new generation anyway.
+            return;
+        }
+        match self.try_apply(text, Source::Redecide) {
+            Ok(r) => tracing::info!(generation = r.generation, reason, "tracked flows are decided again"),
+            Err(e) => tracing::error!(error = %e, reason, "installing the live policy again failed; flows admitted by a withdrawn proof keep passing until its expiry"),
+        }
     }
 
     fn try_apply(&mut self, text: String, source: Source) -> Result<PolicyResponse, Error> {
@@ -907,6 +941,8 @@ impl Installer {
             to_identity,
             generation: r.generation,
             limits,
+            authentication: (r.auth_state != tollgate_common::auth::state::NOT_REQUIRED)
+                .then(|| tollgate_common::auth::state::name(r.auth_state).to_owned()),
         })
     }
 

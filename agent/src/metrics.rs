@@ -48,6 +48,8 @@ pub struct Metrics {
     ready: IntGauge,
     /// Kubernetes mode only: not exported by an agent in file mode.
     kube: Option<KubeMetrics>,
+    /// Only with `--svid-dir`.
+    auth: Option<AuthMetrics>,
     /// Scrapes refresh the kernel-derived values one at a time.
     scrape: Mutex<()>,
 }
@@ -85,6 +87,57 @@ fn set_counter(c: &IntCounter, value: u64) {
     } else {
         c.reset();
         c.inc_by(value);
+    }
+}
+
+/// `tollgate_auth_*`, read from the auth manager's shared record at scrape time.
+struct AuthMetrics {
+    handshakes: IntCounterVec,
+    lapses: IntCounterVec,
+    proofs: IntGauge,
+    svids: IntGauge,
+}
+
+impl AuthMetrics {
+    fn new(r: &Registry) -> Result<Self> {
+        let m = AuthMetrics {
+            handshakes: counter_vec(
+                r,
+                "tollgate_auth_handshakes_total",
+                "Mutual-TLS handshakes between agents, by this agent's role (client, server) and result (ok, or why not: a verifier reason such as expired or untrusted_signature, refused, timeout, connect_failed, no_svid, busy).",
+                &["role", "result"],
+            )?,
+            lapses: counter_vec(
+                r,
+                "tollgate_auth_lapses_total",
+                "Proofs of authentication that ended before renewal, by reason (expired, certificate_withdrawn, peer_untrusted, policy).",
+                &["reason"],
+            )?,
+            proofs: gauge(
+                r,
+                "tollgate_auth_proofs",
+                "Authenticated identity pairs the kernel admits now (entries this agent holds in TG_AUTH).",
+            )?,
+            svids: gauge(r, "tollgate_auth_svids", "SVIDs this node holds.")?,
+        };
+        m.handshakes.with_label_values(&["client", "ok"]);
+        m.handshakes.with_label_values(&["server", "ok"]);
+        m.lapses.with_label_values(&["expired"]);
+        Ok(m)
+    }
+
+    fn update(&self, stats: &crate::auth::stats::AuthStats) {
+        for ((role, result), n) in stats.handshakes() {
+            let c = self.handshakes.with_label_values(&[role, result]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+        for (reason, n) in stats.lapses() {
+            let c = self.lapses.with_label_values(&[reason]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+        let (proofs, svids) = stats.counts();
+        self.proofs.set(proofs as i64);
+        self.svids.set(svids as i64);
     }
 }
 
@@ -169,7 +222,7 @@ impl KubeMetrics {
 
 impl Metrics {
     /// The registry; `kubernetes` adds the `tollgate_kubernetes_*` metrics.
-    pub fn new(kubernetes: bool) -> Result<Arc<Self>> {
+    pub fn new(kubernetes: bool, auth: bool) -> Result<Arc<Self>> {
         let r = Registry::new();
         let m = Metrics {
             verdicts: counter_vec(
@@ -263,6 +316,7 @@ impl Metrics {
             )?,
             ready: gauge(&r, "tollgate_ready", "1 when the agent is ready (as /readyz).")?,
             kube: kubernetes.then(|| KubeMetrics::new(&r)).transpose()?,
+            auth: auth.then(|| AuthMetrics::new(&r)).transpose()?,
             registry: r,
             scrape: Mutex::new(()),
         };
@@ -371,6 +425,9 @@ impl Metrics {
                 .and_then(|s| s.lock().ok().map(|s| s.clone())),
         ) {
             m.update(&k);
+        }
+        if let (Some(m), Some(a)) = (&self.auth, &h.auth) {
+            m.update(a);
         }
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;

@@ -362,6 +362,7 @@ impl Sink for Recorder {
             Control::AgentStop { reason } => {
                 ("agent_stop", serde_json::json!({ "reason": reason }))
             }
+            Control::Record { kind, fields } => (*kind, Value::Object(fields.clone())),
         };
         if let Value::Object(m) = fields {
             self.append(kind, m);

@@ -72,5 +72,6 @@ pub fn status(h: &Handles) -> Result<StatusResponse, Error> {
         interfaces: installed.interfaces.clone(),
         links_restored: installed.links_restored,
         audit: h.audit.as_ref().map(|a| a.status()),
+        auth: h.auth.as_ref().map(|a| a.status()),
     })
 }

@@ -74,6 +74,58 @@ pub struct StatusResponse {
     /// Kubernetes mode: what the watchers and the pod membership stand at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesStatus>,
+    /// Authentication (`--svid-dir`): SVIDs, live proofs and handshakes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthStatus>,
+}
+
+/// What the auth manager stands at (`status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuthStatus {
+    /// The auth listener (`--auth-addr`), if any.
+    pub listen: Option<String>,
+    /// Where the SVIDs are read from.
+    pub source: String,
+    /// The SVIDs this node holds.
+    pub svids: Vec<SvidStatus>,
+    /// What was wrong with the SVID files at the last reading (left out, previous kept).
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// Proofs in `TG_AUTH`: the kernel admits these pairs until their expiry.
+    pub proofs: Vec<ProofStatus>,
+    /// Handshakes since start, by role (`client`, `server`) and result (`ok` or the reason).
+    pub handshakes: Vec<HandshakeCount>,
+    /// Proofs that ended before being renewed, by reason.
+    pub lapses: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SvidStatus {
+    pub spiffe_id: String,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProofStatus {
+    pub from_identity: String,
+    pub to_identity: String,
+    pub from_spiffe_id: String,
+    pub to_spiffe_id: String,
+    /// RFC 3339.
+    pub expires: String,
+    /// `client` (this node started the handshake and renews it), `server`, or `adopted` (found
+    /// pinned at start).
+    pub role: String,
+    /// The peer agent's node.
+    pub peer_node: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandshakeCount {
+    pub role: String,
+    pub result: String,
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +200,10 @@ pub struct CheckResponse {
     /// quota (the flow's packets), the destination identity's quota (its replies).
     #[serde(default)]
     pub limits: Vec<CheckLimit>,
+    /// When the deciding rule requires authentication: whether a proof admits the pair now
+    /// (`valid`, `missing`, `expired`); absent when none is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -228,6 +284,10 @@ pub struct FlowRecord {
     /// This record sums the repeats of an edge whose first packet had its own record.
     #[serde(default)]
     pub repeated: bool,
+    /// Refused (or would have been) for want of a proof that the pair authenticated: the
+    /// agent runs the handshake.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auth_required: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -21,6 +21,7 @@ pub mod spoof;
 pub mod tap;
 pub mod topology;
 pub mod traffic;
+pub mod two_nodes;
 
 pub use agent::AgentProcess;
 pub use kubeapi::FakeApiServer;
@@ -28,3 +29,4 @@ pub use netns::NetNs;
 pub use prometheus::{PrometheusServer, Sample};
 pub use tap::{CapturedPacket, PacketTap};
 pub use topology::{Topology, TopologyOptions, Workload};
+pub use two_nodes::TwoNodes;

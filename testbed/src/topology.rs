@@ -52,6 +52,8 @@ pub struct Topology {
     pub node: NetNs,
     prefix: String,
     options: TopologyOptions,
+    /// The subnet of the first workload (10.200.<first_subnet>.0/24).
+    first_subnet: u8,
 }
 
 impl Topology {
@@ -67,6 +69,20 @@ impl Topology {
         workloads: &[&str],
         options: TopologyOptions,
     ) -> Result<Self> {
+        Self::with_first_subnet(prefix, workloads, options, 1)
+    }
+
+    /// Like `with_options`, numbering the workloads' subnets from `first_subnet` (two nodes of
+    /// one test must not share pod subnets).
+    pub fn with_first_subnet(
+        prefix: &str,
+        workloads: &[&str],
+        options: TopologyOptions,
+        first_subnet: u8,
+    ) -> Result<Self> {
+        if first_subnet == 0 {
+            bail!("subnet 0 is the nodes' own link");
+        }
         let node = NetNs::new(&format!("{prefix}-node"))?;
         quiet_ipv6(&node)?;
         for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
@@ -77,6 +93,7 @@ impl Topology {
             node,
             prefix: prefix.to_string(),
             options,
+            first_subnet,
         };
         for name in workloads {
             topo.add_workload(name)?;
@@ -85,9 +102,10 @@ impl Topology {
     }
 
     /// Adds workload `name` behind a new veth `tg-<name>`, in the next subnet (`i + 1` for the
-    /// `i`-th workload). Works while an agent runs, as a pod created on a live node.
+    /// `i`-th workload, counted from the first subnet). Works while an agent runs, as a pod
+    /// created on a live node.
     pub fn add_workload(&mut self, name: &str) -> Result<&Workload> {
-        let subnet = (self.workloads.len() + 1) as u8;
+        let subnet = self.first_subnet + self.workloads.len() as u8;
         let host_if = format!("tg-{name}");
         if host_if.len() > 15 {
             bail!("interface name {host_if} longer than 15 characters");

@@ -13,4 +13,37 @@
 
 #![forbid(unsafe_code)]
 
+pub mod handshake;
+pub mod manager;
+pub mod plan;
 pub mod proofs;
+pub mod protocol;
+pub mod stats;
+
+use tokio::sync::mpsc;
+
+use crate::{events::Sink, wire::FlowRecord};
+
+/// The event pipeline's sink that tells the manager which pairs the datapath refused for want
+/// of a proof. Never blocks the pipeline: when the manager is behind, a demand is dropped (the
+/// client's next retry asks again).
+pub struct AuthSink {
+    demand: mpsc::Sender<manager::Demand>,
+}
+
+impl AuthSink {
+    pub fn new(demand: mpsc::Sender<manager::Demand>) -> Self {
+        Self { demand }
+    }
+}
+
+impl Sink for AuthSink {
+    fn decision(&mut self, record: &FlowRecord) {
+        if record.auth_required {
+            let _ = self.demand.try_send(manager::Demand {
+                from: record.from_identity.clone(),
+                to: record.to_identity.clone(),
+            });
+        }
+    }
+}

@@ -1,0 +1,877 @@
+//! The auth manager: the one owner of the node's proofs (`TG_AUTH`).
+//!
+//! It runs a handshake for a pair
+//! - on demand: the datapath refused a flow of the pair for want of a proof (an event with
+//!   `EVENT_FLAG_AUTH_REQUIRED`), so the client's SYN retry can pass;
+//! - ahead of need: the policy requires the pair, this node hosts its source identity and the
+//!   destination's node is known, so the first connection sees no refusal at all;
+//! - before expiry: a proof this node started is renewed at two thirds of its life, and at once
+//!   when this node's certificate for it was rotated.
+//!
+//! A proof lives until the earliest of the two certificates' expiry and `--auth-max-ttl`. It is
+//! withdrawn, and every tracked flow decided again (a new generation), when the certificate this
+//! node presented for it is gone or replaced by one of another SPIFFE ID, or when the peer's
+//! certificate is no longer trusted by the bundle; it lapses by itself at its expiry, which the
+//! kernel enforces with or without the agent.
+//!
+//! The listener's connections ask the manager ([`GrantRequest`]) before the server side of a
+//! handshake writes anything, so every write to `TG_AUTH` happens here.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use serde_json::json;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch, Semaphore},
+};
+
+use super::{
+    handshake::{self, GrantRequest, HandshakeError},
+    plan::{AuthPlan, PairPlan},
+    proofs::ProofMap,
+    stats::{AuthStats, Reporter},
+};
+use crate::{
+    events::{rfc3339, Input},
+    identity::{
+        server_config,
+        source::{follow, DirectorySource, FileNames, Loaded, SvidSource},
+        verify::SharedBundles,
+        verify_svid, SpiffeId, Svid, SvidResolver, TrustBundles, Usage,
+    },
+    installer::{Installed, InstallerHandle},
+    paths::PinLayout,
+    wire::{ProofStatus, SvidStatus},
+};
+
+/// `--auth-max-ttl` by default: how long a proof may live even when both certificates last
+/// longer, so that a withdrawn certificate the agents were not told of stops counting soon.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(600);
+/// The whole of one handshake, connect to answer.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// How often the SVID files are read for changes.
+pub const SVID_POLL: Duration = Duration::from_millis(500);
+/// Handshakes served at once; a connection beyond them is closed at accept.
+pub const MAX_SERVED: usize = 256;
+/// Retry delays after a failed handshake: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often expiries, renewals and pre-authentication are looked at.
+const TICK: Duration = Duration::from_millis(250);
+
+/// How the agent authenticates, from the command line.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// `--auth-addr`: where this node's agent serves handshakes.
+    pub listen: Option<SocketAddr>,
+    /// `--svid-dir`.
+    pub svid_dir: PathBuf,
+    /// `--svid-files`; `None`: each directory's layout is recognised by its files.
+    pub svid_files: Option<FileNames>,
+    /// `--auth-max-ttl`.
+    pub max_ttl: Duration,
+    /// This node's name, told to peers for their audit records.
+    pub node: String,
+}
+
+/// A pair the datapath asked a proof for, by identity names (as events name them).
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub from: String,
+    pub to: String,
+}
+
+/// What the rest of the agent holds of the auth subsystem.
+#[derive(Clone)]
+pub struct AuthHandle {
+    pub stats: Arc<AuthStats>,
+    pub demand: mpsc::Sender<Demand>,
+}
+
+/// Binds the listener (so a taken port fails the start) and starts the manager, the SVID
+/// follower and the listener on the current runtime.
+pub async fn start(
+    settings: AuthSettings,
+    layout: &PinLayout,
+    installer: InstallerHandle,
+    control: mpsc::UnboundedSender<Input>,
+) -> Result<AuthHandle> {
+    let listener = match settings.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the auth listener to {addr}"))?,
+        ),
+        None => None,
+    };
+    let source: Arc<dyn SvidSource> = Arc::new(DirectorySource::new(
+        settings.svid_dir.clone(),
+        settings.svid_files.clone(),
+    ));
+    // The first reading before anything else: a directory that cannot be read is a
+    // configuration error now.
+    let first = tokio::task::spawn_blocking({
+        let source = source.clone();
+        move || source.load()
+    })
+    .await
+    .context("reading the SVIDs")?
+    .with_context(|| format!("reading SVIDs from {}", source.describe()))?;
+    for problem in &first.problems {
+        tracing::warn!(problem, "SVID source problem");
+    }
+    let (svid_tx, svid_rx) = watch::channel(Arc::new(first));
+    tokio::spawn(follow(source.clone(), SVID_POLL, svid_tx));
+
+    let stats = Arc::new(AuthStats::new(
+        listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string()),
+        source.describe(),
+    ));
+    let reporter = Arc::new(Reporter::new(Some(control)));
+    let bundles: SharedBundles = Arc::new(RwLock::new(TrustBundles::new()));
+    let resolver = Arc::new(SvidResolver::new(&[]));
+    let (grants_tx, grants_rx) = mpsc::channel(MAX_SERVED);
+    let (demand_tx, demand_rx) = mpsc::channel(1024);
+    let proofs = ProofMap::open(layout)?;
+    let mut manager = Manager {
+        settings: settings.clone(),
+        proof_map: proofs,
+        installed: installer.watch(),
+        installer,
+        svid_rx,
+        svids: BTreeMap::new(),
+        bundles: bundles.clone(),
+        resolver: resolver.clone(),
+        plan: Arc::default(),
+        proofs: HashMap::new(),
+        attempts: HashMap::new(),
+        outcomes: mpsc::channel(64),
+        stats: stats.clone(),
+        reporter: reporter.clone(),
+    };
+    manager.take_svids();
+    manager.take_policy();
+    manager.adopt_pinned();
+    if let Some(listener) = listener {
+        tokio::spawn(serve(
+            listener,
+            handshake::acceptor(server_config(resolver, bundles.clone())),
+            bundles,
+            grants_tx,
+            settings.node.clone(),
+            stats.clone(),
+            reporter,
+        ));
+    }
+    tokio::spawn(manager.run(demand_rx, grants_rx));
+    Ok(AuthHandle {
+        stats,
+        demand: demand_tx,
+    })
+}
+
+/// A proof this node holds.
+#[derive(Debug, Clone)]
+struct Proof {
+    pair: u64,
+    expires_at: SystemTime,
+    issued_at: SystemTime,
+    /// The SPIFFE ID this node presented (`None`: adopted from the pins, unknown).
+    local: Option<SpiffeId>,
+    /// The leaf this node presented, to notice a rotation.
+    local_leaf: Option<CertificateDer<'static>>,
+    /// The peer's chain, checked again when the bundle changes (empty: adopted).
+    peer_chain: Vec<CertificateDer<'static>>,
+    peer_node: String,
+    role: &'static str,
+    /// Renew now rather than at two thirds of the life (this node's certificate rotated).
+    renew_now: bool,
+}
+
+impl Proof {
+    fn renew_at(&self) -> SystemTime {
+        let life = self
+            .expires_at
+            .duration_since(self.issued_at)
+            .unwrap_or_default();
+        self.issued_at + life * 2 / 3
+    }
+}
+
+/// Handshakes of one pair this node started or will start.
+#[derive(Debug)]
+struct Attempt {
+    in_flight: bool,
+    /// No handshake before this (a failure's back-off), unless a flow asks for one.
+    next_try: Instant,
+    delay: Duration,
+    /// When the last one started.
+    last_try: Option<Instant>,
+}
+
+/// What a client handshake came to.
+struct Outcome {
+    pair: u64,
+    local: Svid,
+    result: Result<handshake::ClientProof, HandshakeError>,
+}
+
+struct Manager {
+    settings: AuthSettings,
+    proof_map: ProofMap,
+    installed: watch::Receiver<Arc<Installed>>,
+    installer: InstallerHandle,
+    svid_rx: watch::Receiver<Arc<Loaded>>,
+    /// The usable SVIDs, by SPIFFE ID.
+    svids: BTreeMap<SpiffeId, Svid>,
+    bundles: SharedBundles,
+    resolver: Arc<SvidResolver>,
+    plan: Arc<AuthPlan>,
+    proofs: HashMap<u64, Proof>,
+    attempts: HashMap<u64, Attempt>,
+    outcomes: (mpsc::Sender<Outcome>, mpsc::Receiver<Outcome>),
+    stats: Arc<AuthStats>,
+    reporter: Arc<Reporter>,
+}
+
+impl Manager {
+    async fn run(
+        mut self,
+        mut demand: mpsc::Receiver<Demand>,
+        mut grants: mpsc::Receiver<GrantRequest>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = self.svid_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if self.take_svids() {
+                        self.installer
+                            .redecide("a proof of authentication was withdrawn".to_owned())
+                            .await;
+                    }
+                }
+                changed = self.installed.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.take_policy();
+                }
+                Some(d) = demand.recv() => self.on_demand(d),
+                Some(g) = grants.recv() => self.on_grant(g),
+                Some(o) = self.outcomes.1.recv() => self.on_outcome(o),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    /// Takes the latest SVID reading. Returns whether a proof was withdrawn (the caller has
+    /// every tracked flow decided again).
+    fn take_svids(&mut self) -> bool {
+        let loaded = self.svid_rx.borrow_and_update().clone();
+        let mut svids: BTreeMap<SpiffeId, Svid> = loaded
+            .svids
+            .iter()
+            .map(|s| (s.id.clone(), s.clone()))
+            .collect();
+        if !loaded.problems.is_empty() {
+            // A directory caught mid-rotation (certificate and key of two generations) is
+            // left out of the reading: keep what it held until it reads whole again.
+            for (id, svid) in &self.svids {
+                if !svids.contains_key(id) && svid.not_after > SystemTime::now() {
+                    svids.insert(id.clone(), svid.clone());
+                }
+            }
+        }
+        *self.bundles.write().unwrap_or_else(|p| p.into_inner()) = loaded.bundles.clone();
+        let list: Vec<Svid> = svids.values().cloned().collect();
+        self.resolver.replace(&list);
+        self.stats.set_svids(
+            svids
+                .values()
+                .map(|s| SvidStatus {
+                    spiffe_id: s.id.to_string(),
+                    not_after: rfc3339(s.not_after),
+                })
+                .collect(),
+            loaded.problems.clone(),
+        );
+        self.svids = svids;
+
+        let mut withdrawn = Vec::new();
+        let bundles = self
+            .bundles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for proof in self.proofs.values_mut() {
+            if let Some(local) = &proof.local {
+                match self.svids.get(local) {
+                    None => {
+                        withdrawn.push((
+                            proof.pair,
+                            "certificate_withdrawn",
+                            format!("this node no longer holds a certificate for {local}"),
+                        ));
+                        continue;
+                    }
+                    Some(svid) if Some(&svid.chain[0]) != proof.local_leaf.as_ref() => {
+                        // Rotated: same SPIFFE ID, new certificate. The proof stays; it is
+                        // renewed with the new certificate now (by the side that renews it).
+                        proof.renew_now = true;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if !proof.peer_chain.is_empty() {
+                let usage = if proof.role == "client" {
+                    Usage::ServerAuth
+                } else {
+                    Usage::ClientAuth
+                };
+                if let Err(e) = verify_svid(&proof.peer_chain, &bundles, UnixTime::now(), usage) {
+                    withdrawn.push((
+                        proof.pair,
+                        "peer_untrusted",
+                        format!("the peer's certificate is no longer accepted: {e}"),
+                    ));
+                }
+            }
+        }
+        for (pair, reason, why) in &withdrawn {
+            self.lapse(*pair, reason, why);
+        }
+        if !withdrawn.is_empty() {
+            self.publish();
+        }
+        !withdrawn.is_empty()
+    }
+
+    /// Takes the live policy's plan: proofs of pairs it no longer needs are withdrawn (their
+    /// rules are gone, so no flow needs them).
+    fn take_policy(&mut self) {
+        let plan = self.installed.borrow_and_update().policy.auth.clone();
+        if Arc::ptr_eq(&plan, &self.plan) {
+            return;
+        }
+        self.plan = plan;
+        let gone: Vec<u64> = self
+            .proofs
+            .keys()
+            .filter(|k| self.plan.by_key(**k).is_none())
+            .copied()
+            .collect();
+        for pair in gone {
+            self.lapse(pair, "policy", "the policy no longer requires this pair");
+        }
+        self.attempts.retain(|k, _| self.plan.by_key(*k).is_some());
+        self.publish();
+    }
+
+    /// Proofs a previous agent wrote: kept while the policy needs them (the kernel admits by
+    /// them already), renewed by this node if it hosts the source identity.
+    fn adopt_pinned(&mut self) {
+        let now_boot = crate::datapath::boottime_ns();
+        let now = SystemTime::now();
+        for (pair, expires_boot) in self.proof_map.entries() {
+            let Some(plan) = self.plan.by_key(pair) else {
+                self.proof_map.remove(pair);
+                continue;
+            };
+            if expires_boot <= now_boot {
+                self.proof_map.remove(pair);
+                continue;
+            }
+            let expires_at = now + Duration::from_nanos(expires_boot - now_boot);
+            let local = self.svids.get(&plan.src.spiffe_id).map(|s| s.id.clone());
+            self.proofs.insert(
+                pair,
+                Proof {
+                    pair,
+                    expires_at,
+                    // Renewed at two thirds of at most the longest life a proof may have.
+                    issued_at: expires_at
+                        .checked_sub(self.settings.max_ttl)
+                        .unwrap_or(now)
+                        .min(now),
+                    local,
+                    local_leaf: None,
+                    peer_chain: Vec::new(),
+                    peer_node: String::new(),
+                    role: "adopted",
+                    renew_now: false,
+                },
+            );
+        }
+        self.publish();
+    }
+
+    fn on_demand(&mut self, d: Demand) {
+        let Some(plan) = self.plan.by_names(&d.from, &d.to).cloned() else {
+            return;
+        };
+        if let Some(p) = self.proofs.get(&plan.key) {
+            if p.expires_at > SystemTime::now() {
+                // The kernel has no valid proof but this node has one: the entry was lost
+                // (removed behind the agent's back). Write it again.
+                let _ = self.proof_map.write_until(plan.key, p.expires_at);
+                return;
+            }
+        }
+        self.start(&plan, true);
+    }
+
+    /// Starts a client handshake for `plan` unless one is under way or waiting out a failure's
+    /// back-off. A flow waiting for it (`demanded`) cuts the back-off short: its client retries
+    /// in a second, and a peer that has come back should be tried by then. Demands are sampled
+    /// per edge in the kernel, and handshakes of one pair start at most every `RETRY_FIRST`.
+    fn start(&mut self, plan: &PairPlan, demanded: bool) {
+        let now = Instant::now();
+        let attempt = self.attempts.entry(plan.key).or_insert(Attempt {
+            in_flight: false,
+            next_try: now,
+            delay: RETRY_FIRST,
+            last_try: None,
+        });
+        let waiting = if demanded {
+            attempt
+                .last_try
+                .is_some_and(|t| now.saturating_duration_since(t) < RETRY_FIRST)
+        } else {
+            attempt.next_try > now
+        };
+        if attempt.in_flight || waiting {
+            return;
+        }
+        let wall = SystemTime::now();
+        let usable = |id: &SpiffeId| {
+            self.svids
+                .get(id)
+                .filter(|s| s.not_before <= wall && wall < s.not_after)
+        };
+        // The source's node starts it; a destination's node whose flows were refused (the
+        // source's agent did not reach it) starts it the other way round.
+        let (local, peer, to) = match (usable(&plan.src.spiffe_id), usable(&plan.dst.spiffe_id)) {
+            (Some(svid), _) if plan.dst.auth_address.is_some() => (
+                svid.clone(),
+                plan.dst.spiffe_id.clone(),
+                plan.dst.auth_address,
+            ),
+            (_, Some(svid)) if plan.src.auth_address.is_some() => (
+                svid.clone(),
+                plan.src.spiffe_id.clone(),
+                plan.src.auth_address,
+            ),
+            (src, dst) => {
+                let why = if src.is_none() && dst.is_none() {
+                    format!(
+                        "this node holds no valid certificate for {} or {}",
+                        plan.src.spiffe_id, plan.dst.spiffe_id
+                    )
+                } else {
+                    format!(
+                        "the policy gives no authAddress for the peer's node of {} → {}",
+                        plan.src.identity, plan.dst.identity
+                    )
+                };
+                self.failed(plan, "client", &HandshakeError::NoSvid(why));
+                return;
+            }
+        };
+        let Some(to) = to else { return };
+        let attempt = self.attempts.get_mut(&plan.key).expect("inserted above");
+        attempt.in_flight = true;
+        attempt.last_try = Some(now);
+        let tx = self.outcomes.0.clone();
+        let bundles = self.bundles.clone();
+        let node = self.settings.node.clone();
+        let pair = plan.key;
+        let (src, dst) = (plan.src.spiffe_id.clone(), plan.dst.spiffe_id.clone());
+        tokio::spawn(async move {
+            let result = handshake::initiate(
+                to,
+                &local,
+                &peer,
+                (&src, &dst),
+                &node,
+                bundles,
+                HANDSHAKE_DEADLINE,
+            )
+            .await;
+            let _ = tx
+                .send(Outcome {
+                    pair,
+                    local,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn on_outcome(&mut self, o: Outcome) {
+        if let Some(a) = self.attempts.get_mut(&o.pair) {
+            a.in_flight = false;
+        }
+        let Some(plan) = self.plan.by_key(o.pair).cloned() else {
+            return;
+        };
+        match o.result {
+            Ok(proof) => {
+                let mut expires_at = self.expiry(&o.local, proof.peer.not_after);
+                if let Some(ms) = proof.answer.expires_unix_ms {
+                    expires_at = expires_at.min(UNIX_EPOCH + Duration::from_millis(ms));
+                }
+                let peer_node = proof.answer.node.clone();
+                if let Err(e) = self.admit(
+                    &plan,
+                    expires_at,
+                    &o.local,
+                    proof.peer_chain,
+                    &peer_node,
+                    "client",
+                ) {
+                    tracing::error!(error = %format!("{e:#}"), "writing a proof failed");
+                    self.failed(&plan, "client", &HandshakeError::Protocol(format!("{e:#}")));
+                    return;
+                }
+                if let Some(a) = self.attempts.get_mut(&o.pair) {
+                    a.delay = RETRY_FIRST;
+                    a.next_try = Instant::now();
+                }
+            }
+            Err(e) => self.failed(&plan, "client", &e),
+        }
+    }
+
+    /// A proof's expiry: the earlier certificate's, and `--auth-max-ttl` from now.
+    fn expiry(&self, local: &Svid, peer_not_after: SystemTime) -> SystemTime {
+        local
+            .not_after
+            .min(peer_not_after)
+            .min(SystemTime::now() + self.settings.max_ttl)
+    }
+
+    /// Writes the proof and records the handshake.
+    fn admit(
+        &mut self,
+        plan: &PairPlan,
+        expires_at: SystemTime,
+        local: &Svid,
+        peer_chain: Vec<CertificateDer<'static>>,
+        peer_node: &str,
+        role: &'static str,
+    ) -> Result<()> {
+        self.proof_map.write_until(plan.key, expires_at)?;
+        self.proofs.insert(
+            plan.key,
+            Proof {
+                pair: plan.key,
+                expires_at,
+                issued_at: SystemTime::now(),
+                local: Some(local.id.clone()),
+                local_leaf: Some(local.chain[0].clone()),
+                peer_chain,
+                peer_node: peer_node.to_owned(),
+                role,
+                renew_now: false,
+            },
+        );
+        self.stats.count_handshake(role, "ok");
+        tracing::info!(
+            from = %plan.src.identity,
+            to = %plan.dst.identity,
+            role,
+            peer_node,
+            expires = %rfc3339(expires_at),
+            "pair authenticated"
+        );
+        self.reporter.record(
+            "auth_handshake",
+            json!({
+                "result": "ok",
+                "role": role,
+                "from": plan.src.identity,
+                "to": plan.dst.identity,
+                "from_spiffe_id": plan.src.spiffe_id.to_string(),
+                "to_spiffe_id": plan.dst.spiffe_id.to_string(),
+                "peer_node": peer_node,
+                "expires": rfc3339(expires_at),
+            }),
+            false,
+        );
+        self.publish();
+        Ok(())
+    }
+
+    fn failed(&mut self, plan: &PairPlan, role: &'static str, e: &HandshakeError) {
+        self.stats.count_handshake(role, e.result());
+        let now = Instant::now();
+        let attempt = self.attempts.entry(plan.key).or_insert(Attempt {
+            in_flight: false,
+            next_try: now,
+            delay: RETRY_FIRST,
+            last_try: Some(now),
+        });
+        attempt.next_try = now + attempt.delay;
+        attempt.delay = (attempt.delay * 2).min(RETRY_MAX);
+        tracing::warn!(
+            from = %plan.src.identity,
+            to = %plan.dst.identity,
+            role,
+            error = %e,
+            retry_in = ?attempt.next_try.saturating_duration_since(now),
+            "authentication handshake failed"
+        );
+        self.reporter.record(
+            "auth_handshake",
+            json!({
+                "result": e.result(),
+                "role": role,
+                "from": plan.src.identity,
+                "to": plan.dst.identity,
+                "reason": e.to_string(),
+            }),
+            true,
+        );
+    }
+
+    /// Serves a listener connection's question (see [`GrantRequest`]).
+    fn on_grant(&mut self, g: GrantRequest) {
+        let answer = self.grant(&g);
+        if let Err(why) = &answer {
+            self.stats.count_handshake("server", "refused");
+            tracing::warn!(peer = %g.peer_addr, client = %g.client.id, reason = %why, "authentication refused");
+            self.reporter.record(
+                "auth_handshake",
+                json!({
+                    "result": "refused",
+                    "role": "server",
+                    "client_spiffe_id": g.client.id.to_string(),
+                    "peer": g.peer_addr.to_string(),
+                    "reason": why,
+                }),
+                true,
+            );
+        }
+        let _ = g.reply.send(answer);
+    }
+
+    fn grant(&mut self, g: &GrantRequest) -> Result<SystemTime, String> {
+        let (src, dst) = match (
+            SpiffeId::parse(&g.request.src),
+            SpiffeId::parse(&g.request.dst),
+        ) {
+            (Ok(s), Ok(d)) => (s, d),
+            _ => return Err("the pair's SPIFFE IDs do not parse".to_owned()),
+        };
+        let plan = self.plan.by_ids(&src, &dst).cloned().ok_or_else(|| {
+            format!("no rule of this node's policy requires {src} → {dst} authenticated")
+        })?;
+        let ours = if g.client.id == src {
+            &dst
+        } else if g.client.id == dst {
+            &src
+        } else {
+            return Err(format!(
+                "the client presented {}, which is neither end of {src} → {dst}",
+                g.client.id
+            ));
+        };
+        let local = self
+            .svids
+            .get(ours)
+            .cloned()
+            .ok_or_else(|| format!("this node holds no certificate for {ours}"))?;
+        // The client asked (by SNI) for the certificate of `ours`, and the resolver presented
+        // that one: anything else and the client verified another identity than the pair's.
+        if g.sni.as_deref() != Some(crate::identity::sni_name(ours).as_str()) {
+            return Err(format!(
+                "the handshake did not ask for {ours}'s certificate"
+            ));
+        }
+        let now = SystemTime::now();
+        if now >= local.not_after || now < local.not_before {
+            return Err(format!(
+                "this node's certificate for {ours} is not valid now"
+            ));
+        }
+        let expires_at = self.expiry(&local, g.client.not_after);
+        self.admit(
+            &plan,
+            expires_at,
+            &local,
+            g.client_chain.clone(),
+            &g.request.node,
+            "server",
+        )
+        .map_err(|e| format!("writing the proof failed: {e:#}"))?;
+        Ok(expires_at)
+    }
+
+    fn on_tick(&mut self) {
+        let now = SystemTime::now();
+        let expired: Vec<u64> = self
+            .proofs
+            .values()
+            .filter(|p| p.expires_at <= now)
+            .map(|p| p.pair)
+            .collect();
+        for pair in expired {
+            // The kernel stopped admitting by it already; this forgets it.
+            self.lapse(
+                pair,
+                "expired",
+                "the proof reached its expiry without being renewed",
+            );
+        }
+        let plan = self.plan.clone();
+        for pair in &plan.pairs {
+            let due = match self.proofs.get(&pair.key) {
+                // Renewed by the side that started it (an adopted one by the source's node).
+                Some(p) => {
+                    (p.role == "client" || (p.role == "adopted" && p.local.is_some()))
+                        && (p.renew_now || now >= p.renew_at())
+                }
+                // Ahead of need: this node hosts the source and knows where the destination is.
+                None => {
+                    self.svids.contains_key(&pair.src.spiffe_id) && pair.dst.auth_address.is_some()
+                }
+            };
+            if due {
+                self.start(pair, false);
+            }
+        }
+        self.publish();
+    }
+
+    /// Forgets a proof: out of `TG_AUTH` and the table, counted and recorded.
+    fn lapse(&mut self, pair: u64, reason: &'static str, why: &str) {
+        let Some(proof) = self.proofs.remove(&pair) else {
+            return;
+        };
+        self.proof_map.remove(pair);
+        self.stats.count_lapse(reason);
+        let (from, to) = self
+            .plan
+            .by_key(pair)
+            .map(|p| (p.src.identity.clone(), p.dst.identity.clone()))
+            .unwrap_or_default();
+        tracing::info!(%from, %to, reason, why, "proof of authentication ended");
+        self.reporter.record(
+            "auth_lapse",
+            json!({
+                "reason": reason,
+                "detail": why,
+                "from": from,
+                "to": to,
+                "expires": rfc3339(proof.expires_at),
+            }),
+            false,
+        );
+    }
+
+    /// Publishes the proofs for `status`.
+    fn publish(&self) {
+        let mut proofs: Vec<ProofStatus> = self
+            .proofs
+            .values()
+            .filter_map(|p| {
+                let plan = self.plan.by_key(p.pair)?;
+                Some(ProofStatus {
+                    from_identity: plan.src.identity.clone(),
+                    to_identity: plan.dst.identity.clone(),
+                    from_spiffe_id: plan.src.spiffe_id.to_string(),
+                    to_spiffe_id: plan.dst.spiffe_id.to_string(),
+                    expires: rfc3339(p.expires_at),
+                    role: p.role.to_owned(),
+                    peer_node: p.peer_node.clone(),
+                })
+            })
+            .collect();
+        proofs.sort_by(|a, b| {
+            (&a.from_identity, &a.to_identity).cmp(&(&b.from_identity, &b.to_identity))
+        });
+        self.stats.set_proofs(proofs);
+    }
+}
+
+/// The auth listener: each connection is served on a task of its own, at most [`MAX_SERVED`]
+/// at once (a connection beyond them is closed at accept), each within the handshake deadline.
+async fn serve(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    bundles: SharedBundles,
+    grants: mpsc::Sender<GrantRequest>,
+    node: String,
+    stats: Arc<AuthStats>,
+    reporter: Arc<Reporter>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_SERVED));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "auth listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            stats.count_handshake("server", "busy");
+            continue;
+        };
+        let (acceptor, bundles, grants, node) = (
+            acceptor.clone(),
+            bundles.clone(),
+            grants.clone(),
+            node.clone(),
+        );
+        let (stats, reporter) = (stats.clone(), reporter.clone());
+        tokio::spawn(async move {
+            let result = handshake::serve_connection(
+                stream,
+                peer,
+                acceptor,
+                bundles,
+                grants,
+                node,
+                HANDSHAKE_DEADLINE,
+            )
+            .await;
+            drop(permit);
+            // Successes and refusals by policy are counted by the manager; what failed before
+            // it was asked is counted here.
+            if let Err(e) = result {
+                if !matches!(e, HandshakeError::Refused(_)) {
+                    stats.count_handshake("server", e.result());
+                    tracing::debug!(%peer, error = %e, "auth handshake failed");
+                    reporter.record(
+                        "auth_handshake",
+                        json!({
+                            "result": e.result(),
+                            "role": "server",
+                            "peer": peer.to_string(),
+                            "reason": e.to_string(),
+                        }),
+                        true,
+                    );
+                }
+            }
+        });
+    }
+}

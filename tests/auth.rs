@@ -1,0 +1,525 @@
+//! mTLS identity binding across two nodes: node A (workloads `web` and `rogue`) and node B
+//! (workload `db`), each in its own namespace with its own agent, joined by a link as by the
+//! cluster network. The agents hold the SVIDs of their workloads (made with the development
+//! CA), serve handshakes on their node address and enforce `web → db` and `rogue → db` on TCP
+//! 5432 with `authentication: mtls`. Real traffic, IPv4 and IPv6, default offloads.
+
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tollgate_agent::identity::{ca::DevCa, source::FileNames, SpiffeId, TrustDomain};
+use tollgate_testbed::{
+    spoof::{send_tcp, TcpSegment},
+    traffic::{tcp_bulk_echo, tcp_echo_server},
+    two_nodes::{NODE_A_V4, NODE_B_V4, UPLINK},
+    AgentProcess, NetNs, TopologyOptions, TwoNodes,
+};
+
+use crate::support::{env::BINARY, require_root, test_pin_dir};
+
+const PORT: u16 = 5432;
+const AUTH_PORT: u16 = 7443;
+const WEB_ID: &str = "spiffe://shop.test/ns/shop/sa/web";
+const ROGUE_ID: &str = "spiffe://shop.test/ns/shop/sa/rogue";
+const DB_ID: &str = "spiffe://shop.test/ns/shop/sa/db";
+/// How long a test waits for something the agents do by themselves (a handshake, a reload).
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn policy() -> String {
+    format!(
+        r#"apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{ name: auth }}
+spec:
+  identities:
+    - name: web
+      spiffeId: {WEB_ID}
+      authAddress: "{NODE_A_V4}:{AUTH_PORT}"
+      cidrs: ["10.200.1.2/32", "fd00:200:1::2/128"]
+      interfaces: [tg-web]
+    - name: rogue
+      spiffeId: {ROGUE_ID}
+      authAddress: "{NODE_A_V4}:{AUTH_PORT}"
+      cidrs: ["10.200.2.2/32", "fd00:200:2::2/128"]
+      interfaces: [tg-rogue]
+    - name: db
+      spiffeId: {DB_ID}
+      authAddress: "{NODE_B_V4}:{AUTH_PORT}"
+      cidrs: ["10.200.101.2/32", "fd00:200:65::2/128"]
+      interfaces: [tg-db]
+  rules:
+    - name: web-to-db
+      from: web
+      to: db
+      ports: [{{ protocol: TCP, port: {PORT} }}]
+      authentication: mtls
+    - name: rogue-to-db
+      from: rogue
+      to: db
+      ports: [{{ protocol: TCP, port: {PORT} }}]
+      authentication: mtls
+"#
+    )
+}
+
+/// The two nodes, their agents, the CA and the SVID directories. Fields drop in order: agents
+/// stop (and uninstall) first, then the namespaces go, then the files.
+struct AuthEnv {
+    agent_a: Option<AgentProcess>,
+    agent_b: Option<AgentProcess>,
+    nodes: TwoNodes,
+    ca: DevCa,
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+impl AuthEnv {
+    /// Namespaces and SVIDs; no agent yet. `web` and `db` get good SVIDs (an hour); `rogue` one
+    /// from another CA with the same name (delivered with the real bundle, as a forger would).
+    fn new(name: &str) -> AuthEnv {
+        require_root();
+        let nodes = TwoNodes::new(
+            &format!("au-{name}"),
+            &["web", "rogue"],
+            &["db"],
+            TopologyOptions::default(),
+        )
+        .expect("two nodes");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let td = TrustDomain::parse("shop.test").unwrap();
+        let ca = DevCa::init(td.clone(), Duration::from_secs(3600)).expect("CA");
+        let env = AuthEnv {
+            agent_a: None,
+            agent_b: None,
+            nodes,
+            ca,
+            dir,
+            name: name.to_owned(),
+        };
+        env.issue(
+            "a/web",
+            WEB_ID,
+            Duration::from_secs(3600),
+            &FileNames::CSI_SPIFFE,
+        );
+        env.issue(
+            "b/db",
+            DB_ID,
+            Duration::from_secs(3600),
+            &FileNames::CSI_SPIFFE,
+        );
+        // A CA of the same name and another key: its SVID must be refused, not be mistaken
+        // for the real CA's.
+        let forger = DevCa::init(td, Duration::from_secs(3600)).expect("forger CA");
+        let mut forged = forger
+            .issue(
+                &SpiffeId::parse(ROGUE_ID).unwrap(),
+                Duration::from_secs(3600),
+            )
+            .expect("forged SVID");
+        forged.bundle_pem = env.ca.bundle_pem().to_owned();
+        forged
+            .write(&env.svid_dir("a").join("rogue"), &FileNames::SPIFFE_HELPER)
+            .expect("write forged SVID");
+        env
+    }
+
+    fn svid_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join(node)
+    }
+
+    /// Issues an SVID for `id` into `<dir>/<at>`, replacing what is there.
+    fn issue(&self, at: &str, id: &str, ttl: Duration, names: &FileNames) {
+        let issued = self
+            .ca
+            .issue(&SpiffeId::parse(id).unwrap(), ttl)
+            .expect("issue SVID");
+        issued
+            .write(&self.dir.path().join(at), names)
+            .expect("write SVID");
+    }
+
+    fn start_agent(&mut self, node: &str) {
+        let (ns, addr) = match node {
+            "a" => (&self.nodes.a.node, NODE_A_V4),
+            _ => (&self.nodes.b.node, NODE_B_V4),
+        };
+        let policy_path = self.dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy()).unwrap();
+        let workdir = self.dir.path().join(format!("agent-{node}"));
+        let svids = self.svid_dir(node).display().to_string();
+        let listen = format!("{addr}:{AUTH_PORT}");
+        let node_name = format!("node-{node}");
+        let agent = AgentProcess::start_with_args(
+            Path::new(BINARY),
+            ns,
+            "tg-*",
+            &policy_path,
+            &workdir,
+            &test_pin_dir(&format!("auth-{}-{node}", self.name)),
+            &[
+                "--uplinks",
+                UPLINK,
+                "--svid-dir",
+                &svids,
+                "--auth-addr",
+                &listen,
+                "--node-name",
+                &node_name,
+            ],
+        )
+        .expect("agent starts");
+        match node {
+            "a" => self.agent_a = Some(agent),
+            _ => self.agent_b = Some(agent),
+        }
+    }
+
+    fn agent(&self, node: &str) -> &AgentProcess {
+        match node {
+            "a" => self.agent_a.as_ref(),
+            _ => self.agent_b.as_ref(),
+        }
+        .expect("agent started")
+    }
+
+    fn status(&self, node: &str) -> serde_json::Value {
+        let out = self.agent(node).cli(&["status", "--json"]).unwrap();
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    fn verdict(&self, node: &str, name: &str) -> u64 {
+        self.status(node)["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v[0] == name)
+            .and_then(|v| v[1].as_u64())
+            .unwrap_or_else(|| panic!("no verdict {name}"))
+    }
+
+    /// Handshakes of `role` with `result` counted by the agent of `node`.
+    fn handshakes(&self, node: &str, role: &str, result: &str) -> u64 {
+        self.status(node)["auth"]["handshakes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h["role"] == role && h["result"] == result)
+            .filter_map(|h| h["count"].as_u64())
+            .sum()
+    }
+
+    fn has_proof(&self, node: &str, from: &str, to: &str) -> bool {
+        self.status(node)["auth"]["proofs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["from_identity"] == from && p["to_identity"] == to)
+    }
+
+    /// Waits (bounded) until `f` holds; false if it never did.
+    fn wait_for(&self, what: impl Fn(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + SETTLE;
+        while Instant::now() < deadline {
+            if what(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    fn ns(&self, workload: &str) -> &NetNs {
+        match workload {
+            "db" => &self.nodes.b.workload("db").ns,
+            w => &self.nodes.a.workload(w).ns,
+        }
+    }
+
+    fn addr(&self, workload: &str, v6: bool) -> IpAddr {
+        let w = match workload {
+            "db" => self.nodes.b.workload("db"),
+            w => self.nodes.a.workload(w),
+        };
+        if v6 {
+            IpAddr::V6(w.v6)
+        } else {
+            IpAddr::V4(w.v4)
+        }
+    }
+
+    /// Both agents running, `web → db` proven, an echo server on db for `connections`.
+    fn authenticated(name: &str, connections: usize) -> AuthEnv {
+        let mut env = AuthEnv::new(name);
+        env.start_agent("b");
+        env.start_agent("a");
+        assert!(
+            env.wait_for(|e| e.has_proof("a", "web", "db") && e.has_proof("b", "web", "db")),
+            "web -> db was not pre-authenticated; node A: {:#?}\nlog A:\n{}\nlog B:\n{}",
+            env.status("a")["auth"],
+            env.agent("a").log_text(),
+            env.agent("b").log_text()
+        );
+        for v6 in [false, true] {
+            tcp_echo_server(env.ns("db"), env.addr("db", v6), PORT, connections).unwrap();
+        }
+        env
+    }
+}
+
+/// Connects from `ns` to `to:port` waiting up to `timeout` (TCP retries its SYN after 1 s,
+/// then 3 s): the stream and how long the connect took.
+fn connect_timed(
+    ns: &NetNs,
+    to: IpAddr,
+    timeout: Duration,
+) -> (std::io::Result<TcpStream>, Duration) {
+    let started = Instant::now();
+    let result = ns
+        .run(move || -> std::io::Result<TcpStream> {
+            let s = TcpStream::connect_timeout(&SocketAddr::new(to, PORT), timeout)?;
+            s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+            s.set_write_timeout(Some(Duration::from_millis(1500)))?;
+            Ok(s)
+        })
+        .expect("run in namespace");
+    (result, started.elapsed())
+}
+
+fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> bool {
+    if s.write_all(msg).is_err() {
+        return false;
+    }
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).is_ok() && got == msg
+}
+
+#[test]
+fn pre_authenticated_pair_connects_on_its_first_syn_and_carries_megabytes() {
+    let env = AuthEnv::authenticated("pre", 16);
+    for v6 in [false, true] {
+        let (stream, took) =
+            connect_timed(env.ns("web"), env.addr("db", v6), Duration::from_secs(5));
+        let mut stream = stream.unwrap_or_else(|e| panic!("web -> db (v6 {v6}): {e}"));
+        eprintln!("pre-authenticated pair, v6 {v6}: connected in {took:?}");
+        // The SYN retry comes after a second: no retry means no refusal.
+        assert!(took < Duration::from_millis(900), "connect took {took:?}");
+        assert!(roundtrip(&mut stream, b"authenticated"));
+        tcp_bulk_echo(env.ns("web"), env.addr("db", v6), PORT, 4 << 20)
+            .unwrap_or_else(|e| panic!("4 MiB each way (v6 {v6}): {e:#}"));
+    }
+    assert_eq!(env.verdict("a", "deny_auth_required"), 0);
+    assert_eq!(env.verdict("b", "deny_auth_required"), 0);
+    assert!(env.handshakes("a", "client", "ok") >= 1);
+    assert!(env.handshakes("b", "server", "ok") >= 1);
+    // `check` on node A says the rule needs authentication and the pair has a proof.
+    let out = env
+        .agent("a")
+        .cli(&[
+            "check",
+            "--from",
+            "10.200.1.2",
+            "--to",
+            "10.200.101.2",
+            "--port",
+            "5432",
+            "--protocol",
+            "tcp",
+        ])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("mtls required; a valid proof admits the pair"),
+        "{text}"
+    );
+}
+
+#[test]
+fn pair_not_authenticated_ahead_passes_on_the_first_syn_retry() {
+    let mut env = AuthEnv::new("demand");
+    // Node B holds no SVID for db yet: node A's handshakes ahead of need fail and back off.
+    let db_dir = env.svid_dir("b").join("db");
+    let parked = env.dir.path().join("db-parked");
+    std::fs::rename(&db_dir, &parked).unwrap();
+    env.start_agent("b");
+    env.start_agent("a");
+    assert!(env.wait_for(|e| e.handshakes("a", "client", "ok") == 0
+        && e.status("a")["auth"]["handshakes"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty())));
+    // Past the first back-offs (0.5 s, 1 s, 2 s), so the next try ahead of need is seconds
+    // away; then db's SVID arrives and a client connects at once.
+    std::thread::sleep(Duration::from_secs(4));
+    std::fs::rename(&parked, &db_dir).unwrap();
+    assert!(env.wait_for(|e| e.status("b")["auth"]["svids"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|s| s["spiffe_id"] == DB_ID))));
+    tcp_echo_server(env.ns("db"), env.addr("db", false), PORT, 4).unwrap();
+    let (stream, took) =
+        connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(5));
+    let mut stream =
+        stream.unwrap_or_else(|e| panic!("web -> db: {e}\nlog A:\n{}", env.agent("a").log_text()));
+    eprintln!(
+        "pair authenticated on demand: connected in {took:?}, {} SYN(s) refused at node A",
+        env.verdict("a", "deny_auth_required")
+    );
+    // At most one SYN retry (the second comes 3 s after the first).
+    assert!(took < Duration::from_millis(2500), "connect took {took:?}");
+    assert!(roundtrip(&mut stream, b"on demand"));
+    assert!(env.has_proof("a", "web", "db"));
+}
+
+#[test]
+fn workload_whose_svid_is_not_from_the_trusted_ca_is_refused() {
+    let env = AuthEnv::authenticated("rogue", 4);
+    for v6 in [false, true] {
+        let (r, _) = connect_timed(env.ns("rogue"), env.addr("db", v6), Duration::from_secs(3));
+        assert!(r.is_err(), "rogue reached db (v6 {v6})");
+    }
+    assert!(!env.has_proof("a", "rogue", "db"));
+    assert!(!env.has_proof("b", "rogue", "db"));
+    // Node B refused rogue's certificate for what it is.
+    assert!(
+        env.wait_for(|e| e.handshakes("b", "server", "untrusted_signature") >= 1),
+        "node B: {:#?}",
+        env.status("b")["auth"]
+    );
+    assert!(env.verdict("a", "deny_auth_required") >= 1);
+    // web, next door, is unaffected.
+    let (r, _) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(3));
+    assert!(r.is_ok());
+}
+
+#[test]
+fn spoofed_source_never_rides_on_another_identitys_proof() {
+    let env = AuthEnv::authenticated("spoof", 4);
+    let before = env.verdict("a", "drop_spoofed");
+    let admitted_at_b = env.verdict("b", "allow_new");
+    for v6 in [false, true] {
+        // rogue sends as web, whose pair with db is authenticated.
+        let seg = TcpSegment::syn(
+            SocketAddr::new(env.addr("web", v6), 40123),
+            SocketAddr::new(env.addr("db", v6), PORT),
+        );
+        for _ in 0..5 {
+            send_tcp(env.ns("rogue"), &seg).unwrap();
+        }
+    }
+    assert!(
+        env.wait_for(|e| e.verdict("a", "drop_spoofed") >= before + 10),
+        "spoofed SYNs not all dropped at node A"
+    );
+    // None of them reached node B's datapath as a new flow of web.
+    assert_eq!(env.verdict("b", "allow_new"), admitted_at_b);
+    assert!(env.has_proof("a", "web", "db"));
+}
+
+#[test]
+fn rotated_svid_keeps_traffic_flowing_and_renews_the_proof() {
+    let env = AuthEnv::authenticated("rotate", 4);
+    let (stream, _) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(3));
+    let mut stream = stream.expect("web -> db");
+    let handshakes = env.handshakes("a", "client", "ok");
+    // A new key and certificate, same SPIFFE ID, written as a rotation would.
+    env.issue(
+        "a/web",
+        WEB_ID,
+        Duration::from_secs(3600),
+        &FileNames::CSI_SPIFFE,
+    );
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut sent = 0;
+    while Instant::now() < until {
+        assert!(
+            roundtrip(&mut stream, b"still flowing"),
+            "roundtrip {sent} failed during rotation"
+        );
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        env.wait_for(|e| e.handshakes("a", "client", "ok") > handshakes),
+        "the proof was not renewed with the new certificate"
+    );
+    let (r, took) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(3));
+    assert!(
+        r.is_ok() && took < Duration::from_millis(900),
+        "new connection after rotation: {took:?}"
+    );
+    assert_eq!(env.verdict("a", "deny_revoked"), 0);
+}
+
+#[test]
+fn expired_svid_stops_new_and_established_flows() {
+    let env = AuthEnv::authenticated("expire", 4);
+    let handshakes = env.handshakes("a", "client", "ok");
+    // web's certificate is replaced by one that lives 5 s: the proof renewed with it can live
+    // no longer.
+    env.issue(
+        "a/web",
+        WEB_ID,
+        Duration::from_secs(5),
+        &FileNames::CSI_SPIFFE,
+    );
+    assert!(env.wait_for(|e| e.handshakes("a", "client", "ok") > handshakes));
+    let (stream, _) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(3));
+    let mut stream = stream.expect("web -> db");
+    assert!(roundtrip(&mut stream, b"before expiry"));
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let mut cut = false;
+    while Instant::now() < deadline {
+        if !roundtrip(&mut stream, b"tick") {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(cut, "the established flow outlived the certificate");
+    assert!(env.verdict("a", "deny_revoked") >= 1);
+    let (r, _) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(3));
+    assert!(r.is_err(), "a new flow passed with an expired certificate");
+    assert!(!env.has_proof("a", "web", "db"));
+    assert!(env.wait_for(|e| e.status("a")["auth"]["lapses"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|l| l[0] == "expired"))));
+}
+
+#[test]
+fn svid_replaced_by_another_spiffe_id_cuts_established_flows() {
+    let env = AuthEnv::authenticated("replace", 4);
+    let (stream, _) = connect_timed(env.ns("web"), env.addr("db", true), Duration::from_secs(3));
+    let mut stream = stream.expect("web -> db");
+    assert!(roundtrip(&mut stream, b"before"));
+    env.issue(
+        "a/web",
+        "spiffe://shop.test/ns/shop/sa/someone-else",
+        Duration::from_secs(3600),
+        &FileNames::CSI_SPIFFE,
+    );
+    assert!(
+        env.wait_for(|e| !e.has_proof("a", "web", "db")),
+        "the proof outlived the certificate it was made with"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut cut = false;
+    while Instant::now() < deadline {
+        if !roundtrip(&mut stream, b"tick") {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cut, "the established flow kept passing");
+}
