@@ -130,7 +130,7 @@ fn build_debug_ebpf() -> Result<PathBuf> {
 
 /// The test binaries that hold root-only kernel tests: each must run and pass at least this
 /// many tests, so a filter, a skip or a missing binary fails the run.
-const KERNEL_TEST_BINARIES: [(&str, usize); 9] = [
+const KERNEL_TEST_BINARIES: [(&str, usize); 10] = [
     ("prog_test_run", 78),
     ("namespaced", 24),
     ("traffic", 25),
@@ -144,6 +144,8 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 9] = [
     ("kubernetes", 5),
     // Regression tests of the attack round on Kubernetes mode and the saved policy.
     ("kubernetes_attacks", 10),
+    // mTLS between two nodes' agents: proofs, refusals, rotation, expiry, spoofing.
+    ("auth", 7),
 ];
 
 fn test() -> Result<()> {
