@@ -2097,3 +2097,606 @@ spec:
     f.assert_passes_as(&syn(50001), Verdict::AllowNew);
     f.assert_dropped_as(&syn(50002), Verdict::DropRateLimited);
 }
+
+// --- Authentication: mTLS proofs in TG_AUTH ------------------------------------------------------
+//
+// A rule with `authentication: mtls` admits a flow only while `TG_AUTH` holds an unexpired proof
+// for its pair of SPIFFE IDs; the flow then carries the earlier of the rule's and the proof's
+// expiry, and is decided again when that passes. The proofs are written here as the auth manager
+// writes them (`ProofMap`), against CLOCK_BOOTTIME.
+
+const SPIFFE_A: &str = "spiffe://t.test/a";
+const SPIFFE_B: &str = "spiffe://t.test/b";
+const AUTH_A: &str = "10.200.1.2";
+const AUTH_B: &str = "10.200.2.2";
+const AUTH_A6: &str = "fd00:200:1::2";
+const AUTH_B6: &str = "fd00:200:2::2";
+/// The authenticated port, and one the same pair may use without a proof.
+const MTLS_PORT: u16 = 443;
+const PLAIN_PORT: u16 = 80;
+
+/// a may reach b:443 once the pair (a, b) is authenticated, and b:80 without; `extra` goes into
+/// the mTLS rule (`mode: audit`, `expires: ...`), `spec_extra` into the spec.
+fn auth_policy(name: &str, extra: &str, spec_extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{ name: {name} }}
+spec:
+  {spec_extra}
+  identities:
+    - {{ name: a, spiffeId: "{SPIFFE_A}", cidrs: ["10.200.1.0/24", "fd00:200:1::/64"] }}
+    - {{ name: b, spiffeId: "{SPIFFE_B}", cidrs: ["10.200.2.0/24", "fd00:200:2::/64"] }}
+  rules:
+    - name: a-to-b
+      from: a
+      to: b
+      ports: [{{ protocol: TCP, port: {MTLS_PORT} }}]
+      authentication: mtls
+      {extra}
+    - {{ name: a-to-b-plain, from: a, to: b, ports: [{{ protocol: TCP, port: {PLAIN_PORT} }}] }}
+"#
+    )
+}
+
+fn auth_fixture(name: &str) -> DatapathFixture {
+    let mut f = DatapathFixture::new(name);
+    f.apply(&auth_policy("auth", "", ""));
+    f
+}
+
+/// The pair key of (a, b), as the compiler wrote it into the mTLS rule's entries.
+fn pair_ab() -> u64 {
+    tollgate_agent::policy::auth_pair_key(SPIFFE_A, SPIFFE_B)
+}
+
+fn proofs(f: &DatapathFixture) -> tollgate_agent::auth::proofs::ProofMap {
+    tollgate_agent::auth::proofs::ProofMap::open(&f.layout).expect("open TG_AUTH")
+}
+
+fn boot_now() -> u64 {
+    tollgate_agent::datapath::boottime_ns()
+}
+
+const MS: u64 = 1_000_000;
+const SEC: u64 = 1_000_000_000;
+
+/// Writes the proof of (a, b), valid until `expires_ns` (CLOCK_BOOTTIME).
+fn prove_ab(f: &DatapathFixture, expires_ns: u64) {
+    proofs(f).write(pair_ab(), expires_ns).expect("write proof");
+}
+
+/// The id of rule `name` in the installed generation.
+fn rule_id(f: &DatapathFixture, name: &str) -> u32 {
+    let names = &f.compiled.as_ref().expect("a policy").names;
+    let i = names
+        .rule_names
+        .iter()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("no rule {name}"));
+    i as u32 + 1
+}
+
+/// The compiled entry of the mTLS rule (its pair key and expiry as the kernel sees them).
+fn mtls_entry(f: &DatapathFixture) -> tollgate_common::RuleValue {
+    let id = rule_id(f, "a-to-b");
+    f.compiled
+        .as_ref()
+        .unwrap()
+        .rules
+        .iter()
+        .map(|(_, _, v)| *v)
+        .find(|v| v.rule_id == id && v.flags & tollgate_common::rule::RULE_FLAG_ALLOW != 0)
+        .expect("an allowing entry of a-to-b")
+}
+
+/// The fixture's `TG_EVENTS`, read like the agent reads it.
+struct EventRing(aya::maps::RingBuf<aya::maps::MapData>);
+
+impl EventRing {
+    fn open(f: &DatapathFixture) -> Self {
+        use aya::maps::{Map, MapData, RingBuf};
+        let data = MapData::from_pin(f.layout.map(tollgate_common::map_names::EVENTS))
+            .expect("pinned TG_EVENTS");
+        Self(RingBuf::try_from(Map::from_map_data(data).unwrap()).unwrap())
+    }
+
+    fn drain(&mut self) -> Vec<tollgate_common::FlowEvent> {
+        use tollgate_common::FlowEvent;
+        let mut events = Vec::new();
+        while let Some(item) = self.0.next() {
+            assert_eq!(item.len(), std::mem::size_of::<FlowEvent>());
+            // SAFETY: the kernel wrote a FlowEvent (repr(C), any bytes valid).
+            let e = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) };
+            assert_eq!(usize::from(e.size), std::mem::size_of::<FlowEvent>());
+            events.push(e);
+        }
+        events
+    }
+}
+
+/// Neither direction of `spec`'s flow is tracked.
+fn assert_untracked(f: &DatapathFixture, spec: &PacketSpec) {
+    assert_eq!(f.flow(&key_of(spec)), None, "entry for {spec:?}");
+    assert_eq!(
+        f.flow(&key_of(&spec.reply())),
+        None,
+        "reply entry for {spec:?}"
+    );
+}
+
+/// Sleeps until CLOCK_BOOTTIME has passed `instant` by a few milliseconds (bounded).
+fn sleep_past_boot(instant: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while boot_now() < instant + 20 * MS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CLOCK_BOOTTIME did not advance"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn auth_rule_without_a_proof_refuses_the_syn_and_asks_for_a_handshake() {
+    use tollgate_common::flow::EVENT_FLAG_AUTH_REQUIRED;
+    let f = auth_fixture("auth_no_proof");
+    let mut ring = EventRing::open(&f);
+    ring.drain();
+    let rule = rule_id(&f, "a-to-b");
+    assert_eq!(
+        mtls_entry(&f).auth_pair,
+        pair_ab(),
+        "the compiler's pair key"
+    );
+    for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+        let syn = PacketSpec::tcp(src, 40000, dst, MTLS_PORT);
+        f.assert_dropped_as(&syn.build(), Verdict::DenyAuthRequired);
+        assert_untracked(&f, &syn);
+        let events = ring.drain();
+        assert_eq!(events.len(), 1, "{src}: one event, got {events:?}");
+        let e = events[0];
+        assert_eq!(e.verdict, Verdict::DenyAuthRequired as u32, "{src}");
+        assert_eq!(e.rule_id, rule, "{src}: the event names the mTLS rule");
+        assert_ne!(
+            e.flags & EVENT_FLAG_AUTH_REQUIRED,
+            0,
+            "{src}: asks for a handshake"
+        );
+        assert_eq!(e.dport, MTLS_PORT);
+        assert_eq!(e.family, if src.contains(':') { 6 } else { 4 });
+        assert_eq!(
+            e.saddr,
+            tollgate_agent::datapath::flow_addr(src.parse().unwrap())
+        );
+        // The client's retry is refused the same way until a proof is written. (Its event,
+        // if it ran on another CPU than the first attempt, is not held back by the sampler.)
+        f.assert_dropped_as(&syn.build(), Verdict::DenyAuthRequired);
+        assert_untracked(&f, &syn);
+        ring.drain();
+    }
+    // Other traffic of the same pair that needs no proof is not held up.
+    f.assert_passes_as(
+        &PacketSpec::tcp(AUTH_A, 40001, AUTH_B, PLAIN_PORT).build(),
+        Verdict::AllowNew,
+    );
+    // A plain deny carries no request for a handshake.
+    f.assert_dropped_as(
+        &PacketSpec::tcp(AUTH_A, 40002, AUTH_B, 22).build(),
+        Verdict::DenyDefault,
+    );
+    let events = ring.drain();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].verdict, Verdict::DenyDefault as u32);
+    assert_eq!(events[0].flags & EVENT_FLAG_AUTH_REQUIRED, 0);
+}
+
+#[test]
+fn auth_rule_with_a_valid_proof_admits_and_the_flow_carries_its_expiry() {
+    let f = auth_fixture("auth_valid");
+    let expires = boot_now() + 60 * SEC;
+    prove_ab(&f, expires);
+    for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+        let syn = PacketSpec::tcp(src, 40100, dst, MTLS_PORT);
+        f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+        let fwd = f.flow(&key_of(&syn)).expect("original entry");
+        let rev = f.flow(&key_of(&syn.reply())).expect("reply entry");
+        assert_eq!(fwd.rule_id, rule_id(&f, "a-to-b"));
+        // The rule never expires: the flow carries the proof's expiry, both ways.
+        assert_eq!(
+            (fwd.expires_ns, rev.expires_ns),
+            (expires, expires),
+            "{src}"
+        );
+        f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
+        f.assert_passes_as(&syn.flags(ACK).build(), Verdict::AllowEstablished);
+    }
+}
+
+#[test]
+fn auth_flow_carries_the_rules_expiry_when_that_is_earlier() {
+    let mut f = DatapathFixture::new("auth_rule_earlier");
+    // RFC 3339 in whole seconds; the proof outlives the rule by far.
+    let rule_expires = SystemTime::now() + Duration::from_secs(30);
+    f.apply(&auth_policy(
+        "auth",
+        &format!("expires: \"{}\"", rfc3339(rule_expires)),
+        "",
+    ));
+    let rule_boot = mtls_entry(&f).expires_ns;
+    assert_ne!(rule_boot, 0, "the rule has an expiry");
+    let proof = boot_now() + 600 * SEC;
+    assert!(rule_boot < proof);
+    prove_ab(&f, proof);
+    for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+        let syn = PacketSpec::tcp(src, 40200, dst, MTLS_PORT);
+        f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+        assert_eq!(
+            f.flow(&key_of(&syn)).unwrap().expires_ns,
+            rule_boot,
+            "{src}"
+        );
+        assert_eq!(
+            f.flow(&key_of(&syn.reply())).unwrap().expires_ns,
+            rule_boot,
+            "{src}"
+        );
+    }
+    // And the other way round: a proof that lapses before the rule.
+    let short = boot_now() + 10 * SEC;
+    prove_ab(&f, short);
+    let syn = PacketSpec::tcp(AUTH_A, 40201, AUTH_B, MTLS_PORT);
+    f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+    assert_eq!(f.flow(&key_of(&syn)).unwrap().expires_ns, short);
+}
+
+#[test]
+fn expired_proof_refuses() {
+    let f = auth_fixture("auth_expired");
+    prove_ab(&f, boot_now() - MS);
+    for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+        let syn = PacketSpec::tcp(src, 40300, dst, MTLS_PORT);
+        f.assert_dropped_as(&syn.build(), Verdict::DenyAuthRequired);
+        assert_untracked(&f, &syn);
+    }
+    // The earliest instant there is (what `write` makes of 0) is long past too.
+    prove_ab(&f, 0);
+    assert_eq!(proofs(&f).entries(), vec![(pair_ab(), 1)]);
+    let syn = PacketSpec::tcp(AUTH_A, 40301, AUTH_B, MTLS_PORT);
+    f.assert_dropped_as(&syn.build(), Verdict::DenyAuthRequired);
+    assert_untracked(&f, &syn);
+}
+
+#[test]
+fn proof_without_expiry_is_never_valid() {
+    use aya::maps::{HashMap, Map, MapData};
+    use tollgate_common::{AuthKey, AuthValue};
+    let f = auth_fixture("auth_no_expiry");
+    // Written past `ProofMap` (which never writes 0), as a buggy or foreign writer could.
+    let data = MapData::from_pin(f.layout.map(tollgate_common::map_names::AUTH)).unwrap();
+    let mut auth: HashMap<MapData, AuthKey, AuthValue> =
+        Map::from_map_data(data).unwrap().try_into().unwrap();
+    auth.insert(
+        AuthKey { pair: pair_ab() },
+        AuthValue {
+            expires_ns: tollgate_common::time::NEVER,
+            ..Default::default()
+        },
+        0,
+    )
+    .unwrap();
+    for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+        let syn = PacketSpec::tcp(src, 40400, dst, MTLS_PORT);
+        f.assert_dropped_as(&syn.build(), Verdict::DenyAuthRequired);
+        assert_untracked(&f, &syn);
+    }
+    f.run_program(
+        tollgate_common::program_names::TC_CHECK,
+        &PacketSpec::tcp(AUTH_A, 40401, AUTH_B, MTLS_PORT).build(),
+    );
+    assert_eq!(
+        f.datapath.check_result().unwrap().auth_state,
+        tollgate_common::auth::state::EXPIRED
+    );
+}
+
+#[test]
+fn proof_of_another_pair_admits_nothing() {
+    use tollgate_agent::policy::auth_pair_key;
+    let f = auth_fixture("auth_other_pair");
+    let far = boot_now() + 60 * SEC;
+    let mut map = proofs(&f);
+    // The reversed pair, and pairs that share one of the two SPIFFE IDs.
+    for (src, dst) in [
+        (SPIFFE_B, SPIFFE_A),
+        (SPIFFE_A, "spiffe://t.test/c"),
+        ("spiffe://t.test/c", SPIFFE_B),
+        (SPIFFE_A, SPIFFE_A),
+        (SPIFFE_B, SPIFFE_B),
+    ] {
+        let pair = auth_pair_key(src, dst);
+        assert_ne!(pair, pair_ab(), "{src} -> {dst}");
+        map.write(pair, far).unwrap();
+    }
+    for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+        let syn = PacketSpec::tcp(src, 40500, dst, MTLS_PORT);
+        f.assert_dropped_as(&syn.build(), Verdict::DenyAuthRequired);
+        assert_untracked(&f, &syn);
+    }
+    // The pair's own proof is what admits it.
+    map.write(pair_ab(), far).unwrap();
+    f.assert_passes_as(
+        &PacketSpec::tcp(AUTH_A, 40501, AUTH_B, MTLS_PORT).build(),
+        Verdict::AllowNew,
+    );
+}
+
+#[test]
+fn established_flow_is_cut_when_its_proof_lapses() {
+    use tollgate_common::flow::EVENT_FLAG_AUTH_REQUIRED;
+    let f = auth_fixture("auth_lapse");
+    let mut ring = EventRing::open(&f);
+    let expires = boot_now() + 300 * MS;
+    prove_ab(&f, expires);
+    let v4 = PacketSpec::tcp(AUTH_A, 40600, AUTH_B, MTLS_PORT);
+    let v6 = PacketSpec::tcp(AUTH_A6, 40600, AUTH_B6, MTLS_PORT);
+    for syn in [&v4, &v6] {
+        f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+        f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
+        f.assert_passes_as(&syn.flags(ACK).build(), Verdict::AllowEstablished);
+    }
+    ring.drain();
+    sleep_past_boot(expires);
+    // No agent action: the proof's expiry alone cuts the flow, whichever side speaks first
+    // (IPv4: the client; IPv6: the server's answer).
+    f.assert_dropped_as(&v4.flags(ACK).build(), Verdict::DenyRevoked);
+    f.assert_dropped_as(&v6.reply().flags(ACK).build(), Verdict::DenyRevoked);
+    for syn in [&v4, &v6] {
+        assert_untracked(&f, syn);
+    }
+    let events = ring.drain();
+    assert_eq!(events.len(), 2, "{events:?}");
+    for e in &events {
+        assert_eq!(e.verdict, Verdict::DenyRevoked as u32);
+        assert_eq!(e.rule_id, rule_id(&f, "a-to-b"));
+        assert_ne!(
+            e.flags & EVENT_FLAG_AUTH_REQUIRED,
+            0,
+            "a cut asks for a new handshake"
+        );
+    }
+    // What follows is decided as new: the server's side is no flow of a rule, the client's
+    // needs a proof again.
+    f.assert_dropped_as(&v4.reply().flags(ACK).build(), Verdict::DenyDefault);
+    f.assert_dropped_as(&v4.flags(ACK).build(), Verdict::DenyAuthRequired);
+}
+
+#[test]
+fn established_flow_carries_on_when_its_proof_is_renewed() {
+    let f = auth_fixture("auth_renewed");
+    let first = boot_now() + 300 * MS;
+    prove_ab(&f, first);
+    let syn = PacketSpec::tcp(AUTH_A, 40700, AUTH_B, MTLS_PORT);
+    f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+    f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
+    assert_eq!(f.flow(&key_of(&syn)).unwrap().expires_ns, first);
+    // Renewed before it lapses, as the auth manager does.
+    let renewed = boot_now() + 60 * SEC;
+    prove_ab(&f, renewed);
+    sleep_past_boot(first);
+    // The entry's expiry passed: decided again, readmitted by the renewed proof.
+    f.assert_passes_as(&syn.flags(ACK).build(), Verdict::AllowEstablished);
+    let fwd = f.flow(&key_of(&syn)).expect("still tracked");
+    assert_eq!(fwd.expires_ns, renewed);
+    assert_eq!(fwd.rule_id, rule_id(&f, "a-to-b"));
+    // The reply entry is decided again at its own next packet, and carries on too.
+    f.assert_passes_as(&syn.reply().flags(ACK).build(), Verdict::AllowEstablished);
+    assert_eq!(f.flow(&key_of(&syn.reply())).unwrap().expires_ns, renewed);
+    // Nothing was counted as refused.
+    assert_eq!(f.counter(Verdict::DenyRevoked), 0);
+    assert_eq!(f.counter(Verdict::DenyAuthRequired), 0);
+}
+
+#[test]
+fn reply_direction_of_an_authenticated_flow_passes() {
+    let f = auth_fixture("auth_reply");
+    // Only (a, b) is proven: b's answers ride on a's flow, they need no proof of (b, a).
+    prove_ab(&f, boot_now() + 60 * SEC);
+    for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+        let syn = PacketSpec::tcp(src, 40800, dst, MTLS_PORT);
+        f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+        f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
+        f.assert_passes_as(&syn.flags(ACK).build(), Verdict::AllowEstablished);
+        f.assert_passes_as(&syn.reply().flags(ACK).build(), Verdict::AllowEstablished);
+        // But b may not open a connection to a on the strength of it.
+        f.assert_dropped_as(
+            &PacketSpec::tcp(dst, 40801, src, MTLS_PORT).build(),
+            Verdict::DenyDefault,
+        );
+    }
+}
+
+#[test]
+fn audit_rule_without_a_proof_passes_as_would_deny_and_still_asks_for_a_handshake() {
+    use tollgate_common::flow::{EVENT_FLAG_AUTH_REQUIRED, FLOW_FLAG_AUDIT};
+    // The mTLS rule in audit mode, and the whole policy in audit mode.
+    for (name, extra, spec_extra) in [
+        ("auth_audit_rule", "mode: audit", ""),
+        ("auth_audit_policy", "", "mode: audit"),
+    ] {
+        let mut f = DatapathFixture::new(name);
+        f.apply(&auth_policy("auth", extra, spec_extra));
+        let mut ring = EventRing::open(&f);
+        ring.drain();
+        for (src, dst) in [(AUTH_A, AUTH_B), (AUTH_A6, AUTH_B6)] {
+            let syn = PacketSpec::tcp(src, 40900, dst, MTLS_PORT);
+            f.assert_passes_as(&syn.build(), Verdict::AuditWouldDeny);
+            let events = ring.drain();
+            assert_eq!(events.len(), 1, "{name} {src}: {events:?}");
+            assert_eq!(events[0].verdict, Verdict::AuditWouldDeny as u32);
+            assert_eq!(events[0].rule_id, rule_id(&f, "a-to-b"));
+            assert_ne!(
+                events[0].flags & EVENT_FLAG_AUTH_REQUIRED,
+                0,
+                "{name} {src}: the handshake is asked for in audit mode too"
+            );
+            // Tracked as a would-deny, like any audited flow.
+            assert_ne!(flow_flags(&f, &syn) & FLOW_FLAG_AUDIT, 0);
+            f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
+        }
+        // With a proof, the flow is an ordinary admission.
+        prove_ab(&f, boot_now() + 60 * SEC);
+        let syn = PacketSpec::tcp(AUTH_A, 40901, AUTH_B, MTLS_PORT);
+        f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+        assert_eq!(flow_flags(&f, &syn) & FLOW_FLAG_AUDIT, 0, "{name}");
+        assert!(
+            ring.drain().is_empty(),
+            "{name}: an admitted flow is no news"
+        );
+    }
+}
+
+/// Runs `tollgate_check` on `spec` (as a new flow) and reads what it decided.
+fn check(f: &mut DatapathFixture, spec: &PacketSpec) -> tollgate_common::CheckResult {
+    f.datapath.clear_check().unwrap();
+    f.run_program(tollgate_common::program_names::TC_CHECK, &spec.build());
+    f.datapath.check_result().unwrap()
+}
+
+#[test]
+fn check_reports_whether_a_proof_admits_the_pair() {
+    use tollgate_common::auth::state;
+    let mut f = auth_fixture("auth_check");
+    let rule = rule_id(&f, "a-to-b");
+    let v4 = PacketSpec::tcp(AUTH_A, 41000, AUTH_B, MTLS_PORT);
+    let v6 = PacketSpec::tcp(AUTH_A6, 41000, AUTH_B6, MTLS_PORT);
+    for spec in [&v4, &v6] {
+        let r = check(&mut f, spec);
+        assert_eq!(
+            (r.verdict, r.rule_id, r.auth_state, r.expires_ns),
+            (Verdict::DenyAuthRequired as u32, rule, state::MISSING, 0),
+            "{spec:?}"
+        );
+    }
+    let expires = boot_now() + 60 * SEC;
+    prove_ab(&f, expires);
+    for spec in [&v4, &v6] {
+        let r = check(&mut f, spec);
+        assert_eq!(
+            (r.verdict, r.rule_id, r.auth_state, r.expires_ns),
+            (Verdict::AllowNew as u32, rule, state::VALID, expires),
+            "{spec:?}"
+        );
+    }
+    prove_ab(&f, boot_now() - MS);
+    for spec in [&v4, &v6] {
+        let r = check(&mut f, spec);
+        assert_eq!(
+            (r.verdict, r.rule_id, r.auth_state),
+            (Verdict::DenyAuthRequired as u32, rule, state::EXPIRED),
+            "{spec:?}"
+        );
+    }
+    // A rule without authentication, and a packet no rule allows, need no proof.
+    let plain = check(&mut f, &PacketSpec::tcp(AUTH_A, 41001, AUTH_B, PLAIN_PORT));
+    assert_eq!(
+        (plain.verdict, plain.auth_state),
+        (Verdict::AllowNew as u32, state::NOT_REQUIRED)
+    );
+    let denied = check(&mut f, &PacketSpec::tcp(AUTH_B, 41002, AUTH_A, MTLS_PORT));
+    assert_eq!(
+        (denied.verdict, denied.auth_state),
+        (Verdict::DenyDefault as u32, state::NOT_REQUIRED)
+    );
+    // The check program asks; it neither counts nor tracks.
+    assert_eq!(f.counter(Verdict::DenyAuthRequired), 0);
+    assert_untracked(&f, &v4);
+}
+
+#[test]
+fn proof_survives_a_policy_swap() {
+    let mut f = auth_fixture("auth_swap");
+    let expires = boot_now() + 60 * SEC;
+    prove_ab(&f, expires);
+    let syn = PacketSpec::tcp(AUTH_A, 41100, AUTH_B, MTLS_PORT);
+    let syn6 = PacketSpec::tcp(AUTH_A6, 41100, AUTH_B6, MTLS_PORT);
+    for s in [&syn, &syn6] {
+        f.assert_passes_as(&s.build(), Verdict::AllowNew);
+        f.assert_passes_as(&s.reply().build(), Verdict::AllowEstablished);
+    }
+    let before = f.flow(&key_of(&syn)).unwrap().generation;
+    // The same policy again, as the next generation in the other slot: new identity and rule
+    // numbers there, the same SPIFFE IDs, so the same pair key.
+    f.apply(&auth_policy("auth-v2", "", ""));
+    assert_eq!(mtls_entry(&f).auth_pair, pair_ab());
+    for s in [&syn, &syn6] {
+        // Each direction is decided again at its next packet and still admitted.
+        f.assert_passes_as(&s.flags(ACK).build(), Verdict::AllowEstablished);
+        f.assert_passes_as(&s.reply().flags(ACK).build(), Verdict::AllowEstablished);
+        for key in [key_of(s), key_of(&s.reply())] {
+            let v = f.flow(&key).expect("still tracked");
+            assert_ne!(v.generation, before, "re-decided under the new generation");
+            assert_eq!(v.expires_ns, expires);
+        }
+    }
+    // New connections are admitted by the same proof.
+    f.assert_passes_as(
+        &PacketSpec::tcp(AUTH_A, 41101, AUTH_B, MTLS_PORT).build(),
+        Verdict::AllowNew,
+    );
+    assert_eq!(f.counter(Verdict::DenyRevoked), 0);
+}
+
+#[test]
+fn a_withdrawn_proof_cuts_the_flow_at_the_next_policy_swap() {
+    let mut f = auth_fixture("auth_withdrawn");
+    prove_ab(&f, boot_now() + 60 * SEC);
+    let syn = PacketSpec::tcp(AUTH_A, 41200, AUTH_B, MTLS_PORT);
+    f.assert_passes_as(&syn.build(), Verdict::AllowNew);
+    f.assert_passes_as(&syn.reply().build(), Verdict::AllowEstablished);
+    // Revoked before its expiry: new connections are refused at once...
+    proofs(&f).remove(pair_ab());
+    f.assert_dropped_as(
+        &PacketSpec::tcp(AUTH_A, 41201, AUTH_B, MTLS_PORT).build(),
+        Verdict::DenyAuthRequired,
+    );
+    // ...and the tracked flow, which holds the proof's expiry, is cut by the swap that follows
+    // a revocation (see `tollgate_common::auth`).
+    f.apply(&auth_policy("auth-v2", "", ""));
+    f.assert_dropped_as(&syn.reply().flags(ACK).build(), Verdict::DenyRevoked);
+    assert_untracked(&f, &syn);
+}
+
+/// The debug (opt-level 2) object with the authentication gate: accepted by the verifier, and
+/// it enforces the gate like the release build.
+#[test]
+fn debug_build_passes_the_verifier_and_enforces_authentication() {
+    let path = std::env::var("TOLLGATE_EBPF_DEBUG_OBJECT").expect(
+        "TOLLGATE_EBPF_DEBUG_OBJECT is not set; run the tests through `cargo xtask test`, which builds the debug eBPF object",
+    );
+    let object = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let mut f = DatapathFixture::with_object("debug_object_auth", &object);
+    f.apply(&auth_policy("auth", "", ""));
+    let syn = PacketSpec::tcp(AUTH_A, 41300, AUTH_B, MTLS_PORT);
+    let syn6 = PacketSpec::tcp(AUTH_A6, 41300, AUTH_B6, MTLS_PORT);
+    for s in [&syn, &syn6] {
+        f.assert_dropped_as(&s.build(), Verdict::DenyAuthRequired);
+        assert_untracked(&f, s);
+    }
+    f.run_program(tollgate_common::program_names::TC_CHECK, &syn.build());
+    assert_eq!(
+        f.datapath.check_result().unwrap().auth_state,
+        tollgate_common::auth::state::MISSING
+    );
+    let expires = boot_now() + 300 * MS;
+    prove_ab(&f, expires);
+    for s in [&syn, &syn6] {
+        f.assert_passes_as(&s.build(), Verdict::AllowNew);
+        assert_eq!(f.flow(&key_of(s)).unwrap().expires_ns, expires);
+        f.assert_passes_as(&s.reply().build(), Verdict::AllowEstablished);
+    }
+    sleep_past_boot(expires);
+    f.assert_dropped_as(&syn.flags(ACK).build(), Verdict::DenyRevoked);
+    f.assert_dropped_as(&syn6.reply().flags(ACK).build(), Verdict::DenyRevoked);
+}

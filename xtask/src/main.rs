@@ -3,6 +3,7 @@
 
 mod churn_bench;
 mod demo;
+mod demo_auth;
 mod demo_kubernetes;
 mod interrupt;
 mod setup;
@@ -131,7 +132,7 @@ fn build_debug_ebpf() -> Result<PathBuf> {
 /// The test binaries that hold root-only kernel tests: each must run and pass at least this
 /// many tests, so a filter, a skip or a missing binary fails the run.
 const KERNEL_TEST_BINARIES: [(&str, usize); 10] = [
-    ("prog_test_run", 78),
+    ("prog_test_run", 92),
     ("namespaced", 24),
     ("traffic", 25),
     ("ratelimit", 7),
