@@ -52,7 +52,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the node agent (or remove its pinned datapath with --uninstall).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show programs, interfaces, policy generation and verdict counters.
     Status {
         /// Print the agent's JSON answer instead of text.
@@ -338,7 +338,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Agent(args) => run_agent(args, cli.socket),
+        Command::Agent(args) => run_agent(*args, cli.socket),
         Command::Policy(PolicyCommand::Validate { file }) => {
             let p = load_policy_file(&file)?;
             println!(
@@ -405,9 +405,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             out,
             layout,
         }) => {
-            let names = crate::identity::source::FileNames::layout(&layout).with_context(|| {
-                format!("--layout {layout:?}: expected csi or spiffe-helper")
-            })?;
+            let names = crate::identity::source::FileNames::layout(&layout)
+                .with_context(|| format!("--layout {layout:?}: expected csi or spiffe-helper"))?;
             println!(
                 "{}",
                 crate::identity::ca::issue_command(&dir, &spiffe_id, ttl, &out, &names)?
@@ -733,13 +732,15 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         state_dir: Some(args.state_dir),
         metrics_addr: args.metrics_addr.0,
         audit,
-        auth: args.svid_dir.map(|svid_dir| crate::auth::manager::AuthSettings {
-            listen: args.auth_addr,
-            svid_dir,
-            svid_files: args.svid_files,
-            max_ttl: args.auth_max_ttl,
-            node: node.clone(),
-        }),
+        auth: args
+            .svid_dir
+            .map(|svid_dir| crate::auth::manager::AuthSettings {
+                listen: args.auth_addr,
+                svid_dir,
+                svid_files: args.svid_files,
+                max_ttl: args.auth_max_ttl,
+                node: node.clone(),
+            }),
         node,
     };
     let rt = runtime()?;

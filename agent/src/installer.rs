@@ -647,8 +647,14 @@ impl Installer {
             return;
         }
         match self.try_apply(text, Source::Redecide) {
-            Ok(r) => tracing::info!(generation = r.generation, reason, "tracked flows are decided again"),
-            Err(e) => tracing::error!(error = %e, reason, "installing the live policy again failed; flows admitted by a withdrawn proof keep passing until its expiry"),
+            Ok(r) => tracing::info!(
+                generation = r.generation,
+                reason,
+                "tracked flows are decided again"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, reason, "installing the live policy again failed; flows admitted by a withdrawn proof keep passing until its expiry")
+            }
         }
     }
 

@@ -102,8 +102,9 @@ pub struct FlowValue {
     /// Policy generation that admitted (or last re-checked) the flow. A packet seen under
     /// another generation re-runs the policy decision.
     pub generation: u64,
-    /// CLOCK_BOOTTIME expiry of the rule that admitted the flow (0 = never); checked on every
-    /// packet so an expired grant cuts established flows without the agent.
+    /// CLOCK_BOOTTIME expiry of the flow's admission (0 = never): the earlier of its rule's
+    /// expiry and, for a rule that requires authentication, its pair's proof. Checked on every
+    /// packet so an expired grant or proof cuts established flows without the agent.
     pub expires_ns: u64,
     /// The datapath's idle clock (jiffies in nanoseconds, see `ACTIVE_NS_PER_JIFFY_INDEX`) at the
     /// last packet, refreshed at most once a second; only for idle expiry, so tick precision is

@@ -229,6 +229,7 @@ pub fn run() -> Result<()> {
     println!("\nCleaning up: stopping the agent, removing its pins and the namespaces.");
     drop(agent);
     drop(topo);
+    crate::demo_auth::run(&binary, &workdir)?;
     println!("Done.");
     Ok(())
 }
