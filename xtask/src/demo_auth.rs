@@ -62,6 +62,13 @@ spec:
     )
 }
 
+/// Runs `tollgate <args>`; its standard output whatever its exit status (`check` exits 3 for
+/// a deny).
+fn tollgate_output(binary: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(binary).args(args).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// Runs `tollgate <args>`; its standard output, or the error with its standard error.
 fn tollgate(binary: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(binary).args(args).output()?;
@@ -238,7 +245,7 @@ pub fn run(binary: &Path, workdir: &Path) -> Result<()> {
         } else {
             IpAddr::V4(from.v4)
         };
-        let check = tollgate(
+        let check = tollgate_output(
             binary,
             &[
                 "--socket",

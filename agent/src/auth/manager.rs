@@ -159,6 +159,7 @@ pub async fn start(
         outcomes: mpsc::channel(64),
         stats: stats.clone(),
         reporter: reporter.clone(),
+        redecide: None,
     };
     manager.take_svids();
     manager.take_policy();
@@ -243,6 +244,9 @@ struct Manager {
     outcomes: (mpsc::Sender<Outcome>, mpsc::Receiver<Outcome>),
     stats: Arc<AuthStats>,
     reporter: Arc<Reporter>,
+    /// Why every tracked flow must be decided again before the next event is taken: a proof
+    /// was withdrawn, or renewed with an earlier expiry than its flows carry.
+    redecide: Option<&'static str>,
 }
 
 impl Manager {
@@ -259,11 +263,7 @@ impl Manager {
                     if changed.is_err() {
                         return;
                     }
-                    if self.take_svids() {
-                        self.installer
-                            .redecide("a proof of authentication was withdrawn".to_owned())
-                            .await;
-                    }
+                    self.take_svids();
                 }
                 changed = self.installed.changed() => {
                     if changed.is_err() {
@@ -276,12 +276,15 @@ impl Manager {
                 Some(o) = self.outcomes.1.recv() => self.on_outcome(o),
                 _ = tick.tick() => self.on_tick(),
             }
+            if let Some(reason) = self.redecide.take() {
+                self.installer.redecide(reason.to_owned()).await;
+            }
         }
     }
 
-    /// Takes the latest SVID reading. Returns whether a proof was withdrawn (the caller has
-    /// every tracked flow decided again).
-    fn take_svids(&mut self) -> bool {
+    /// Takes the latest SVID reading; a proof whose certificate is gone or no longer trusted
+    /// is withdrawn, and every tracked flow decided again.
+    fn take_svids(&mut self) {
         let loaded = self.svid_rx.borrow_and_update().clone();
         let mut svids: BTreeMap<SpiffeId, Svid> = loaded
             .svids
@@ -356,9 +359,9 @@ impl Manager {
             self.lapse(*pair, reason, why);
         }
         if !withdrawn.is_empty() {
+            self.redecide = Some("a proof of authentication was withdrawn");
             self.publish();
         }
-        !withdrawn.is_empty()
     }
 
     /// Takes the live policy's plan: proofs of pairs it no longer needs are withdrawn (their
@@ -576,6 +579,15 @@ impl Manager {
         role: &'static str,
     ) -> Result<()> {
         self.proof_map.write_until(plan.key, expires_at)?;
+        if self
+            .proofs
+            .get(&plan.key)
+            .is_some_and(|old| expires_at < old.expires_at)
+        {
+            // Flows admitted under the old proof carry its later expiry: they must be decided
+            // again, or they would outlive the certificate the new proof ends with.
+            self.redecide = Some("a proof was renewed with an earlier expiry");
+        }
         self.proofs.insert(
             plan.key,
             Proof {

@@ -403,10 +403,10 @@ pub fn init_command(
     let ca = DevCa::init(td, ttl)?;
     ca.save(dir, force)?;
     Ok(format!(
-        "development CA for trust domain {} written to {} ({CA_CERT_FILE} is the trust bundle, {CA_KEY_FILE} the key), valid for {}",
+        "development CA for trust domain {} written to {} ({CA_CERT_FILE} is the trust bundle, {CA_KEY_FILE} the key), valid until {}",
         ca.trust_domain,
         dir.display(),
-        humantime::format_duration(ttl)
+        humantime::format_rfc3339_seconds(ca.not_after())
     ))
 }
 
