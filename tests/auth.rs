@@ -16,10 +16,12 @@ use std::{
 use tollgate_agent::identity::{ca::DevCa, source::FileNames, SpiffeId, TrustDomain};
 use tollgate_testbed::{
     spoof::{send_tcp, TcpSegment},
-    traffic::{tcp_bulk_echo, tcp_echo_server},
+    traffic::{tcp_bulk_echo, tcp_connect_from, tcp_echo_server},
     two_nodes::{NODE_A_V4, NODE_B_V4, UPLINK},
     AgentProcess, NetNs, TopologyOptions, TwoNodes,
 };
+
+use tollgate_testbed::prometheus::{http_get, promtool_check_metrics};
 
 use crate::support::{env::BINARY, require_root, test_pin_dir};
 
@@ -146,6 +148,11 @@ impl AuthEnv {
     }
 
     fn start_agent(&mut self, node: &str) {
+        self.start_agent_with(node, &[]);
+    }
+
+    /// Starts node `node`'s agent with more arguments (`{dir}`: the scratch directory).
+    fn start_agent_with(&mut self, node: &str, more: &[&str]) {
         let (ns, addr) = match node {
             "a" => (&self.nodes.a.node, NODE_A_V4),
             _ => (&self.nodes.b.node, NODE_B_V4),
@@ -156,6 +163,19 @@ impl AuthEnv {
         let svids = self.svid_dir(node).display().to_string();
         let listen = format!("{addr}:{AUTH_PORT}");
         let node_name = format!("node-{node}");
+        let dir = self.dir.path().display().to_string();
+        let more: Vec<String> = more.iter().map(|a| a.replace("{dir}", &dir)).collect();
+        let mut args = vec![
+            "--uplinks",
+            UPLINK,
+            "--svid-dir",
+            &svids,
+            "--auth-addr",
+            &listen,
+            "--node-name",
+            &node_name,
+        ];
+        args.extend(more.iter().map(String::as_str));
         let agent = AgentProcess::start_with_args(
             Path::new(BINARY),
             ns,
@@ -163,16 +183,7 @@ impl AuthEnv {
             &policy_path,
             &workdir,
             &test_pin_dir(&format!("auth-{}-{node}", self.name)),
-            &[
-                "--uplinks",
-                UPLINK,
-                "--svid-dir",
-                &svids,
-                "--auth-addr",
-                &listen,
-                "--node-name",
-                &node_name,
-            ],
+            &args,
         )
         .expect("agent starts");
         match node {
@@ -261,8 +272,13 @@ impl AuthEnv {
 
     /// Both agents running, `web → db` proven, an echo server on db for `connections`.
     fn authenticated(name: &str, connections: usize) -> AuthEnv {
+        Self::authenticated_with(name, connections, &[])
+    }
+
+    /// Like `authenticated`, node B's agent started with more arguments.
+    fn authenticated_with(name: &str, connections: usize, b_args: &[&str]) -> AuthEnv {
         let mut env = AuthEnv::new(name);
-        env.start_agent("b");
+        env.start_agent_with("b", b_args);
         env.start_agent("a");
         assert!(
             env.wait_for(|e| e.has_proof("a", "web", "db") && e.has_proof("b", "web", "db")),
@@ -522,4 +538,119 @@ fn svid_replaced_by_another_spiffe_id_cuts_established_flows() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(cut, "the established flow kept passing");
+}
+
+#[test]
+fn handshakes_and_lapses_are_metrics_and_audit_records() {
+    let metrics: SocketAddr = format!("{NODE_B_V4}:9464").parse().unwrap();
+    let env = AuthEnv::authenticated_with(
+        "records",
+        4,
+        &[
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--audit-log",
+            "{dir}/audit-b.jsonl",
+        ],
+    );
+    // rogue's forged certificate gives node B a refused handshake too.
+    let (r, _) = connect_timed(
+        env.ns("rogue"),
+        env.addr("db", false),
+        Duration::from_secs(2),
+    );
+    assert!(r.is_err());
+    assert!(env.wait_for(|e| e.handshakes("b", "server", "untrusted_signature") >= 1));
+    let exposition = env
+        .nodes
+        .b
+        .node
+        .run(move || http_get(metrics, "/metrics", Duration::from_secs(5)))
+        .unwrap()
+        .expect("scrape node B");
+    assert_eq!(exposition.0, 200);
+    let text = exposition.1;
+    for needle in [
+        "tollgate_auth_handshakes_total{result=\"ok\",role=\"server\"} 1",
+        "tollgate_auth_handshakes_total{result=\"untrusted_signature\",role=\"server\"}",
+        "tollgate_auth_proofs 1",
+        "tollgate_auth_svids 1",
+        "tollgate_verdicts_total{verdict=\"deny_auth_required\"}",
+    ] {
+        assert!(text.contains(needle), "{needle} not in:\n{text}");
+    }
+    promtool_check_metrics(&text).expect("promtool check metrics");
+    // The audit log has both handshakes, and its chain holds.
+    let log = env.dir.path().join("audit-b.jsonl");
+    assert!(env.wait_for(|_| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("\"type\":\"auth_handshake\"")
+            && text.contains("\"result\":\"ok\"")
+            && text.contains("\"result\":\"untrusted_signature\"")
+    }));
+    let out = std::process::Command::new(BINARY)
+        .args(["audit", "verify"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn hostile_clients_on_the_auth_listener_do_not_stop_handshakes() {
+    let env = AuthEnv::authenticated("hostile", 4);
+    // A workload cannot even reach the listener: the node is `host`, and no rule allows it.
+    let listener: SocketAddr = format!("{NODE_B_V4}:{AUTH_PORT}").parse().unwrap();
+    let reached = env
+        .ns("web")
+        .run(move || TcpStream::connect_timeout(&listener, Duration::from_millis(1500)).is_ok())
+        .unwrap();
+    assert!(!reached, "a workload reached node B's auth listener");
+    // From another address of node A's side of the link: idle connections, and garbage.
+    let attacker = IpAddr::V4("10.200.0.3".parse().unwrap());
+    tollgate_testbed::netns::ip(&[
+        "-n",
+        env.nodes.a.node.name(),
+        "addr",
+        "add",
+        "10.200.0.3/24",
+        "dev",
+        UPLINK,
+    ])
+    .unwrap();
+    let mut held = Vec::new();
+    for i in 0..60 {
+        if let Ok(mut s) =
+            tcp_connect_from(&env.nodes.a.node, SocketAddr::new(attacker, 0), listener)
+        {
+            if i % 3 == 0 {
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n\x16\x03\x01\xff\xff garbage");
+            }
+            held.push(s);
+        }
+    }
+    assert!(!held.is_empty());
+    // Meanwhile a real handshake: web's certificate rotates, and node A renews the proof.
+    let handshakes = env.handshakes("b", "server", "ok");
+    env.issue(
+        "a/web",
+        WEB_ID,
+        Duration::from_secs(3600),
+        &FileNames::CSI_SPIFFE,
+    );
+    assert!(
+        env.wait_for(|e| e.handshakes("b", "server", "ok") > handshakes),
+        "no handshake got through; node B: {:#?}",
+        env.status("b")["auth"]
+    );
+    drop(held);
+    let (r, _) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(3));
+    assert!(r.is_ok());
+    // The attacker's connections were capped and ended; node B is still serving.
+    assert!(env.handshakes("b", "server", "busy") >= 1);
+    assert!(env.has_proof("b", "web", "db"));
 }

@@ -145,8 +145,9 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 10] = [
     ("kubernetes", 5),
     // Regression tests of the attack round on Kubernetes mode and the saved policy.
     ("kubernetes_attacks", 10),
-    // mTLS between two nodes' agents: proofs, refusals, rotation, expiry, spoofing.
-    ("auth", 7),
+    // mTLS between two nodes' agents: proofs, refusals, rotation, expiry, spoofing, records,
+    // hostile clients of the auth listener.
+    ("auth", 9),
 ];
 
 fn test() -> Result<()> {

@@ -61,6 +61,10 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 pub const SVID_POLL: Duration = Duration::from_millis(500);
 /// Handshakes served at once; a connection beyond them is closed at accept.
 pub const MAX_SERVED: usize = 256;
+/// Handshakes served at once for one peer address: a peer that opens connections and sends
+/// nothing holds at most these, each for at most the handshake deadline, and never all of
+/// `MAX_SERVED`.
+pub const MAX_SERVED_PER_PEER: usize = 16;
 /// Retry delays after a failed handshake: doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -833,6 +837,7 @@ async fn serve(
     reporter: Arc<Reporter>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_SERVED));
+    let per_peer: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -844,6 +849,10 @@ async fn serve(
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            stats.count_handshake("server", "busy");
+            continue;
+        };
+        let Some(peer_slot) = PeerSlot::take(&per_peer, peer.ip()) else {
             stats.count_handshake("server", "busy");
             continue;
         };
@@ -866,6 +875,7 @@ async fn serve(
             )
             .await;
             drop(permit);
+            drop(peer_slot);
             // Successes and refusals by policy are counted by the manager; what failed before
             // it was asked is counted here.
             if let Err(e) = result {
@@ -885,5 +895,41 @@ async fn serve(
                 }
             }
         });
+    }
+}
+
+/// One of a peer address's `MAX_SERVED_PER_PEER` connections, given back when dropped.
+struct PeerSlot {
+    table: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+    peer: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        table: &Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+        peer: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(peer).or_default();
+        if *n >= MAX_SERVED_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            table: table.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.peer);
+            }
+        }
     }
 }
