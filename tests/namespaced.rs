@@ -214,7 +214,9 @@ fn removing_a_rule_stops_an_established_tcp_connection() {
 
 #[test]
 fn an_expired_rule_stops_traffic() {
-    // Whole seconds in RFC 3339: expire 3 s from now, long enough to start a connection.
+    let env = Env::new("expiry", SHOP);
+    // The expiring policy goes in once the agent is up (its start takes seconds on a loaded
+    // machine): whole seconds in RFC 3339, 3 s from now, long enough to start a connection.
     let expires = SystemTime::now() + Duration::from_secs(3);
     let policy = SHOP.replace(
         "      from: frontend\n",
@@ -223,7 +225,8 @@ fn an_expired_rule_stops_traffic() {
             humantime::format_rfc3339_seconds(expires)
         ),
     );
-    let env = Env::new("expiry", &policy);
+    let file = env.write_policy("expiring.yaml", &policy);
+    assert_eq!(env.apply(&file).0, 0);
     serve_tcp(&env, "orders", false, &[8080]);
     let orders = env.addr("orders", false);
     let mut conn = tcp_connect(env.ns("frontend"), orders, 8080).unwrap();

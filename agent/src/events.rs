@@ -418,7 +418,9 @@ mod tests {
         let bad_verdict = FlowEvent { verdict: 999, ..ev };
         assert_eq!(
             decode(&bytes_of(&bad_verdict)),
-            Decoded::Malformed { len: 88 }
+            Decoded::Malformed {
+                len: std::mem::size_of::<FlowEvent>()
+            }
         );
     }
 
