@@ -13,7 +13,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tollgate_agent::identity::{ca::DevCa, source::FileNames, SpiffeId, TrustDomain};
+use std::sync::{Arc, RwLock};
+
+use tollgate_agent::{
+    auth::handshake::{initiate_from, ClientProof, HandshakeError},
+    identity::{
+        ca::DevCa, source::FileNames, SpiffeId, Svid, TrustBundle, TrustBundles, TrustDomain,
+    },
+};
 use tollgate_testbed::{
     spoof::{send_tcp, TcpSegment},
     traffic::{tcp_bulk_echo, tcp_connect_from, tcp_echo_server},
@@ -79,6 +86,10 @@ struct AuthEnv {
     ca: DevCa,
     dir: tempfile::TempDir,
     name: String,
+    /// rogue's SVID from the forging CA: certificate and key PEM.
+    forged: (String, String),
+    /// web's SVID as first issued: certificate and key PEM.
+    web: (String, String),
 }
 
 impl AuthEnv {
@@ -103,8 +114,11 @@ impl AuthEnv {
             ca,
             dir,
             name: name.to_owned(),
+            forged: (String::new(), String::new()),
+            web: (String::new(), String::new()),
         };
-        env.issue(
+        let mut env = env;
+        env.web = env.issue(
             "a/web",
             WEB_ID,
             Duration::from_secs(3600),
@@ -129,15 +143,68 @@ impl AuthEnv {
         forged
             .write(&env.svid_dir("a").join("rogue"), &FileNames::SPIFFE_HELPER)
             .expect("write forged SVID");
+        env.forged = (forged.cert_pem, forged.key_pem);
         env
+    }
+
+    /// A hostile client on node A's side presents rogue's forged certificate straight to node
+    /// B's auth listener (node A's agent itself refuses to use it). Returns the client's error.
+    fn present_forged_certificate(&self) -> HandshakeError {
+        let (cert, key) = self.forged.clone();
+        self.present(cert, key, ROGUE_ID, None)
+            .expect_err("a forged certificate was accepted")
+    }
+
+    /// A client on node A's side (from address `from`, if given) presents the SVID `cert`,
+    /// `key` of `id` to node B's auth listener and asks for `id → db` proven.
+    fn present(
+        &self,
+        cert: String,
+        key: String,
+        id: &str,
+        from: Option<IpAddr>,
+    ) -> Result<ClientProof, HandshakeError> {
+        let bundle = self.ca.bundle_pem().to_owned();
+        let id = id.to_owned();
+        self.nodes
+            .a
+            .node
+            .run(move || {
+                let svid = Svid::from_pem(cert.as_bytes(), key.as_bytes()).expect("forged SVID");
+                let td = TrustDomain::parse("shop.test").unwrap();
+                let mut bundles = TrustBundles::new();
+                bundles.add(TrustBundle::from_pem(td, bundle.as_bytes()).unwrap());
+                let bundles = Arc::new(RwLock::new(bundles));
+                let to: SocketAddr = format!("{NODE_B_V4}:{AUTH_PORT}").parse().unwrap();
+                let (client, db) = (
+                    SpiffeId::parse(&id).unwrap(),
+                    SpiffeId::parse(DB_ID).unwrap(),
+                );
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(initiate_from(
+                        from,
+                        to,
+                        &svid,
+                        &db,
+                        (&client, &db),
+                        "attacker",
+                        bundles,
+                        Duration::from_secs(5),
+                    ))
+            })
+            .expect("run in node A")
     }
 
     fn svid_dir(&self, node: &str) -> PathBuf {
         self.dir.path().join(node)
     }
 
-    /// Issues an SVID for `id` into `<dir>/<at>`, replacing what is there.
-    fn issue(&self, at: &str, id: &str, ttl: Duration, names: &FileNames) {
+    /// Issues an SVID for `id` into `<dir>/<at>`, replacing what is there; its certificate and
+    /// key PEM.
+    fn issue(&self, at: &str, id: &str, ttl: Duration, names: &FileNames) -> (String, String) {
         let issued = self
             .ca
             .issue(&SpiffeId::parse(id).unwrap(), ttl)
@@ -145,6 +212,7 @@ impl AuthEnv {
         issued
             .write(&self.dir.path().join(at), names)
             .expect("write SVID");
+        (issued.cert_pem, issued.key_pem)
     }
 
     fn start_agent(&mut self, node: &str) {
@@ -406,13 +474,25 @@ fn workload_whose_svid_is_not_from_the_trusted_ca_is_refused() {
     }
     assert!(!env.has_proof("a", "rogue", "db"));
     assert!(!env.has_proof("b", "rogue", "db"));
-    // Node B refused rogue's certificate for what it is.
+    // Node A does not even use the forged SVID: it does not chain to the trust bundle.
+    let a = env.status("a");
+    assert!(
+        a["auth"]["problems"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.contains("does not chain")))),
+        "{:#?}",
+        a["auth"]
+    );
+    assert!(env.handshakes("a", "client", "no_svid") >= 1);
+    assert!(env.verdict("a", "deny_auth_required") >= 1);
+    // Presented to node B's listener directly, it is refused for what it is.
+    env.present_forged_certificate();
     assert!(
         env.wait_for(|e| e.handshakes("b", "server", "untrusted_signature") >= 1),
         "node B: {:#?}",
         env.status("b")["auth"]
     );
-    assert!(env.verdict("a", "deny_auth_required") >= 1);
+    assert!(!env.has_proof("b", "rogue", "db"));
     // web, next door, is unaffected.
     let (r, _) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(3));
     assert!(r.is_ok());
@@ -553,13 +633,8 @@ fn handshakes_and_lapses_are_metrics_and_audit_records() {
             "{dir}/audit-b.jsonl",
         ],
     );
-    // rogue's forged certificate gives node B a refused handshake too.
-    let (r, _) = connect_timed(
-        env.ns("rogue"),
-        env.addr("db", false),
-        Duration::from_secs(2),
-    );
-    assert!(r.is_err());
+    // A forged certificate gives node B a refused handshake too.
+    env.present_forged_certificate();
     assert!(env.wait_for(|e| e.handshakes("b", "server", "untrusted_signature") >= 1));
     let exposition = env
         .nodes
@@ -653,4 +728,36 @@ fn hostile_clients_on_the_auth_listener_do_not_stop_handshakes() {
     // The attacker's connections were capped and ended; node B is still serving.
     assert!(env.handshakes("b", "server", "busy") >= 1);
     assert!(env.has_proof("b", "web", "db"));
+}
+
+#[test]
+fn a_valid_certificate_presented_from_another_address_is_refused() {
+    let env = AuthEnv::authenticated("elsewhere", 4);
+    // web's real SVID, copied to another address than its node's (authAddress 10.200.0.1).
+    tollgate_testbed::netns::ip(&[
+        "-n",
+        env.nodes.a.node.name(),
+        "addr",
+        "add",
+        "10.200.0.4/24",
+        "dev",
+        UPLINK,
+    ])
+    .unwrap();
+    let (cert, key) = env.web.clone();
+    let err = env
+        .present(
+            cert.clone(),
+            key.clone(),
+            WEB_ID,
+            Some("10.200.0.4".parse().unwrap()),
+        )
+        .expect_err("a copied certificate proved the pair from elsewhere");
+    assert!(
+        matches!(&err, HandshakeError::Refused(why) if why.contains("came from 10.200.0.4")),
+        "{err}"
+    );
+    // From its node's address, the same certificate is accepted.
+    env.present(cert, key, WEB_ID, Some(NODE_A_V4.parse().unwrap()))
+        .expect("from web's node");
 }

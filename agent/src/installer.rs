@@ -641,19 +641,29 @@ impl Installer {
     /// The live policy again, as the next generation (see [`Command::Redecide`]).
     fn redecide(&mut self, reason: &str) {
         let text = self.policy.source_text.clone();
-        if text.is_empty() {
-            // Kubernetes mode before the first sync: the pinned policy is not known here, and
-            // the first sync installs a new generation anyway.
-            return;
-        }
-        match self.try_apply(text, Source::Redecide) {
-            Ok(r) => tracing::info!(
-                generation = r.generation,
-                reason,
-                "tracked flows are decided again"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, reason, "installing the live policy again failed; flows admitted by a withdrawn proof keep passing until its expiry")
+        let failed = if text.is_empty() {
+            // Kubernetes mode before the first sync: the pinned policy is not known here.
+            Some("the live policy is not known to this agent yet".to_owned())
+        } else {
+            match self.try_apply(text, Source::Redecide) {
+                Ok(r) => {
+                    tracing::info!(
+                        generation = r.generation,
+                        reason,
+                        "tracked flows are decided again"
+                    );
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        };
+        if let Some(why) = failed {
+            // Fail closed: without a new generation, forget every tracked flow instead, so each
+            // one's next packet is decided (and a flow that relied on the withdrawn proof is
+            // refused) all the same.
+            tracing::warn!(error = %why, reason, "no new generation; forgetting every tracked flow instead");
+            if let Err(e) = self.datapath.clear_conntrack() {
+                tracing::error!(error = %format!("{e:#}"), "clearing the conntrack maps failed");
             }
         }
     }

@@ -147,7 +147,7 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 10] = [
     ("kubernetes_attacks", 10),
     // mTLS between two nodes' agents: proofs, refusals, rotation, expiry, spoofing, records,
     // hostile clients of the auth listener.
-    ("auth", 9),
+    ("auth", 10),
 ];
 
 fn test() -> Result<()> {
@@ -244,9 +244,12 @@ fn check_test_summary(text: &str) -> Result<()> {
     Ok(())
 }
 
-/// The datapath bench (BPF_PROG_TEST_RUN), then Kubernetes churn against a real agent.
+/// The datapath bench (BPF_PROG_TEST_RUN), the auth listener's mTLS handshakes (beside
+/// `openssl s_server`/`s_time`) and SVID reload latency, then Kubernetes churn against a real
+/// agent.
 fn bench() -> Result<()> {
     run_command(cargo().args(["bench", "-p", "tollgate-agent", "--bench", "datapath"]))?;
+    run_command(cargo().args(["bench", "-p", "tollgate-agent", "--bench", "auth"]))?;
     churn_bench::run()
 }
 

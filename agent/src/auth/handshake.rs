@@ -80,6 +80,25 @@ pub async fn initiate(
     to: SocketAddr,
     local: &Svid,
     peer: &SpiffeId,
+    pair: (&SpiffeId, &SpiffeId),
+    node: &str,
+    bundles: SharedBundles,
+    deadline: Duration,
+) -> Result<ClientProof, HandshakeError> {
+    initiate_from(None, to, local, peer, pair, node, bundles, deadline).await
+}
+
+/// [`initiate`] from the local address `from` (the node's auth address: the peer checks that
+/// a client of an identity connects from that identity's node).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one handshake's whole description"
+)]
+pub async fn initiate_from(
+    from: Option<std::net::IpAddr>,
+    to: SocketAddr,
+    local: &Svid,
+    peer: &SpiffeId,
     (src, dst): (&SpiffeId, &SpiffeId),
     node: &str,
     bundles: SharedBundles,
@@ -92,7 +111,7 @@ pub async fn initiate(
         node: node.to_owned(),
     };
     let work = async {
-        let tcp = TcpStream::connect(to)
+        let tcp = connect(from, to)
             .await
             .map_err(|e| HandshakeError::Connect(to, e))?;
         let _ = tcp.set_nodelay(true);
@@ -137,6 +156,19 @@ pub async fn initiate(
         Ok(r) => r,
         Err(_) => Err(HandshakeError::Timeout(deadline)),
     }
+}
+
+async fn connect(from: Option<std::net::IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(from) = from.filter(|f| f.is_ipv4() == to.is_ipv4()) else {
+        return TcpStream::connect(to).await;
+    };
+    let socket = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(to).await
 }
 
 /// An I/O failure after the handshake: the server refusing our certificate shows up here (TLS
@@ -184,7 +216,12 @@ pub async fn serve_connection(
 ) -> Result<SpiffeId, HandshakeError> {
     let work = async {
         let _ = stream.set_nodelay(true);
-        let mut tls = acceptor.accept(stream).await.map_err(HandshakeError::tls)?;
+        // A peer gets a short while for the TLS handshake itself: one that connects and says
+        // nothing gives its slot back soon.
+        let mut tls = tokio::time::timeout(ACCEPT_DEADLINE, acceptor.accept(stream))
+            .await
+            .map_err(|_| HandshakeError::Timeout(ACCEPT_DEADLINE))?
+            .map_err(HandshakeError::tls)?;
         let (chain, sni) = {
             let conn = tls.get_ref().1;
             let chain: Vec<CertificateDer<'static>> = conn
@@ -254,6 +291,9 @@ pub async fn serve_connection(
         Err(_) => Err(HandshakeError::Timeout(deadline)),
     }
 }
+
+/// How long a connection may take to complete the TLS handshake on the server side.
+pub const ACCEPT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// A TLS acceptor for the auth listener.
 pub fn acceptor(config: Arc<rustls::ServerConfig>) -> TlsAcceptor {

@@ -70,6 +70,15 @@ const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often expiries, renewals and pre-authentication are looked at.
 const TICK: Duration = Duration::from_millis(250);
+/// How long an SVID missing from a reading with problems (a directory caught half-written) is
+/// still used: long enough for a rotation to finish, short enough that a removed certificate
+/// stops counting soon.
+const SVID_GRACE: Duration = Duration::from_secs(30);
+/// New generations asked for because of proofs, at most one per this (they are coalesced).
+const REDECIDE_EVERY: Duration = Duration::from_secs(1);
+/// A handshake whose proof would live less than this counts as failed (a peer answering with
+/// an expiry in the past must not make the pair be proven again every tick).
+const MIN_PROOF_LIFE: Duration = Duration::from_secs(1);
 
 /// How the agent authenticates, from the command line.
 #[derive(Debug, Clone)]
@@ -164,6 +173,10 @@ pub async fn start(
         stats: stats.clone(),
         reporter: reporter.clone(),
         redecide: None,
+        last_redecide: None,
+        missing_since: HashMap::new(),
+        origins: HashMap::new(),
+        local_addr: settings.listen.map(|a| a.ip()),
     };
     manager.take_svids();
     manager.take_policy();
@@ -191,6 +204,8 @@ pub async fn start(
 struct Proof {
     pair: u64,
     expires_at: SystemTime,
+    /// The same instant on CLOCK_BOOTTIME, as written to `TG_AUTH` (the wall clock may step).
+    expires_boot: u64,
     issued_at: SystemTime,
     /// The SPIFFE ID this node presented (`None`: adopted from the pins, unknown).
     local: Option<SpiffeId>,
@@ -248,9 +263,16 @@ struct Manager {
     outcomes: (mpsc::Sender<Outcome>, mpsc::Receiver<Outcome>),
     stats: Arc<AuthStats>,
     reporter: Arc<Reporter>,
-    /// Why every tracked flow must be decided again before the next event is taken: a proof
-    /// was withdrawn, or renewed with an earlier expiry than its flows carry.
+    /// Why every tracked flow must be decided again: a proof was withdrawn, or renewed with
+    /// an earlier expiry than its flows carry. Asked for at most every `REDECIDE_EVERY`.
     redecide: Option<&'static str>,
+    last_redecide: Option<Instant>,
+    /// SVIDs missing from the latest reading but still used (see `SVID_GRACE`), since when.
+    missing_since: HashMap<SpiffeId, Instant>,
+    /// The directory each SVID in use came from.
+    origins: HashMap<SpiffeId, PathBuf>,
+    /// The address this node's agent connects from (its `--auth-addr`).
+    local_addr: Option<std::net::IpAddr>,
 }
 
 impl Manager {
@@ -280,7 +302,12 @@ impl Manager {
                 Some(o) = self.outcomes.1.recv() => self.on_outcome(o),
                 _ = tick.tick() => self.on_tick(),
             }
-            if let Some(reason) = self.redecide.take() {
+            let due = self
+                .last_redecide
+                .is_none_or(|t| t.elapsed() >= REDECIDE_EVERY);
+            if let (Some(reason), true) = (self.redecide, due) {
+                self.redecide = None;
+                self.last_redecide = Some(Instant::now());
                 self.installer.redecide(reason.to_owned()).await;
             }
         }
@@ -295,15 +322,30 @@ impl Manager {
             .iter()
             .map(|s| (s.id.clone(), s.clone()))
             .collect();
-        if !loaded.problems.is_empty() {
-            // A directory caught mid-rotation (certificate and key of two generations) is
-            // left out of the reading: keep what it held until it reads whole again.
-            for (id, svid) in &self.svids {
-                if !svids.contains_key(id) && svid.not_after > SystemTime::now() {
-                    svids.insert(id.clone(), svid.clone());
-                }
+        let now = Instant::now();
+        // A directory caught mid-rotation (certificate and key of two generations) gives no
+        // SVID in this reading: what it held before is kept for a short while, until it reads
+        // whole. An SVID whose directory is gone, or now holds another SPIFFE ID, is not.
+        for (id, svid) in &self.svids {
+            let Some(dir) = self.origins.get(id) else {
+                continue;
+            };
+            if svids.contains_key(id) || !loaded.broken.contains(dir) {
+                continue;
+            }
+            let since = *self.missing_since.entry(id.clone()).or_insert(now);
+            if svid.not_after > SystemTime::now()
+                && now.saturating_duration_since(since) < SVID_GRACE
+            {
+                svids.insert(id.clone(), svid.clone());
             }
         }
+        self.missing_since
+            .retain(|id, _| !loaded.origins.contains_key(id) && svids.contains_key(id));
+        for (id, dir) in &loaded.origins {
+            self.origins.insert(id.clone(), dir.clone());
+        }
+        self.origins.retain(|id, _| svids.contains_key(id));
         *self.bundles.write().unwrap_or_else(|p| p.into_inner()) = loaded.bundles.clone();
         let list: Vec<Svid> = svids.values().cloned().collect();
         self.resolver.replace(&list);
@@ -403,13 +445,24 @@ impl Manager {
                 self.proof_map.remove(pair);
                 continue;
             }
-            let expires_at = now + Duration::from_nanos(expires_boot - now_boot);
+            let held = |id: &SpiffeId| self.svids.contains_key(id);
+            if !held(&plan.src.spiffe_id) && !held(&plan.dst.spiffe_id) {
+                // This node holds neither end's certificate any more: nothing backs the proof.
+                self.proof_map.remove(pair);
+                continue;
+            }
+            // At most `--auth-max-ttl` of this agent, whatever an earlier one wrote.
+            let left = Duration::from_nanos(expires_boot - now_boot).min(self.settings.max_ttl);
+            let expires_boot = now_boot + left.as_nanos() as u64;
+            let _ = self.proof_map.write(pair, expires_boot);
+            let expires_at = now + left;
             let local = self.svids.get(&plan.src.spiffe_id).map(|s| s.id.clone());
             self.proofs.insert(
                 pair,
                 Proof {
                     pair,
                     expires_at,
+                    expires_boot,
                     // Renewed at two thirds of at most the longest life a proof may have.
                     issued_at: expires_at
                         .checked_sub(self.settings.max_ttl)
@@ -432,10 +485,10 @@ impl Manager {
             return;
         };
         if let Some(p) = self.proofs.get(&plan.key) {
-            if p.expires_at > SystemTime::now() {
+            if p.expires_boot > crate::datapath::boottime_ns() {
                 // The kernel has no valid proof but this node has one: the entry was lost
-                // (removed behind the agent's back). Write it again.
-                let _ = self.proof_map.write_until(plan.key, p.expires_at);
+                // (removed behind the agent's back). Write it again, exactly as it was.
+                let _ = self.proof_map.write(plan.key, p.expires_boot);
                 return;
             }
         }
@@ -506,10 +559,12 @@ impl Manager {
         let tx = self.outcomes.0.clone();
         let bundles = self.bundles.clone();
         let node = self.settings.node.clone();
+        let from = self.local_addr;
         let pair = plan.key;
         let (src, dst) = (plan.src.spiffe_id.clone(), plan.dst.spiffe_id.clone());
         tokio::spawn(async move {
-            let result = handshake::initiate(
+            let result = handshake::initiate_from(
+                from,
                 to,
                 &local,
                 &peer,
@@ -537,10 +592,34 @@ impl Manager {
             return;
         };
         match o.result {
+            Ok(_)
+                if self.svids.get(&o.local.id).map(|s| &s.chain[0]) != Some(&o.local.chain[0]) =>
+            {
+                // The certificate this handshake presented was withdrawn or replaced meanwhile.
+                self.failed(
+                    &plan,
+                    "client",
+                    &HandshakeError::NoSvid(format!(
+                        "the certificate of {} changed during the handshake",
+                        o.local.id
+                    )),
+                );
+            }
             Ok(proof) => {
                 let mut expires_at = self.expiry(&o.local, proof.peer.not_after);
                 if let Some(ms) = proof.answer.expires_unix_ms {
                     expires_at = expires_at.min(UNIX_EPOCH + Duration::from_millis(ms));
+                }
+                if expires_at < SystemTime::now() + MIN_PROOF_LIFE {
+                    self.failed(
+                        &plan,
+                        "client",
+                        &HandshakeError::Protocol(format!(
+                            "the proof would expire at {}, too soon",
+                            rfc3339(expires_at)
+                        )),
+                    );
+                    return;
                 }
                 let peer_node = proof.answer.node.clone();
                 if let Err(e) = self.admit(
@@ -582,7 +661,9 @@ impl Manager {
         peer_node: &str,
         role: &'static str,
     ) -> Result<()> {
-        self.proof_map.write_until(plan.key, expires_at)?;
+        let expires_boot = self.proof_map.write_until(plan.key, expires_at)?;
+        let peer_node: String = peer_node.chars().take(64).collect();
+        let peer_node = peer_node.as_str();
         if self
             .proofs
             .get(&plan.key)
@@ -597,6 +678,7 @@ impl Manager {
             Proof {
                 pair: plan.key,
                 expires_at,
+                expires_boot,
                 issued_at: SystemTime::now(),
                 local: Some(local.id.clone()),
                 local_leaf: Some(local.chain[0].clone()),
@@ -644,6 +726,8 @@ impl Manager {
         });
         attempt.next_try = now + attempt.delay;
         attempt.delay = (attempt.delay * 2).min(RETRY_MAX);
+        // A refused flow asks again at most every `RETRY_FIRST` (see `start`).
+        attempt.last_try = Some(now);
         tracing::warn!(
             from = %plan.src.identity,
             to = %plan.dst.identity,
@@ -697,16 +781,28 @@ impl Manager {
         let plan = self.plan.by_ids(&src, &dst).cloned().ok_or_else(|| {
             format!("no rule of this node's policy requires {src} → {dst} authenticated")
         })?;
-        let ours = if g.client.id == src {
-            &dst
+        let (ours, theirs_end) = if g.client.id == src {
+            (&dst, &plan.src)
         } else if g.client.id == dst {
-            &src
+            (&src, &plan.dst)
         } else {
             return Err(format!(
                 "the client presented {}, which is neither end of {src} → {dst}",
                 g.client.id
             ));
         };
+        // Where the policy says which node hosts the client's identity, the handshake must come
+        // from there: a certificate copied elsewhere proves nothing for this pair.
+        if let Some(expected) = theirs_end.auth_address {
+            if canonical(g.peer_addr.ip()) != canonical(expected.ip()) {
+                return Err(format!(
+                    "{} is hosted at {} by the policy, but the handshake came from {}",
+                    theirs_end.identity,
+                    expected.ip(),
+                    g.peer_addr.ip()
+                ));
+            }
+        }
         let local = self
             .svids
             .get(ours)
@@ -740,10 +836,11 @@ impl Manager {
 
     fn on_tick(&mut self) {
         let now = SystemTime::now();
+        let now_boot = crate::datapath::boottime_ns();
         let expired: Vec<u64> = self
             .proofs
             .values()
-            .filter(|p| p.expires_at <= now)
+            .filter(|p| p.expires_boot <= now_boot)
             .map(|p| p.pair)
             .collect();
         for pair in expired {
@@ -852,7 +949,7 @@ async fn serve(
             stats.count_handshake("server", "busy");
             continue;
         };
-        let Some(peer_slot) = PeerSlot::take(&per_peer, peer.ip()) else {
+        let Some(peer_slot) = PeerSlot::take(&per_peer, peer_block(peer.ip())) else {
             stats.count_handshake("server", "busy");
             continue;
         };
@@ -931,5 +1028,27 @@ impl Drop for PeerSlot {
                 t.remove(&self.peer);
             }
         }
+    }
+}
+
+/// The address a peer is counted under: itself for IPv4, its /64 for IPv6 (one host may own a
+/// whole /64).
+fn peer_block(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match canonical(ip) {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
     }
 }

@@ -8,12 +8,18 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::{CertificateDer, UnixTime};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::svid::{Svid, TrustBundle, TrustBundles};
+use super::{
+    spiffe::TrustDomain,
+    svid::{Svid, TrustBundle, TrustBundles},
+    verify::{verify_svid, Usage},
+};
 
 /// Why a source could not be read at all (as opposed to one SVID among several being bad,
 /// which is a [`Loaded::problems`] entry).
@@ -41,6 +47,12 @@ pub struct Loaded {
     pub bundles: TrustBundles,
     /// What was wrong and left out (per directory); not fatal.
     pub problems: Vec<String>,
+    /// The directory each usable SVID came from.
+    pub origins: BTreeMap<super::SpiffeId, PathBuf>,
+    /// Directories that gave no usable SVID because something in them was wrong (unreadable,
+    /// a certificate and key of two rotations, not chaining to the bundle): what they held
+    /// before may be mid-rotation rather than gone.
+    pub broken: Vec<PathBuf>,
     /// Changes whenever any file read changes, so a reader can skip unchanged readings.
     pub digest: [u8; 32],
 }
@@ -209,6 +221,9 @@ impl SvidSource for DirectorySource {
         let mut problems = Vec::new();
         let mut by_id: BTreeMap<_, Svid> = BTreeMap::new();
         let mut bundles = TrustBundles::new();
+        let mut candidates: Vec<(PathBuf, Svid, TrustBundle)> = Vec::new();
+        let mut origins = BTreeMap::new();
+        let mut broken = Vec::new();
 
         for (name, dir) in self.svid_dirs()? {
             let Some(names) = self.names_for(&dir) else {
@@ -232,6 +247,7 @@ impl SvidSource for DirectorySource {
                 (Ok(c), Ok(k), Ok(b)) => (c, k, b),
                 (c, k, b) => {
                     problems.extend([c.err(), k.err(), b.err()].into_iter().flatten());
+                    broken.push(dir.clone());
                     continue;
                 }
             };
@@ -239,15 +255,65 @@ impl SvidSource for DirectorySource {
                 Ok(svid) => svid,
                 Err(e) => {
                     problems.push(format!("{}: {e}", dir.display()));
+                    broken.push(dir.clone());
                     continue;
                 }
             };
             match TrustBundle::from_pem(svid.id.trust_domain(), &bundle) {
-                Ok(b) => bundles.add(b),
+                Ok(b) => candidates.push((dir, svid, b)),
                 Err(e) => {
                     problems.push(format!("{}: {}: {e}", dir.display(), names.bundle));
+                    broken.push(dir.clone());
                     continue;
                 }
+            }
+        }
+        // Every directory of a trust domain delivers that domain's bundle; only the CAs all of
+        // them list are trusted. A directory cannot add a CA of its own (and with it any SVID of
+        // the domain): at most it can take trust away, which fails closed.
+        let mut agreed: BTreeMap<TrustDomain, Vec<CertificateDer<'static>>> = BTreeMap::new();
+        for (dir, _, bundle) in &candidates {
+            match agreed.get_mut(&bundle.trust_domain) {
+                None => {
+                    agreed.insert(bundle.trust_domain.clone(), bundle.roots.clone());
+                }
+                Some(roots) => {
+                    let before = roots.len();
+                    roots.retain(|r| bundle.roots.contains(r));
+                    if roots.len() != before || bundle.roots.len() != roots.len() {
+                        problems.push(format!(
+                            "{}: its bundle for {} differs from another directory's; only the CAs both list are trusted",
+                            dir.display(),
+                            bundle.trust_domain
+                        ));
+                    }
+                }
+            }
+        }
+        for (trust_domain, roots) in agreed {
+            if let Ok(b) = TrustBundle::from_der(trust_domain, roots) {
+                bundles.add(b);
+            }
+        }
+        for (dir, svid, _) in candidates {
+            // An SVID must chain to its domain's agreed bundle (checked at a time inside its
+            // own validity: expiry is the handshake's business, not the loader's).
+            let life = svid
+                .not_after
+                .duration_since(svid.not_before)
+                .unwrap_or_default();
+            let at = SystemTime::now()
+                .max(svid.not_before)
+                .min(svid.not_after - Duration::from_secs(1).min(life));
+            let at = UnixTime::since_unix_epoch(at.duration_since(UNIX_EPOCH).unwrap_or_default());
+            if let Err(e) = verify_svid(&svid.chain, &bundles, at, Usage::ClientAuth) {
+                problems.push(format!(
+                    "{}: {} does not chain to the trust bundle of its trust domain: {e}",
+                    dir.display(),
+                    svid.id
+                ));
+                broken.push(dir);
+                continue;
             }
             match by_id.remove(&svid.id) {
                 Some(held) => {
@@ -257,6 +323,7 @@ impl SvidSource for DirectorySource {
                         svid.id
                     ));
                     let keep = if svid.not_after > held.not_after {
+                        origins.insert(svid.id.clone(), dir);
                         svid
                     } else {
                         held
@@ -264,6 +331,7 @@ impl SvidSource for DirectorySource {
                     by_id.insert(keep.id.clone(), keep);
                 }
                 None => {
+                    origins.insert(svid.id.clone(), dir);
                     by_id.insert(svid.id.clone(), svid);
                 }
             }
@@ -275,6 +343,8 @@ impl SvidSource for DirectorySource {
             svids: by_id.into_values().collect(),
             bundles,
             problems,
+            origins,
+            broken,
             digest: digest.0.finalize().into(),
         })
     }

@@ -1188,3 +1188,64 @@ fn ca_commands_write_a_ca_and_an_svid_in_the_chosen_layout() {
     )
     .is_err());
 }
+
+#[test]
+fn a_directory_cannot_bring_its_own_ca_and_take_over_an_identity() {
+    let ca = root();
+    let tmp = tempfile::tempdir().unwrap();
+    write_svid(&ca, &tmp.path().join("a"), SERVER, &FileNames::CSI_SPIFFE);
+    // A stray directory: its own CA, and a longer-lived certificate for the same SPIFFE ID.
+    let rogue_ca = DevCa::init(td(), Duration::from_secs(7200)).unwrap();
+    let rogue = rogue_ca
+        .issue(&id(SERVER), Duration::from_secs(7000))
+        .unwrap();
+    rogue
+        .write(&tmp.path().join("b"), &FileNames::CSI_SPIFFE)
+        .unwrap();
+    let loaded = DirectorySource::new(tmp.path(), None).load().unwrap();
+    // Only CAs every directory of the domain lists are trusted: here none, so nothing is used
+    // (it fails closed); above all the rogue SVID never replaces the real one.
+    assert!(loaded.svids.iter().all(|s| s.not_after < rogue.not_after));
+    let forged = rogue_ca
+        .issue(&id(CLIENT), Duration::from_secs(600))
+        .unwrap();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(forged.cert_pem.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
+    assert!(verify_svid(&chain, &loaded.bundles, now(), Usage::ClientAuth).is_err());
+    assert!(
+        loaded
+            .problems
+            .iter()
+            .any(|p| p.contains("differs from another directory")),
+        "{:?}",
+        loaded.problems
+    );
+    // With the stray directory gone, the real SVID is back.
+    std::fs::remove_dir_all(tmp.path().join("b")).unwrap();
+    let loaded = DirectorySource::new(tmp.path(), None).load().unwrap();
+    assert_eq!(ids(&loaded), [SERVER]);
+}
+
+#[test]
+fn an_svid_that_does_not_chain_to_its_bundle_is_left_out() {
+    let ca = root();
+    let other = DevCa::init(td(), Duration::from_secs(3600)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut issued = other.issue(&id(SERVER), Duration::from_secs(600)).unwrap();
+    issued.bundle_pem = ca.bundle_pem().to_owned();
+    issued
+        .write(&tmp.path().join("a"), &FileNames::CSI_SPIFFE)
+        .unwrap();
+    let loaded = DirectorySource::new(tmp.path(), None).load().unwrap();
+    assert!(loaded.svids.is_empty());
+    assert!(
+        loaded
+            .problems
+            .iter()
+            .any(|p| p.contains("does not chain to the trust bundle")),
+        "{:?}",
+        loaded.problems
+    );
+}

@@ -827,6 +827,10 @@ pub fn server_config(resolver: Arc<SvidResolver>, bundles: SharedBundles) -> Arc
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles)))
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption: every handshake presents and verifies both certificates in full (a
+    // resumed one skips CertificateVerify), and no ticket is minted for nothing.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Arc::new(config)
 }
 
@@ -854,6 +858,7 @@ pub(crate) fn client_config_with_key(
         )))
         .with_client_cert_resolver(Arc::new(FixedClientCert(certified)));
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
