@@ -24,7 +24,7 @@ use tollgate_agent::{
 use tollgate_testbed::{
     spoof::{send_tcp, TcpSegment},
     traffic::{tcp_bulk_echo, tcp_connect_from, tcp_echo_server},
-    two_nodes::{NODE_A_V4, NODE_B_V4, UPLINK},
+    two_nodes::{mtls_policy, DB_ID, NODE_A_V4, NODE_B_V4, ROGUE_ID, UPLINK, WEB_ID},
     AgentProcess, NetNs, TopologyOptions, TwoNodes,
 };
 
@@ -34,47 +34,11 @@ use crate::support::{env::BINARY, require_root, test_pin_dir};
 
 const PORT: u16 = 5432;
 const AUTH_PORT: u16 = 7443;
-const WEB_ID: &str = "spiffe://shop.test/ns/shop/sa/web";
-const ROGUE_ID: &str = "spiffe://shop.test/ns/shop/sa/rogue";
-const DB_ID: &str = "spiffe://shop.test/ns/shop/sa/db";
 /// How long a test waits for something the agents do by themselves (a handshake, a reload).
 const SETTLE: Duration = Duration::from_secs(10);
 
 fn policy() -> String {
-    format!(
-        r#"apiVersion: tollgate.dev/v1alpha1
-kind: Policy
-metadata: {{ name: auth }}
-spec:
-  identities:
-    - name: web
-      spiffeId: {WEB_ID}
-      authAddress: "{NODE_A_V4}:{AUTH_PORT}"
-      cidrs: ["10.200.1.2/32", "fd00:200:1::2/128"]
-      interfaces: [tg-web]
-    - name: rogue
-      spiffeId: {ROGUE_ID}
-      authAddress: "{NODE_A_V4}:{AUTH_PORT}"
-      cidrs: ["10.200.2.2/32", "fd00:200:2::2/128"]
-      interfaces: [tg-rogue]
-    - name: db
-      spiffeId: {DB_ID}
-      authAddress: "{NODE_B_V4}:{AUTH_PORT}"
-      cidrs: ["10.200.101.2/32", "fd00:200:65::2/128"]
-      interfaces: [tg-db]
-  rules:
-    - name: web-to-db
-      from: web
-      to: db
-      ports: [{{ protocol: TCP, port: {PORT} }}]
-      authentication: mtls
-    - name: rogue-to-db
-      from: rogue
-      to: db
-      ports: [{{ protocol: TCP, port: {PORT} }}]
-      authentication: mtls
-"#
-    )
+    mtls_policy("auth", PORT, AUTH_PORT)
 }
 
 /// The two nodes, their agents, the CA and the SVID directories. Fields drop in order: agents

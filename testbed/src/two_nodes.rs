@@ -18,6 +18,51 @@ pub const NODE_B_V6: &str = "fd00:200::2";
 /// The subnet number of node B's first workload.
 pub const NODE_B_FIRST_SUBNET: u8 = 101;
 
+/// The SPIFFE IDs of the workloads of [`mtls_policy`].
+pub const WEB_ID: &str = "spiffe://shop.test/ns/shop/sa/web";
+pub const ROGUE_ID: &str = "spiffe://shop.test/ns/shop/sa/rogue";
+pub const DB_ID: &str = "spiffe://shop.test/ns/shop/sa/db";
+
+/// The policy of the authentication tests and demo, for `TwoNodes` with `web` and `rogue` on
+/// node A and `db` on node B: `web → db` and `rogue → db` on TCP `port` need
+/// `authentication: mtls`; each node's agent serves handshakes on its address and `auth_port`.
+pub fn mtls_policy(name: &str, port: u16, auth_port: u16) -> String {
+    format!(
+        r#"apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{ name: {name} }}
+spec:
+  identities:
+    - name: web
+      spiffeId: {WEB_ID}
+      authAddress: "{NODE_A_V4}:{auth_port}"
+      cidrs: ["10.200.1.2/32", "fd00:200:1::2/128"]
+      interfaces: [tg-web]
+    - name: rogue
+      spiffeId: {ROGUE_ID}
+      authAddress: "{NODE_A_V4}:{auth_port}"
+      cidrs: ["10.200.2.2/32", "fd00:200:2::2/128"]
+      interfaces: [tg-rogue]
+    - name: db
+      spiffeId: {DB_ID}
+      authAddress: "{NODE_B_V4}:{auth_port}"
+      cidrs: ["10.200.101.2/32", "fd00:200:65::2/128"]
+      interfaces: [tg-db]
+  rules:
+    - name: web-to-db
+      from: web
+      to: db
+      ports: [{{ protocol: TCP, port: {port} }}]
+      authentication: mtls
+    - name: rogue-to-db
+      from: rogue
+      to: db
+      ports: [{{ protocol: TCP, port: {port} }}]
+      authentication: mtls
+"#
+    )
+}
+
 pub struct TwoNodes {
     /// Dropped first (field order): the link goes with either namespace.
     pub a: Topology,

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tollgate_testbed::{
     traffic::tcp_echo_server,
-    two_nodes::{NODE_A_V4, NODE_B_V4, UPLINK},
+    two_nodes::{mtls_policy, DB_ID, NODE_A_V4, NODE_B_V4, ROGUE_ID, UPLINK, WEB_ID},
     AgentProcess, NetNs, TopologyOptions, TwoNodes,
 };
 
@@ -24,43 +24,6 @@ use crate::{demo::pause, interrupt::check_interrupted};
 
 const PORT: u16 = 5432;
 const AUTH_PORT: u16 = 7443;
-
-fn policy() -> String {
-    format!(
-        r#"apiVersion: tollgate.dev/v1alpha1
-kind: Policy
-metadata: {{ name: demo-auth }}
-spec:
-  identities:
-    - name: web
-      spiffeId: spiffe://shop.test/ns/shop/sa/web
-      authAddress: "{NODE_A_V4}:{AUTH_PORT}"
-      cidrs: ["10.200.1.2/32", "fd00:200:1::2/128"]
-      interfaces: [tg-web]
-    - name: rogue
-      spiffeId: spiffe://shop.test/ns/shop/sa/rogue
-      authAddress: "{NODE_A_V4}:{AUTH_PORT}"
-      cidrs: ["10.200.2.2/32", "fd00:200:2::2/128"]
-      interfaces: [tg-rogue]
-    - name: db
-      spiffeId: spiffe://shop.test/ns/shop/sa/db
-      authAddress: "{NODE_B_V4}:{AUTH_PORT}"
-      cidrs: ["10.200.101.2/32", "fd00:200:65::2/128"]
-      interfaces: [tg-db]
-  rules:
-    - name: web-to-db
-      from: web
-      to: db
-      ports: [{{ protocol: TCP, port: {PORT} }}]
-      authentication: mtls
-    - name: rogue-to-db
-      from: rogue
-      to: db
-      ports: [{{ protocol: TCP, port: {PORT} }}]
-      authentication: mtls
-"#
-    )
-}
 
 /// Runs `tollgate <args>`; its standard output whatever its exit status (`check` exits 3 for
 /// a deny).
@@ -112,7 +75,7 @@ pub fn run(binary: &Path, workdir: &Path) -> Result<()> {
             "--dir",
             &ca_s,
             "--spiffe-id",
-            "spiffe://shop.test/ns/shop/sa/web",
+            WEB_ID,
             "--ttl",
             "1h",
             "--out",
@@ -124,7 +87,7 @@ pub fn run(binary: &Path, workdir: &Path) -> Result<()> {
             "--dir",
             &ca_s,
             "--spiffe-id",
-            "spiffe://shop.test/ns/shop/sa/db",
+            DB_ID,
             "--ttl",
             "1h",
             "--out",
@@ -157,7 +120,7 @@ pub fn run(binary: &Path, workdir: &Path) -> Result<()> {
             "--dir",
             &forger,
             "--spiffe-id",
-            "spiffe://shop.test/ns/shop/sa/rogue",
+            ROGUE_ID,
             "--out",
             &rogue_dir,
             "--layout",
@@ -171,7 +134,7 @@ pub fn run(binary: &Path, workdir: &Path) -> Result<()> {
     println!("  (rogue's SVID is from a forged CA that copied the real one's name, filed with the real bundle)");
 
     let policy_path = dir.join("policy.yaml");
-    std::fs::write(&policy_path, policy())?;
+    std::fs::write(&policy_path, mtls_policy("demo-auth", PORT, AUTH_PORT))?;
     let start = |node: &str, ns: &NetNs, addr: &str, svids: &str| {
         AgentProcess::start_with_args(
             binary,
@@ -295,7 +258,7 @@ pub fn run(binary: &Path, workdir: &Path) -> Result<()> {
             "--dir",
             &ca_s,
             "--spiffe-id",
-            "spiffe://shop.test/ns/shop/sa/web",
+            WEB_ID,
             "--ttl",
             "6s",
             "--out",
