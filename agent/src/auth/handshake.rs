@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::CertificateDer;
 use tokio::{
     io::AsyncWriteExt as _,
     net::TcpStream,
@@ -18,8 +18,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::protocol::{read_message, write_message, Answer, Request, VERSION};
 use crate::identity::{
     client_config,
-    verify::{io_reason, server_name, SharedBundles},
-    verify_svid, SpiffeId, Svid, Usage, VerifiedSvid, VerifyError,
+    verify::{accepted_chain, io_reason, server_name, SharedBundles},
+    SpiffeId, Svid, VerifiedSvid, VerifyError,
 };
 
 /// Why a handshake did not prove the pair.
@@ -127,11 +127,8 @@ pub async fn initiate_from(
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
         // The verifier accepted the chain during the handshake; this reads what it proved.
-        let verified = {
-            let bundles = bundles.read().unwrap_or_else(|p| p.into_inner());
-            verify_svid(&peer_chain, &bundles, UnixTime::now(), Usage::ServerAuth)
-                .map_err(|e| HandshakeError::Tls(e.to_string(), Some(e)))?
-        };
+        let verified =
+            accepted_chain(&peer_chain).map_err(|e| HandshakeError::Tls(e.to_string(), Some(e)))?;
         write_message(&mut tls, &request)
             .await
             .map_err(|e| tls_or_protocol(e, "sending the request"))?;
@@ -209,7 +206,6 @@ pub async fn serve_connection(
     stream: TcpStream,
     peer_addr: SocketAddr,
     acceptor: TlsAcceptor,
-    bundles: SharedBundles,
     grants: mpsc::Sender<GrantRequest>,
     node: String,
     deadline: Duration,
@@ -230,11 +226,9 @@ pub async fn serve_connection(
                 .unwrap_or_default();
             (chain, conn.server_name().map(str::to_owned))
         };
-        let client = {
-            let bundles = bundles.read().unwrap_or_else(|p| p.into_inner());
-            verify_svid(&chain, &bundles, UnixTime::now(), Usage::ClientAuth)
-                .map_err(|e| HandshakeError::Tls(e.to_string(), Some(e)))?
-        };
+        // The verifier accepted the chain during the handshake; this reads what it proved.
+        let client =
+            accepted_chain(&chain).map_err(|e| HandshakeError::Tls(e.to_string(), Some(e)))?;
         let request: Request = read_message(&mut tls)
             .await
             .map_err(|e| tls_or_protocol(e, "reading the request"))?;

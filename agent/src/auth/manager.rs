@@ -184,8 +184,7 @@ pub async fn start(
     if let Some(listener) = listener {
         tokio::spawn(serve(
             listener,
-            handshake::acceptor(server_config(resolver, bundles.clone())),
-            bundles,
+            handshake::acceptor(server_config(resolver, bundles)),
             grants_tx,
             settings.node.clone(),
             stats.clone(),
@@ -927,7 +926,6 @@ impl Manager {
 async fn serve(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    bundles: SharedBundles,
     grants: mpsc::Sender<GrantRequest>,
     node: String,
     stats: Arc<AuthStats>,
@@ -953,19 +951,13 @@ async fn serve(
             stats.count_handshake("server", "busy");
             continue;
         };
-        let (acceptor, bundles, grants, node) = (
-            acceptor.clone(),
-            bundles.clone(),
-            grants.clone(),
-            node.clone(),
-        );
+        let (acceptor, grants, node) = (acceptor.clone(), grants.clone(), node.clone());
         let (stats, reporter) = (stats.clone(), reporter.clone());
         tokio::spawn(async move {
             let result = handshake::serve_connection(
                 stream,
                 peer,
                 acceptor,
-                bundles,
                 grants,
                 node,
                 HANDSHAKE_DEADLINE,
