@@ -235,8 +235,11 @@ struct Attempt {
     /// No handshake before this (a failure's back-off), unless a flow asks for one.
     next_try: Instant,
     delay: Duration,
-    /// When the last one started.
-    last_try: Option<Instant>,
+    /// When a refused flow last asked for one (demands start one at most every
+    /// `RETRY_FIRST`).
+    last_demand: Option<Instant>,
+    /// A refused flow asked while one was under way: if that one fails, try again at once.
+    pending_demand: bool,
 }
 
 /// What a client handshake came to.
@@ -504,17 +507,25 @@ impl Manager {
             in_flight: false,
             next_try: now,
             delay: RETRY_FIRST,
-            last_try: None,
+            last_demand: None,
+            pending_demand: false,
         });
+        if attempt.in_flight {
+            attempt.pending_demand |= demanded;
+            return;
+        }
         let waiting = if demanded {
             attempt
-                .last_try
+                .last_demand
                 .is_some_and(|t| now.saturating_duration_since(t) < RETRY_FIRST)
         } else {
             attempt.next_try > now
         };
-        if attempt.in_flight || waiting {
+        if waiting {
             return;
+        }
+        if demanded {
+            attempt.last_demand = Some(now);
         }
         let wall = SystemTime::now();
         let usable = |id: &SpiffeId| {
@@ -554,7 +565,6 @@ impl Manager {
         let Some(to) = to else { return };
         let attempt = self.attempts.get_mut(&plan.key).expect("inserted above");
         attempt.in_flight = true;
-        attempt.last_try = Some(now);
         let tx = self.outcomes.0.clone();
         let bundles = self.bundles.clone();
         let node = self.settings.node.clone();
@@ -584,12 +594,27 @@ impl Manager {
     }
 
     fn on_outcome(&mut self, o: Outcome) {
-        if let Some(a) = self.attempts.get_mut(&o.pair) {
-            a.in_flight = false;
-        }
+        let pending_demand = match self.attempts.get_mut(&o.pair) {
+            Some(a) => {
+                a.in_flight = false;
+                std::mem::take(&mut a.pending_demand)
+            }
+            None => false,
+        };
         let Some(plan) = self.plan.by_key(o.pair).cloned() else {
             return;
         };
+        let failed = o.result.is_err();
+        self.take_outcome(&plan, o);
+        if failed && pending_demand {
+            // A flow is waiting and asked while this one was under way (a try ahead of need,
+            // say, that found the peer not ready yet): its retry should not wait for a back-off.
+            self.start(&plan, true);
+        }
+    }
+
+    fn take_outcome(&mut self, plan: &PairPlan, o: Outcome) {
+        let plan = plan.clone();
         match o.result {
             Ok(_)
                 if self.svids.get(&o.local.id).map(|s| &s.chain[0]) != Some(&o.local.chain[0]) =>
@@ -721,12 +746,11 @@ impl Manager {
             in_flight: false,
             next_try: now,
             delay: RETRY_FIRST,
-            last_try: Some(now),
+            last_demand: None,
+            pending_demand: false,
         });
         attempt.next_try = now + attempt.delay;
         attempt.delay = (attempt.delay * 2).min(RETRY_MAX);
-        // A refused flow asks again at most every `RETRY_FIRST` (see `start`).
-        attempt.last_try = Some(now);
         tracing::warn!(
             from = %plan.src.identity,
             to = %plan.dst.identity,
