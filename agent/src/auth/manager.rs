@@ -242,6 +242,19 @@ struct Attempt {
     pending_demand: bool,
 }
 
+impl Attempt {
+    /// No handshake yet: one may start at `now`.
+    fn fresh(now: Instant) -> Self {
+        Attempt {
+            in_flight: false,
+            next_try: now,
+            delay: RETRY_FIRST,
+            last_demand: None,
+            pending_demand: false,
+        }
+    }
+}
+
 /// What a client handshake came to.
 struct Outcome {
     pair: u64,
@@ -503,13 +516,10 @@ impl Manager {
     /// per edge in the kernel, and handshakes of one pair start at most every `RETRY_FIRST`.
     fn start(&mut self, plan: &PairPlan, demanded: bool) {
         let now = Instant::now();
-        let attempt = self.attempts.entry(plan.key).or_insert(Attempt {
-            in_flight: false,
-            next_try: now,
-            delay: RETRY_FIRST,
-            last_demand: None,
-            pending_demand: false,
-        });
+        let attempt = self
+            .attempts
+            .entry(plan.key)
+            .or_insert_with(|| Attempt::fresh(now));
         if attempt.in_flight {
             attempt.pending_demand |= demanded;
             return;
@@ -742,13 +752,10 @@ impl Manager {
     fn failed(&mut self, plan: &PairPlan, role: &'static str, e: &HandshakeError) {
         self.stats.count_handshake(role, e.result());
         let now = Instant::now();
-        let attempt = self.attempts.entry(plan.key).or_insert(Attempt {
-            in_flight: false,
-            next_try: now,
-            delay: RETRY_FIRST,
-            last_demand: None,
-            pending_demand: false,
-        });
+        let attempt = self
+            .attempts
+            .entry(plan.key)
+            .or_insert_with(|| Attempt::fresh(now));
         attempt.next_try = now + attempt.delay;
         attempt.delay = (attempt.delay * 2).min(RETRY_MAX);
         tracing::warn!(
