@@ -160,14 +160,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             let client = cluster::watch::client(settings).await?;
             let status = SharedStatus::default();
             let fallback = crate::policy::parse_policy_owned(
-                cluster::merge::merge(&[], &[]).text,
+                cluster::merge::merge(&[], &[], None).text,
                 "kubernetes",
             )
             .context("the deny-all policy")?;
             (
                 Initial::KeepPinned { fallback },
                 Some(ClusterState::new(config.node.clone(), status.clone())),
-                Some((client, status)),
+                Some((client, status, settings.trust_domain.clone())),
             )
         }
     };
@@ -188,9 +188,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             file_digest,
         ))
     });
-    let cluster_status = kube.as_ref().map(|(_, status)| status.clone());
-    let watchers = kube.map(|(client, status)| {
-        tokio::spawn(cluster::watch::run(client, installer.clone(), status))
+    let cluster_status = kube.as_ref().map(|(_, status, _)| status.clone());
+    let watchers = kube.map(|(client, status, trust_domain)| {
+        tokio::spawn(cluster::watch::run(
+            client,
+            installer.clone(),
+            status,
+            trust_domain,
+        ))
     });
     {
         // Policies that went live, for the audit log, in order.

@@ -179,6 +179,11 @@ pub struct AgentArgs {
     /// The kubeconfig for --kubernetes (default: in-cluster, or KUBECONFIG).
     #[arg(long, requires = "kubernetes", value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the SPIFFE trust domain of the cluster. An identity at an end of an
+    /// `authentication: mtls` rule without a `spiffeId`, whose selector names one namespace
+    /// and one serviceAccount, gets `spiffe://DOMAIN/ns/NAMESPACE/sa/SERVICEACCOUNT`.
+    #[arg(long, requires = "kubernetes", value_name = "DOMAIN", value_parser = parse_trust_domain)]
+    pub trust_domain: Option<crate::identity::TrustDomain>,
     /// Directory on bpffs where programs, links and maps are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -281,6 +286,10 @@ pub struct CheckArgs {
     /// does there (reverse path, interface binding).
     #[arg(long)]
     pub interface: Option<String>,
+}
+
+fn parse_trust_domain(text: &str) -> Result<crate::identity::TrustDomain, String> {
+    crate::identity::TrustDomain::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_svid_files(text: &str) -> Result<crate::identity::source::FileNames, String> {
@@ -663,6 +672,7 @@ fn run_agent(args: AgentArgs, socket: PathBuf) -> Result<u8> {
         (Some(path), false) => app::PolicySource::File(path),
         (None, true) => app::PolicySource::Kubernetes(crate::cluster::watch::KubeSettings {
             kubeconfig: args.kubeconfig,
+            trust_domain: args.trust_domain,
         }),
         _ => unreachable!("clap requires exactly one of --policy and --kubernetes"),
     };

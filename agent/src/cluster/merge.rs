@@ -13,12 +13,22 @@
 //!   skipped ones included, says `mode: audit`: an enforcing object that is skipped for a typo
 //!   never turns the cluster's default deny into audit.
 //!
+//! - With `--trust-domain`, an identity at an end of an `authentication: mtls` rule that has no
+//!   `spiffeId` gets `spiffe://<trust domain>/ns/<namespace>/sa/<serviceAccount>` from its
+//!   selector, when the selector names one namespace and one service account (the ID
+//!   SPIRE's Kubernetes workload registrar and csi-driver-spiffe give a pod by default).
+//!
 //! The merged policy is a JSON document (JSON is YAML), so it goes through the same parser and
 //! validation as a file, and `tollgate policy get` shows it.
 
+use std::collections::HashSet;
+
 use serde_json::{json, Map, Value};
 
-use crate::policy::{parse_policy_owned, PolicyError};
+use crate::{
+    identity::{SpiffeId, TrustDomain},
+    policy::{parse_policy_owned, PolicyError},
+};
 
 /// Name of the merged policy.
 pub const MERGED_NAME: &str = "kubernetes";
@@ -59,7 +69,12 @@ struct Piece<'a> {
 }
 
 /// Merges `objects` (any order); `established` are the objects merged last time, taken first.
-pub fn merge(objects: &[PolicyObject], established: &[String]) -> Merged {
+/// `trust_domain` (`--trust-domain`) gives mtls identities their default SPIFFE IDs.
+pub fn merge(
+    objects: &[PolicyObject],
+    established: &[String],
+    trust_domain: Option<&TrustDomain>,
+) -> Merged {
     let mut sorted: Vec<&PolicyObject> = objects.iter().collect();
     sorted.sort_by(|a, b| {
         let new = |o: &PolicyObject| !established.contains(&o.name);
@@ -85,7 +100,7 @@ pub fn merge(objects: &[PolicyObject], established: &[String]) -> Merged {
     }
     // Each round either succeeds or removes at least one object: bounded by their number.
     for _ in 0..=pieces.len() {
-        let text = document(&pieces, all_audit);
+        let text = document(&pieces, all_audit, trust_domain);
         let error = match parse_policy_owned(text.clone(), "kubernetes") {
             Ok(_) => {
                 return Merged {
@@ -128,7 +143,7 @@ pub fn merge(objects: &[PolicyObject], established: &[String]) -> Merged {
         reason: "the merged policy could not be validated".to_owned(),
     }));
     Merged {
-        text: document(&[], false),
+        text: document(&[], false, None),
         accepted: Vec::new(),
         skipped: sorted_skipped(all),
     }
@@ -203,15 +218,22 @@ fn piece(object: &PolicyObject) -> Result<Piece<'_>, String> {
 }
 
 /// The merged document of `pieces`, its default deny in audit mode when `audit`.
-fn document(pieces: &[Piece<'_>], audit: bool) -> String {
+fn document(pieces: &[Piece<'_>], audit: bool, trust_domain: Option<&TrustDomain>) -> String {
     let mut spec = Map::new();
     let all_audit = audit && !pieces.is_empty() && pieces.iter().all(|p| p.audit);
     spec.insert(
         "mode".into(),
         Value::String(if all_audit { "audit" } else { "enforce" }.into()),
     );
-    for (i, list) in LISTS.iter().enumerate() {
-        let items: Vec<Value> = pieces.iter().flat_map(|p| p.lists[i].clone()).collect();
+    let mut lists: [Vec<Value>; 3] = Default::default();
+    for (i, list) in lists.iter_mut().enumerate() {
+        *list = pieces.iter().flat_map(|p| p.lists[i].clone()).collect();
+    }
+    if let Some(td) = trust_domain {
+        let [identities, rules, _] = &mut lists;
+        default_spiffe_ids(identities, rules, td);
+    }
+    for (list, items) in LISTS.iter().zip(lists) {
         spec.insert((*list).into(), Value::Array(items));
     }
     let doc = json!({
@@ -221,6 +243,37 @@ fn document(pieces: &[Piece<'_>], audit: bool) -> String {
         "spec": spec,
     });
     serde_json::to_string_pretty(&doc).expect("a JSON value serializes")
+}
+
+/// Gives each identity at an end of an mtls rule that has no `spiffeId` the SPIFFE ID of its
+/// selector's one namespace and service account in `td`. Indexes do not move, so errors are
+/// still blamed on the right object; an identity it cannot name is left for validation to
+/// refuse ("has no spiffeId").
+fn default_spiffe_ids(identities: &mut [Value], rules: &[Value], td: &TrustDomain) {
+    let ends: HashSet<&str> = rules
+        .iter()
+        .filter(|r| r.get("authentication").and_then(Value::as_str) == Some("mtls"))
+        .flat_map(|r| ["from", "to"].map(|k| r.get(k).and_then(Value::as_str)))
+        .flatten()
+        .collect();
+    for identity in identities.iter_mut() {
+        let Value::Object(item) = identity else {
+            continue;
+        };
+        let named = item.get("name").and_then(Value::as_str);
+        if !named.is_some_and(|n| ends.contains(n)) || item.contains_key("spiffeId") {
+            continue;
+        }
+        let selector = item.get("selector");
+        let field = |k: &str| selector.and_then(|s| s.get(k)).and_then(Value::as_str);
+        let (Some(namespace), Some(account)) = (field("namespace"), field("serviceAccount")) else {
+            continue;
+        };
+        let text = format!("spiffe://{}/ns/{namespace}/sa/{account}", td.as_str());
+        if SpiffeId::parse(&text).is_ok() {
+            item.insert("spiffeId".into(), Value::String(text));
+        }
+    }
 }
 
 /// Which piece an error is about, and the error in that object's own terms.
@@ -324,7 +377,7 @@ mod tests {
                            "ports": [{"port": 5432, "protocol": "TCP"}]}]
             }),
         );
-        let merged = merge(&[rules, web_db()], &[]);
+        let merged = merge(&[rules, web_db()], &[], None);
         assert_eq!(merged.accepted, ["a-base", "b-rules"]);
         assert!(merged.skipped.is_empty());
         let policy = parse_policy(&merged.text, "merged").unwrap();
@@ -348,7 +401,7 @@ mod tests {
                 ]
             }),
         );
-        let merged = merge(&[web_db(), bad], &[]);
+        let merged = merge(&[web_db(), bad], &[], None);
         assert_eq!(merged.accepted, ["a-base"]);
         assert_eq!(merged.skipped.len(), 1);
         let reason = &merged.skipped[0].reason;
@@ -368,7 +421,7 @@ mod tests {
             "z-dup",
             json!({"identities": [{"name": "web", "cidrs": ["10.200.5.0/24"]}]}),
         );
-        let merged = merge(&[dup, web_db()], &[]);
+        let merged = merge(&[dup, web_db()], &[], None);
         assert_eq!(merged.accepted, ["a-base"]);
         assert_eq!(merged.skipped[0].name, "z-dup");
         assert!(
@@ -389,7 +442,7 @@ mod tests {
             "b-user",
             json!({"rules": [{"name": "r", "from": "web", "to": "world", "ports": [{"protocol": "TCP", "port": 80}]}]}),
         );
-        let merged = merge(&[base, user], &[]);
+        let merged = merge(&[base, user], &[], None);
         assert!(merged.accepted.is_empty());
         assert_eq!(merged.skipped.len(), 2);
         assert!(merged.skipped[1].reason.contains("unknown identity"));
@@ -407,7 +460,7 @@ mod tests {
             (json!({"rules": {"a": 1}}), "spec.rules: must be a list"),
             (json!({"log": "yes"}), "spec.log"),
         ] {
-            let merged = merge(&[object("x", spec)], &[]);
+            let merged = merge(&[object("x", spec)], &[], None);
             assert!(merged.accepted.is_empty());
             assert!(
                 merged.skipped[0].reason.contains(expect),
@@ -425,11 +478,11 @@ mod tests {
             json!({"rules": [{"name": "r", "from": "world", "to": "world",
                               "ports": [{"port": 70000, "protocol": "TCP"}]}]}),
         );
-        let merged = merge(&[trial.clone(), broken], &[]);
+        let merged = merge(&[trial.clone(), broken], &[], None);
         assert_eq!(merged.accepted, ["trial"]);
         let p = parse_policy(&merged.text, "merged").unwrap();
         assert_eq!(p.mode, crate::policy::Mode::Enforce);
-        let alone = merge(&[trial], &[]);
+        let alone = merge(&[trial], &[], None);
         let p = parse_policy(&alone.text, "merged").unwrap();
         assert_eq!(p.mode, crate::policy::Mode::Audit);
     }
@@ -440,22 +493,107 @@ mod tests {
             "00-newcomer",
             json!({"identities": [{"name": "web", "cidrs": ["10.200.9.0/24"]}]}),
         );
-        let merged = merge(&[newcomer.clone(), web_db()], &["a-base".to_owned()]);
+        let merged = merge(&[newcomer.clone(), web_db()], &["a-base".to_owned()], None);
         assert_eq!(merged.accepted, ["a-base"]);
         assert_eq!(merged.skipped[0].name, "00-newcomer");
         // Without history (a fresh agent), names decide.
-        let fresh = merge(&[newcomer, web_db()], &[]);
+        let fresh = merge(&[newcomer, web_db()], &[], None);
         assert_eq!(fresh.accepted, ["00-newcomer"]);
     }
 
     #[test]
     fn no_objects_is_a_valid_deny_all_policy() {
-        let merged = merge(&[], &[]);
+        let merged = merge(&[], &[], None);
         let p = parse_policy(&merged.text, "merged").unwrap();
         assert!(p.rules.is_empty() && p.identities.is_empty());
         assert_eq!(p.mode, crate::policy::Mode::Enforce);
-        let audit = merge(&[object("a", json!({"mode": "audit"}))], &[]);
+        let audit = merge(&[object("a", json!({"mode": "audit"}))], &[], None);
         let p = parse_policy(&audit.text, "merged").unwrap();
         assert_eq!(p.mode, crate::policy::Mode::Audit);
+    }
+
+    #[test]
+    fn mtls_identities_get_the_spiffe_id_of_their_namespace_and_service_account() {
+        let td = TrustDomain::parse("cluster.test").unwrap();
+        let ids = object(
+            "a-ids",
+            json!({"identities": [
+                {"name": "web", "selector": {"namespace": "shop", "serviceAccount": "web"}},
+                {"name": "db", "selector": {"namespace": "shop", "serviceAccount": "db.main"}},
+                {"name": "own", "spiffeId": "spiffe://other.test/own",
+                 "selector": {"namespace": "shop", "serviceAccount": "own"}},
+                {"name": "plain", "selector": {"namespace": "shop", "serviceAccount": "plain"}}
+            ]}),
+        );
+        // The rules come from another object: the ends are found in the merged lists.
+        let rules = object(
+            "b-rules",
+            json!({"rules": [
+                {"name": "web-to-db", "from": "web", "to": "db", "authentication": "mtls",
+                 "ports": [{"port": 5432, "protocol": "TCP"}]},
+                {"name": "own-to-db", "from": "own", "to": "db", "authentication": "mtls",
+                 "ports": [{"port": 5433, "protocol": "TCP"}]},
+                {"name": "plain-to-db", "from": "plain", "to": "db",
+                 "ports": [{"port": 5434, "protocol": "TCP"}]}
+            ]}),
+        );
+        let merged = merge(&[ids.clone(), rules.clone()], &[], Some(&td));
+        assert!(merged.skipped.is_empty(), "{:?}", merged.skipped);
+        let p = parse_policy(&merged.text, "merged").unwrap();
+        let id = |n: &str| {
+            p.identities
+                .iter()
+                .find(|i| i.name == n)
+                .unwrap()
+                .spiffe_id
+                .clone()
+        };
+        assert_eq!(
+            id("web").as_deref(),
+            Some("spiffe://cluster.test/ns/shop/sa/web")
+        );
+        assert_eq!(
+            id("db").as_deref(),
+            Some("spiffe://cluster.test/ns/shop/sa/db.main")
+        );
+        // An explicit ID wins; an identity no mtls rule names is left as written.
+        assert_eq!(id("own").as_deref(), Some("spiffe://other.test/own"));
+        assert_eq!(id("plain"), None);
+
+        // Without a trust domain there is no default: the mtls rule's object is refused.
+        let merged = merge(&[ids, rules], &[], None);
+        assert_eq!(merged.accepted, ["a-ids"]);
+        assert!(
+            merged.skipped[0].reason.contains("has no spiffeId"),
+            "{:?}",
+            merged.skipped
+        );
+    }
+
+    #[test]
+    fn a_selector_without_one_namespace_and_service_account_gives_no_spiffe_id() {
+        let td = TrustDomain::parse("cluster.test").unwrap();
+        for selector in [
+            json!({"namespace": "shop", "matchLabels": {"app": "web"}}),
+            json!({"namespaceSelector": {"matchLabels": {"team": "a"}}, "serviceAccount": "web"}),
+        ] {
+            let spec = json!({
+                "identities": [
+                    {"name": "web", "selector": selector},
+                    {"name": "db", "selector": {"namespace": "shop", "serviceAccount": "db"}}
+                ],
+                "rules": [{"name": "r", "from": "web", "to": "db", "authentication": "mtls",
+                           "ports": [{"port": 1, "protocol": "TCP"}]}]
+            });
+            let merged = merge(&[object("x", spec)], &[], Some(&td));
+            assert_eq!(merged.skipped.len(), 1, "{selector}");
+            assert!(
+                merged.skipped[0]
+                    .reason
+                    .contains("\"web\" (from) has no spiffeId"),
+                "{:?}",
+                merged.skipped
+            );
+        }
     }
 }

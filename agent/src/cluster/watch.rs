@@ -42,6 +42,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct KubeSettings {
     pub kubeconfig: Option<PathBuf>,
+    /// `--trust-domain`: default SPIFFE IDs of mtls identities (see [`super::merge`]).
+    pub trust_domain: Option<crate::identity::TrustDomain>,
 }
 
 /// Builds the client. A kubeconfig that cannot be read is an error now; a server that does not
@@ -111,8 +113,13 @@ struct Synced {
     namespaces: bool,
 }
 
-/// Runs the three watchers until the task is dropped.
-pub async fn run(client: Client, installer: InstallerHandle, status: SharedStatus) {
+/// Runs the three watchers until the task is dropped; `trust_domain` is `--trust-domain`.
+pub async fn run(
+    client: Client,
+    installer: InstallerHandle,
+    status: SharedStatus,
+    trust_domain: Option<crate::identity::TrustDomain>,
+) {
     let (synced_tx, synced_rx) = tokio_watch::channel(Synced::default());
     let synced_tx = Arc::new(synced_tx);
     let pods = tokio::spawn(watch_pods(
@@ -128,7 +135,13 @@ pub async fn run(client: Client, installer: InstallerHandle, status: SharedStatu
         synced_tx,
     ));
     let probe = tokio::spawn(probe_failing(client.clone(), status.clone()));
-    let policies = tokio::spawn(watch_policies(client, installer, status, synced_rx));
+    let policies = tokio::spawn(watch_policies(
+        client,
+        installer,
+        status,
+        synced_rx,
+        trust_domain,
+    ));
     let _ = tokio::join!(pods, namespaces, policies, probe);
 }
 
@@ -328,6 +341,7 @@ async fn watch_policies(
     installer: InstallerHandle,
     status: SharedStatus,
     mut synced: tokio_watch::Receiver<Synced>,
+    trust_domain: Option<crate::identity::TrustDomain>,
 ) {
     let api: Api<DynamicObject> = Api::all_with(client, &policy_resource());
     let mut stream = watcher(api).backoff(Retry::default()).boxed();
@@ -402,7 +416,10 @@ async fn watch_policies(
         // Merging parses and validates the whole policy (once per skipped object): off the
         // runtime's workers.
         let prefer = established.clone();
-        let Ok(merged) = tokio::task::spawn_blocking(move || merge(&list, &prefer)).await else {
+        let td = trust_domain.clone();
+        let Ok(merged) =
+            tokio::task::spawn_blocking(move || merge(&list, &prefer, td.as_ref())).await
+        else {
             return;
         };
         for s in &merged.skipped {

@@ -828,7 +828,8 @@ impl Validator {
                         path,
                         format!(
                             "identity {end:?} ({field}) has no spiffeId; mtls needs the SPIFFE ID \
-                             its certificates carry"
+                             its certificates carry (in Kubernetes mode with --trust-domain, a \
+                             selector with one namespace and serviceAccount gives it one)"
                         ),
                     );
                 }
