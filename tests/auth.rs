@@ -15,6 +15,7 @@ use std::{
 
 use std::sync::{Arc, RwLock};
 
+use serde_json::json;
 use tollgate_agent::{
     auth::handshake::{initiate_from, ClientProof, HandshakeError},
     identity::{
@@ -22,6 +23,7 @@ use tollgate_agent::{
     },
 };
 use tollgate_testbed::{
+    kubeapi::{self, FakeApiServer},
     spoof::{send_tcp, TcpSegment},
     traffic::{tcp_bulk_echo, tcp_connect_from, tcp_echo_server},
     two_nodes::{mtls_policy, DB_ID, NODE_A_V4, NODE_B_V4, ROGUE_ID, UPLINK, WEB_ID},
@@ -46,6 +48,8 @@ fn policy() -> String {
 struct AuthEnv {
     agent_a: Option<AgentProcess>,
     agent_b: Option<AgentProcess>,
+    /// Kubernetes mode: the API server both agents watch (in node A's namespace).
+    api: Option<FakeApiServer>,
     nodes: TwoNodes,
     ca: DevCa,
     dir: tempfile::TempDir,
@@ -74,6 +78,7 @@ impl AuthEnv {
         let env = AuthEnv {
             agent_a: None,
             agent_b: None,
+            api: None,
             nodes,
             ca,
             dir,
@@ -300,6 +305,72 @@ impl AuthEnv {
         } else {
             IpAddr::V4(w.v4)
         }
+    }
+
+    /// Kubernetes mode: an API server in node A's namespace (reached by node B's agent over
+    /// the link) holding namespace `shop`, pods `web-1` and `rogue-1` on node-a and `db-1` on
+    /// node-b (their workloads' addresses, `status.hostIP` their node's address), and a Policy
+    /// whose identities select by service account and carry neither `spiffeId` nor
+    /// `authAddress`. Both agents run with `--trust-domain shop.test`, node B's first.
+    fn kubernetes(name: &str, before_agents: impl FnOnce(&mut AuthEnv)) -> AuthEnv {
+        let mut env = AuthEnv::new(name);
+        let listener = env
+            .nodes
+            .a
+            .node
+            .run(|| std::net::TcpListener::bind((NODE_A_V4, 0)))
+            .expect("run in node A")
+            .expect("bind the API server");
+        let api = FakeApiServer::start(listener).expect("API server");
+        api.apply(kubeapi::namespace("shop", &[("team", "a")]))
+            .unwrap();
+        for (pod, account, node, host) in [
+            ("web-1", "web", "a", NODE_A_V4),
+            ("rogue-1", "rogue", "a", NODE_A_V4),
+            ("db-1", "db", "b", NODE_B_V4),
+        ] {
+            let (v4, v6) = (env.addr(account, false), env.addr(account, true));
+            let mut object = kubeapi::pod(
+                "shop",
+                pod,
+                &[("app", account)],
+                account,
+                &format!("node-{node}"),
+                &[&v4.to_string(), &v6.to_string()],
+                "Running",
+                false,
+            );
+            object["status"]["hostIP"] = json!(host);
+            api.apply(object).unwrap();
+        }
+        let identity = |name: &str| json!({"name": name, "selector": {"namespace": "shop", "serviceAccount": name}});
+        let rule = |from: &str| {
+            json!({"name": format!("{from}-to-db"), "from": from, "to": "db",
+                   "authentication": "mtls", "ports": [{"protocol": "TCP", "port": PORT}]})
+        };
+        api.apply(kubeapi::policy(
+            "shop",
+            json!({
+                "identities": [identity("web"), identity("rogue"), identity("db")],
+                "rules": [rule("web"), rule("rogue")],
+            }),
+        ))
+        .unwrap();
+        let kubeconfig = env.dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        env.api = Some(api);
+        before_agents(&mut env);
+        let kubeconfig = kubeconfig.display().to_string();
+        let args = [
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--trust-domain",
+            "shop.test",
+        ];
+        env.start_agent_with("b", &args);
+        env.start_agent_with("a", &args);
+        env
     }
 
     /// Both agents running, `web → db` proven, an echo server on db for `connections`.
@@ -730,4 +801,137 @@ fn a_valid_certificate_presented_from_another_address_is_refused() {
     // From its node's address, the same certificate is accepted.
     env.present(cert, key, WEB_ID, Some(NODE_A_V4.parse().unwrap()))
         .expect("from web's node");
+}
+
+/// Kubernetes mode: the policy names no SPIFFE ID and no node address. The agents take each
+/// identity's SPIFFE ID from its selector's namespace and service account (`--trust-domain`)
+/// and each peer from the pods' `status.hostIP`: node A proves `web → db` with node B ahead
+/// of need, the first SYN passes, and rogue (no valid SVID) is refused. Node B accepts web's
+/// certificate only from a node that runs a web pod.
+#[test]
+fn kubernetes_mode_finds_peer_nodes_by_host_ip_and_spiffe_ids_by_service_account() {
+    let env = AuthEnv::kubernetes("k8s", |_| {});
+    // Pods and the policy first come over the watch: a little longer than a file.
+    let deadline = Instant::now() + 2 * SETTLE;
+    while Instant::now() < deadline
+        && !(env.has_proof("a", "web", "db") && env.has_proof("b", "web", "db"))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        env.has_proof("a", "web", "db") && env.has_proof("b", "web", "db"),
+        "web -> db was not pre-authenticated; node A: {:#?}\nlog A:\n{}\nlog B:\n{}",
+        env.status("a")["auth"],
+        env.agent("a").log_text(),
+        env.agent("b").log_text()
+    );
+    let proofs = env.status("a")["auth"]["proofs"].clone();
+    let proof = proofs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["from_identity"] == "web")
+        .unwrap();
+    assert_eq!(proof["from_spiffe_id"], WEB_ID, "{proofs:#}");
+    assert_eq!(proof["to_spiffe_id"], DB_ID, "{proofs:#}");
+    assert_eq!(proof["peer_node"], "node-b", "{proofs:#}");
+    // The merged policy says which SPIFFE IDs it requires.
+    let out = env.agent("a").cli(&["policy", "get"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(WEB_ID) && text.contains(DB_ID), "{text}");
+
+    for v6 in [false, true] {
+        tcp_echo_server(env.ns("db"), env.addr("db", v6), PORT, 8).unwrap();
+        let (stream, took) =
+            connect_timed(env.ns("web"), env.addr("db", v6), Duration::from_secs(5));
+        let mut stream = stream.unwrap_or_else(|e| panic!("web -> db (v6 {v6}): {e}"));
+        eprintln!("Kubernetes mode, pre-authenticated, v6 {v6}: connected in {took:?}");
+        assert!(took < Duration::from_millis(900), "connect took {took:?}");
+        assert!(roundtrip(&mut stream, b"authenticated"));
+        tcp_bulk_echo(env.ns("web"), env.addr("db", v6), PORT, 2 << 20)
+            .unwrap_or_else(|e| panic!("2 MiB each way (v6 {v6}): {e:#}"));
+    }
+    assert_eq!(env.verdict("a", "deny_auth_required"), 0);
+
+    // rogue's only SVID is forged: node A refuses its flows and has nothing to prove it with.
+    let (refused, _) = connect_timed(
+        env.ns("rogue"),
+        env.addr("db", false),
+        Duration::from_secs(3),
+    );
+    assert!(refused.is_err(), "rogue reached db");
+    assert!(env.verdict("a", "deny_auth_required") >= 1);
+    assert!(!env.has_proof("a", "rogue", "db") && !env.has_proof("b", "rogue", "db"));
+
+    // web's real certificate, presented from an address of node A that no pod names as its
+    // host, is refused; from the node's hostIP it is accepted.
+    tollgate_testbed::netns::ip(&[
+        "-n",
+        env.nodes.a.node.name(),
+        "addr",
+        "add",
+        "10.200.0.4/24",
+        "dev",
+        UPLINK,
+    ])
+    .unwrap();
+    let (cert, key) = env.web.clone();
+    let err = env
+        .present(
+            cert.clone(),
+            key.clone(),
+            WEB_ID,
+            Some("10.200.0.4".parse().unwrap()),
+        )
+        .expect_err("a copied certificate proved the pair from a node without web pods");
+    assert!(
+        matches!(&err, HandshakeError::Refused(why)
+            if why.contains("no pod of web runs on the node at 10.200.0.4")),
+        "{err}"
+    );
+    env.present(cert, key, WEB_ID, Some(NODE_A_V4.parse().unwrap()))
+        .expect("from web's node");
+}
+
+/// Kubernetes mode on demand: node B has no SVID for db at first, so node A's handshakes
+/// ahead of need fail and back off. Once it has one, the refused SYN tells node A which node
+/// runs the destination pod (by its address), and the SYN retry passes (IPv6 this time).
+#[test]
+fn kubernetes_mode_authenticates_on_demand_with_the_destination_pods_node() {
+    let env = AuthEnv::kubernetes("k8sdemand", |env| {
+        let db_dir = env.svid_dir("b").join("db");
+        std::fs::rename(db_dir, env.dir.path().join("db-parked")).unwrap();
+    });
+    assert!(
+        env.wait_for(|e| e.status("a")["auth"]["handshakes"]
+            .as_array()
+            .is_some_and(|h| h
+                .iter()
+                .any(|h| h["role"] == "client" && h["result"] != "ok"))),
+        "no failed handshake ahead of need; log A:\n{}",
+        env.agent("a").log_text()
+    );
+    // Past the first back-offs, so the next try ahead of need is seconds away.
+    std::thread::sleep(Duration::from_secs(4));
+    std::fs::rename(
+        env.dir.path().join("db-parked"),
+        env.svid_dir("b").join("db"),
+    )
+    .unwrap();
+    assert!(env.wait_for(|e| e.status("b")["auth"]["svids"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|s| s["spiffe_id"] == DB_ID))));
+    tcp_echo_server(env.ns("db"), env.addr("db", true), PORT, 4).unwrap();
+    let (stream, took) = connect_timed(env.ns("web"), env.addr("db", true), Duration::from_secs(5));
+    let mut stream =
+        stream.unwrap_or_else(|e| panic!("web -> db: {e}\nlog A:\n{}", env.agent("a").log_text()));
+    eprintln!(
+        "Kubernetes mode on demand: connected in {took:?}, {} SYN(s) refused at node A",
+        env.verdict("a", "deny_auth_required")
+    );
+    // At most one SYN retry (see pair_not_authenticated_ahead_passes_on_the_first_syn_retry).
+    assert!(took < Duration::from_millis(1800), "connect took {took:?}");
+    assert!(env.verdict("a", "deny_auth_required") <= 1);
+    assert!(roundtrip(&mut stream, b"on demand"));
+    assert!(env.has_proof("a", "web", "db") && env.has_proof("b", "web", "db"));
 }

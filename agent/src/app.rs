@@ -145,6 +145,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         interfaces: config.installer.selector.as_str().to_string(),
     }));
     let mut file_mode = None;
+    let mut pod_nodes = None;
     let (initial, cluster, kube) = match &config.source {
         PolicySource::File(path) => {
             let (policy, file_digest, source) = start_policy(
@@ -164,9 +165,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 "kubernetes",
             )
             .context("the deny-all policy")?;
+            let state = ClusterState::new(config.node.clone(), status.clone());
+            pod_nodes = Some(state.pod_nodes.subscribe());
             (
                 Initial::KeepPinned { fallback },
-                Some(ClusterState::new(config.node.clone(), status.clone())),
+                Some(state),
                 Some((client, status, settings.trust_domain.clone())),
             )
         }
@@ -211,8 +214,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     let auth = match config.auth.clone() {
         Some(settings) => Some(
-            crate::auth::manager::start(settings, &layout, installer.clone(), control_tx.clone())
-                .await?,
+            crate::auth::manager::start(
+                settings,
+                &layout,
+                installer.clone(),
+                control_tx.clone(),
+                pod_nodes,
+            )
+            .await?,
         ),
         None => None,
     };

@@ -29,7 +29,7 @@ use crate::{
     auth::plan::AuthPlan,
     cluster::{
         members::{Membership, StaticClaims},
-        ClusterEvent, SharedStatus,
+        ClusterEvent, PodNodes, SharedStatus,
     },
     datapath::Datapath,
     error::Error,
@@ -1279,11 +1279,14 @@ pub struct ClusterState {
     pub revoked: HashSet<IpAddr>,
     pub revoked_since: Option<Instant>,
     pub status: SharedStatus,
+    /// Where each identity's pods run, for the auth manager; sent when it changes.
+    pub pod_nodes: tokio::sync::watch::Sender<Arc<PodNodes>>,
 }
 
 impl ClusterState {
     pub fn new(node: String, status: SharedStatus) -> Self {
         ClusterState {
+            pod_nodes: tokio::sync::watch::channel(Arc::default()).0,
             node,
             members: Membership::default(),
             bindings: HashMap::new(),
@@ -1296,8 +1299,16 @@ impl ClusterState {
         }
     }
 
-    /// Refreshes the membership part of `status`.
+    /// Refreshes the membership part of `status`, and where each identity's pods run.
     fn report(&self) {
+        let nodes = self.members.pod_nodes();
+        self.pod_nodes.send_if_modified(|old| {
+            if **old == nodes {
+                return false;
+            }
+            *old = Arc::new(nodes);
+            true
+        });
         let mut s = self.status.lock().expect("status lock");
         s.pods = self.members.pod_count();
         s.local_pods = self.members.local_pods(&self.node).count();

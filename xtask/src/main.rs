@@ -147,7 +147,7 @@ const KERNEL_TEST_BINARIES: [(&str, usize); 10] = [
     ("kubernetes_attacks", 10),
     // mTLS between two nodes' agents: proofs, refusals, rotation, expiry, spoofing, records,
     // hostile clients of the auth listener.
-    ("auth", 10),
+    ("auth", 12),
 ];
 
 fn test() -> Result<()> {

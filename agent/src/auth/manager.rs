@@ -19,7 +19,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -35,11 +35,12 @@ use tokio::{
 
 use super::{
     handshake::{self, GrantRequest, HandshakeError},
-    plan::{AuthPlan, PairPlan},
-    proofs::ProofMap,
+    plan::{AuthPlan, PairEnd, PairPlan},
+    proofs::{boot_ns, ProofMap},
     stats::{AuthStats, Reporter},
 };
 use crate::{
+    cluster::PodNodes,
     events::{rfc3339, Input},
     identity::{
         server_config,
@@ -95,12 +96,23 @@ pub struct AuthSettings {
     pub node: String,
 }
 
-/// A pair the datapath asked a proof for, by identity names (as events name them).
+/// A pair the datapath asked a proof for, by identity names (as events name them), with the
+/// refused flow's addresses (they tell which node's agent to authenticate with).
 #[derive(Debug, Clone)]
 pub struct Demand {
     pub from: String,
     pub to: String,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
 }
+
+/// Proofs are kept per pair and peer node (the address of the agent at the other end): the
+/// kernel admits the pair until the latest expiry among them (`Manager::sync_pair`). Handshake
+/// attempts are keyed the same way.
+type ProofKey = (u64, IpAddr);
+/// The peer of a proof adopted from the pins (which node it was with is not pinned), and the
+/// key of a pair's attempts that found no peer to try.
+const NO_PEER: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
 /// What the rest of the agent holds of the auth subsystem.
 #[derive(Clone)]
@@ -110,12 +122,14 @@ pub struct AuthHandle {
 }
 
 /// Binds the listener (so a taken port fails the start) and starts the manager, the SVID
-/// follower and the listener on the current runtime.
+/// follower and the listener on the current runtime. `pod_nodes` (Kubernetes mode): where each
+/// identity's pods run, which tells the manager where peers listen.
 pub async fn start(
     settings: AuthSettings,
     layout: &PinLayout,
     installer: InstallerHandle,
     control: mpsc::UnboundedSender<Input>,
+    pod_nodes: Option<watch::Receiver<Arc<PodNodes>>>,
 ) -> Result<AuthHandle> {
     let listener = match settings.listen {
         Some(addr) => Some(
@@ -168,7 +182,10 @@ pub async fn start(
         resolver: resolver.clone(),
         plan: Arc::default(),
         proofs: HashMap::new(),
+        written: HashMap::new(),
         attempts: HashMap::new(),
+        nodes: pod_nodes.as_ref().map(|rx| rx.borrow().clone()),
+        pod_nodes,
         outcomes: mpsc::channel(64),
         stats: stats.clone(),
         reporter: reporter.clone(),
@@ -198,10 +215,9 @@ pub async fn start(
     })
 }
 
-/// A proof this node holds.
+/// A proof this node holds, of a pair with one peer node.
 #[derive(Debug, Clone)]
 struct Proof {
-    pair: u64,
     expires_at: SystemTime,
     /// The same instant on CLOCK_BOOTTIME, as written to `TG_AUTH` (the wall clock may step).
     expires_boot: u64,
@@ -214,6 +230,9 @@ struct Proof {
     peer_chain: Vec<CertificateDer<'static>>,
     peer_node: String,
     role: &'static str,
+    /// Where this node connected to, and whether it presented the source's SVID (forward):
+    /// a proof this node started, and renews.
+    dialed: Option<(SocketAddr, bool)>,
     /// Renew now rather than at two thirds of the life (this node's certificate rotated).
     renew_now: bool,
 }
@@ -257,7 +276,9 @@ impl Attempt {
 
 /// What a client handshake came to.
 struct Outcome {
-    pair: u64,
+    key: ProofKey,
+    /// Where it connected to, and which way.
+    dialed: (SocketAddr, bool),
     local: Svid,
     result: Result<handshake::ClientProof, HandshakeError>,
 }
@@ -273,8 +294,13 @@ struct Manager {
     bundles: SharedBundles,
     resolver: Arc<SvidResolver>,
     plan: Arc<AuthPlan>,
-    proofs: HashMap<u64, Proof>,
-    attempts: HashMap<u64, Attempt>,
+    proofs: HashMap<ProofKey, Proof>,
+    /// What `TG_AUTH` holds for each pair (CLOCK_BOOTTIME expiry).
+    written: HashMap<u64, u64>,
+    attempts: HashMap<ProofKey, Attempt>,
+    /// Kubernetes mode: where each identity's pods run (the receiver, and the latest value).
+    pod_nodes: Option<watch::Receiver<Arc<PodNodes>>>,
+    nodes: Option<Arc<PodNodes>>,
     outcomes: (mpsc::Sender<Outcome>, mpsc::Receiver<Outcome>),
     stats: Arc<AuthStats>,
     reporter: Arc<Reporter>,
@@ -311,6 +337,18 @@ impl Manager {
                         return;
                     }
                     self.take_policy();
+                }
+                Some(changed) = async {
+                    match self.pod_nodes.as_mut() {
+                        Some(rx) => Some(rx.changed().await),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed.is_err() {
+                        // The installer is gone: the agent is stopping.
+                        return;
+                    }
+                    self.take_nodes();
                 }
                 Some(d) = demand.recv() => self.on_demand(d),
                 Some(g) = grants.recv() => self.on_grant(g),
@@ -382,12 +420,12 @@ impl Manager {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for proof in self.proofs.values_mut() {
+        for (key, proof) in self.proofs.iter_mut() {
             if let Some(local) = &proof.local {
                 match self.svids.get(local) {
                     None => {
                         withdrawn.push((
-                            proof.pair,
+                            *key,
                             "certificate_withdrawn",
                             format!("this node no longer holds a certificate for {local}"),
                         ));
@@ -409,15 +447,15 @@ impl Manager {
                 };
                 if let Err(e) = verify_svid(&proof.peer_chain, &bundles, UnixTime::now(), usage) {
                     withdrawn.push((
-                        proof.pair,
+                        *key,
                         "peer_untrusted",
                         format!("the peer's certificate is no longer accepted: {e}"),
                     ));
                 }
             }
         }
-        for (pair, reason, why) in &withdrawn {
-            self.lapse(*pair, reason, why);
+        for (key, reason, why) in &withdrawn {
+            self.lapse(*key, reason, why);
         }
         if !withdrawn.is_empty() {
             self.redecide = Some("a proof of authentication was withdrawn");
@@ -433,21 +471,29 @@ impl Manager {
             return;
         }
         self.plan = plan;
-        let gone: Vec<u64> = self
+        let gone: Vec<ProofKey> = self
             .proofs
             .keys()
-            .filter(|k| self.plan.by_key(**k).is_none())
+            .filter(|k| self.plan.by_key(k.0).is_none())
             .copied()
             .collect();
-        for pair in gone {
-            self.lapse(pair, "policy", "the policy no longer requires this pair");
+        for key in gone {
+            self.lapse(key, "policy", "the policy no longer requires this pair");
         }
-        self.attempts.retain(|k, _| self.plan.by_key(*k).is_some());
+        self.attempts.retain(|k, _| self.plan.by_key(k.0).is_some());
         self.publish();
     }
 
+    /// Takes where the pods of each identity run now (Kubernetes mode). Pairs toward a node
+    /// that newly runs a destination's pods are authenticated with it at the next tick.
+    fn take_nodes(&mut self) {
+        if let Some(rx) = self.pod_nodes.as_mut() {
+            self.nodes = Some(rx.borrow_and_update().clone());
+        }
+    }
+
     /// Proofs a previous agent wrote: kept while the policy needs them (the kernel admits by
-    /// them already), renewed by this node if it hosts the source identity.
+    /// them already) until this node has proven the pair with its peers itself.
     fn adopt_pinned(&mut self) {
         let now_boot = crate::datapath::boottime_ns();
         let now = SystemTime::now();
@@ -469,13 +515,11 @@ impl Manager {
             // At most `--auth-max-ttl` of this agent, whatever an earlier one wrote.
             let left = Duration::from_nanos(expires_boot - now_boot).min(self.settings.max_ttl);
             let expires_boot = now_boot + left.as_nanos() as u64;
-            let _ = self.proof_map.write(pair, expires_boot);
             let expires_at = now + left;
             let local = self.svids.get(&plan.src.spiffe_id).map(|s| s.id.clone());
             self.proofs.insert(
-                pair,
+                (pair, NO_PEER),
                 Proof {
-                    pair,
                     expires_at,
                     expires_boot,
                     // Renewed at two thirds of at most the longest life a proof may have.
@@ -488,9 +532,11 @@ impl Manager {
                     peer_chain: Vec::new(),
                     peer_node: String::new(),
                     role: "adopted",
+                    dialed: None,
                     renew_now: false,
                 },
             );
+            self.sync_logged(pair);
         }
         self.publish();
     }
@@ -499,30 +545,141 @@ impl Manager {
         let Some(plan) = self.plan.by_names(&d.from, &d.to).cloned() else {
             return;
         };
-        if let Some(p) = self.proofs.get(&plan.key) {
-            if p.expires_boot > crate::datapath::boottime_ns() {
-                // The kernel has no valid proof but this node has one: the entry was lost
-                // (removed behind the agent's back). Write it again, exactly as it was.
-                let _ = self.proof_map.write(plan.key, p.expires_boot);
-                return;
+        let now_boot = crate::datapath::boottime_ns();
+        if self.pair_expiry(plan.key).is_some_and(|e| e > now_boot) {
+            // The kernel has no valid proof but this node has one: the entry was lost
+            // (removed behind the agent's back). Write it again, exactly as it was.
+            self.written.remove(&plan.key);
+            self.sync_logged(plan.key);
+            return;
+        }
+        match self.route(&plan, d.src, d.dst) {
+            Ok((forward, targets)) => {
+                for to in targets {
+                    self.start(&plan, to, forward, true);
+                }
+            }
+            Err(why) => {
+                if self.gate((plan.key, NO_PEER), true) {
+                    self.failed(
+                        &plan,
+                        (plan.key, NO_PEER),
+                        "client",
+                        &HandshakeError::NoSvid(why),
+                    );
+                }
             }
         }
-        self.start(&plan, true);
     }
 
-    /// Starts a client handshake for `plan` unless one is under way or waiting out a failure's
-    /// back-off. A flow waiting for it (`demanded`) cuts the back-off short: its client retries
-    /// in a second, and a peer that has come back should be tried by then. Demands are sampled
-    /// per edge in the kernel, and handshakes of one pair start at most every `RETRY_FIRST`.
-    fn start(&mut self, plan: &PairPlan, demanded: bool) {
+    /// Which way a flow of `plan` between `src` and `dst` (its addresses, when known) is
+    /// authenticated, and with which agents: the source's node presents the source's SVID to
+    /// the destination's nodes; a destination's node whose flows were refused (the source's
+    /// agent did not reach it) goes the other way round. `Ok((forward, listeners))`.
+    fn route(
+        &self,
+        plan: &PairPlan,
+        src: Option<IpAddr>,
+        dst: Option<IpAddr>,
+    ) -> Result<(bool, Vec<SocketAddr>), String> {
+        let src_held = self.usable(&plan.src.spiffe_id).is_some();
+        let dst_held = self.usable(&plan.dst.spiffe_id).is_some();
+        if src_held {
+            let to = self.listeners(&plan.dst, dst);
+            if !to.is_empty() {
+                return Ok((true, to));
+            }
+        }
+        if dst_held {
+            let to = self.listeners(&plan.src, src);
+            if !to.is_empty() {
+                return Ok((false, to));
+            }
+        }
+        Err(if !src_held && !dst_held {
+            format!(
+                "this node holds no valid certificate for {} or {}",
+                plan.src.spiffe_id, plan.dst.spiffe_id
+            )
+        } else {
+            format!(
+                "where the peer of {} → {} listens is not known: no authAddress in the policy, \
+                 and in Kubernetes mode no pod of it with a status.hostIP (or no --auth-addr \
+                 here to take the port from)",
+                plan.src.identity, plan.dst.identity
+            )
+        })
+    }
+
+    /// Where the agents hosting `end`'s identity serve handshakes: its `authAddress`; else, in
+    /// Kubernetes mode, every node running its pods (only the one running the pod at `addr`,
+    /// when that is known), on this agent's own port: a DaemonSet listens on one port on
+    /// every node.
+    fn listeners(&self, end: &PairEnd, addr: Option<IpAddr>) -> Vec<SocketAddr> {
+        if let Some(a) = end.auth_address {
+            return vec![a];
+        }
+        let (Some(nodes), Some(port)) = (&self.nodes, self.settings.listen.map(|l| l.port()))
+        else {
+            return Vec::new();
+        };
+        if let Some(&host) = addr.and_then(|a| nodes.by_address.get(&canonical(a))) {
+            if nodes.hosts(&end.identity, host) {
+                return vec![SocketAddr::new(host, port)];
+            }
+        }
+        nodes
+            .nodes_of(&end.identity)
+            .map(|host| SocketAddr::new(host, port))
+            .collect()
+    }
+
+    /// Whether a handshake for `end`'s identity may come from `peer`: the policy's
+    /// `authAddress` for it, else in Kubernetes mode a node running one of its pods. A
+    /// certificate copied to another host proves nothing for the pair.
+    fn check_origin(&self, end: &PairEnd, peer: IpAddr) -> Result<(), String> {
+        let peer = canonical(peer);
+        if let Some(expected) = end.auth_address {
+            if peer != canonical(expected.ip()) {
+                return Err(format!(
+                    "{} is hosted at {} by the policy, but the handshake came from {peer}",
+                    end.identity,
+                    expected.ip()
+                ));
+            }
+            return Ok(());
+        }
+        match &self.nodes {
+            Some(nodes) if !nodes.hosts(&end.identity, peer) => Err(format!(
+                "no pod of {} runs on the node at {peer} (by the pods' status.hostIP)",
+                end.identity
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The SVID of `id` this node holds, if it is valid now.
+    fn usable(&self, id: &SpiffeId) -> Option<&Svid> {
+        let wall = SystemTime::now();
+        self.svids
+            .get(id)
+            .filter(|s| s.not_before <= wall && wall < s.not_after)
+    }
+
+    /// Whether a handshake for `key` may start now (and if so, it counts as started): not
+    /// while one is under way or a failure's back-off runs. A flow waiting for it (`demanded`)
+    /// cuts the back-off short: its client retries in a second, and a peer that has come back
+    /// should be tried by then. Demands are sampled per edge in the kernel, and handshakes
+    /// start at most every `RETRY_FIRST` per key.
+    fn gate(&mut self, key: ProofKey, demanded: bool) -> bool {
         let now = Instant::now();
         let attempt = self
             .attempts
-            .entry(plan.key)
+            .entry(key)
             .or_insert_with(|| Attempt::fresh(now));
         if attempt.in_flight {
             attempt.pending_demand |= demanded;
-            return;
+            return false;
         }
         let waiting = if demanded {
             attempt
@@ -532,54 +689,39 @@ impl Manager {
             attempt.next_try > now
         };
         if waiting {
-            return;
+            return false;
         }
         if demanded {
             attempt.last_demand = Some(now);
         }
-        let wall = SystemTime::now();
-        let usable = |id: &SpiffeId| {
-            self.svids
-                .get(id)
-                .filter(|s| s.not_before <= wall && wall < s.not_after)
+        true
+    }
+
+    /// Starts a client handshake for `plan` with the agent at `to`, presenting the source's
+    /// SVID (`forward`) or the destination's, unless one is under way or waiting out a
+    /// failure's back-off (see `gate`).
+    fn start(&mut self, plan: &PairPlan, to: SocketAddr, forward: bool, demanded: bool) {
+        let key = (plan.key, canonical(to.ip()));
+        if !self.gate(key, demanded) {
+            return;
+        }
+        let (ours, peer) = if forward {
+            (&plan.src.spiffe_id, &plan.dst.spiffe_id)
+        } else {
+            (&plan.dst.spiffe_id, &plan.src.spiffe_id)
         };
-        // The source's node starts it; a destination's node whose flows were refused (the
-        // source's agent did not reach it) starts it the other way round.
-        let (local, peer, to) = match (usable(&plan.src.spiffe_id), usable(&plan.dst.spiffe_id)) {
-            (Some(svid), _) if plan.dst.auth_address.is_some() => (
-                svid.clone(),
-                plan.dst.spiffe_id.clone(),
-                plan.dst.auth_address,
-            ),
-            (_, Some(svid)) if plan.src.auth_address.is_some() => (
-                svid.clone(),
-                plan.src.spiffe_id.clone(),
-                plan.src.auth_address,
-            ),
-            (src, dst) => {
-                let why = if src.is_none() && dst.is_none() {
-                    format!(
-                        "this node holds no valid certificate for {} or {}",
-                        plan.src.spiffe_id, plan.dst.spiffe_id
-                    )
-                } else {
-                    format!(
-                        "the policy gives no authAddress for the peer's node of {} → {}",
-                        plan.src.identity, plan.dst.identity
-                    )
-                };
-                self.failed(plan, "client", &HandshakeError::NoSvid(why));
-                return;
-            }
+        let Some(local) = self.usable(ours).cloned() else {
+            let why = format!("this node holds no valid certificate for {ours}");
+            self.failed(plan, key, "client", &HandshakeError::NoSvid(why));
+            return;
         };
-        let Some(to) = to else { return };
-        let attempt = self.attempts.get_mut(&plan.key).expect("inserted above");
+        let peer = peer.clone();
+        let attempt = self.attempts.get_mut(&key).expect("gate inserted it");
         attempt.in_flight = true;
         let tx = self.outcomes.0.clone();
         let bundles = self.bundles.clone();
         let node = self.settings.node.clone();
         let from = self.local_addr;
-        let pair = plan.key;
         let (src, dst) = (plan.src.spiffe_id.clone(), plan.dst.spiffe_id.clone());
         tokio::spawn(async move {
             let result = handshake::initiate_from(
@@ -595,7 +737,8 @@ impl Manager {
             .await;
             let _ = tx
                 .send(Outcome {
-                    pair,
+                    key,
+                    dialed: (to, forward),
                     local,
                     result,
                 })
@@ -604,27 +747,29 @@ impl Manager {
     }
 
     fn on_outcome(&mut self, o: Outcome) {
-        let pending_demand = match self.attempts.get_mut(&o.pair) {
+        let pending_demand = match self.attempts.get_mut(&o.key) {
             Some(a) => {
                 a.in_flight = false;
                 std::mem::take(&mut a.pending_demand)
             }
             None => false,
         };
-        let Some(plan) = self.plan.by_key(o.pair).cloned() else {
+        let Some(plan) = self.plan.by_key(o.key.0).cloned() else {
             return;
         };
         let failed = o.result.is_err();
+        let (to, forward) = o.dialed;
         self.take_outcome(&plan, o);
         if failed && pending_demand {
             // A flow is waiting and asked while this one was under way (a try ahead of need,
             // say, that found the peer not ready yet): its retry should not wait for a back-off.
-            self.start(&plan, true);
+            self.start(&plan, to, forward, true);
         }
     }
 
     fn take_outcome(&mut self, plan: &PairPlan, o: Outcome) {
         let plan = plan.clone();
+        let key = o.key;
         match o.result {
             Ok(_)
                 if self.svids.get(&o.local.id).map(|s| &s.chain[0]) != Some(&o.local.chain[0]) =>
@@ -632,6 +777,7 @@ impl Manager {
                 // The certificate this handshake presented was withdrawn or replaced meanwhile.
                 self.failed(
                     &plan,
+                    key,
                     "client",
                     &HandshakeError::NoSvid(format!(
                         "the certificate of {} changed during the handshake",
@@ -647,6 +793,7 @@ impl Manager {
                 if expires_at < SystemTime::now() + MIN_PROOF_LIFE {
                     self.failed(
                         &plan,
+                        key,
                         "client",
                         &HandshakeError::Protocol(format!(
                             "the proof would expire at {}, too soon",
@@ -658,22 +805,28 @@ impl Manager {
                 let peer_node = proof.answer.node.clone();
                 if let Err(e) = self.admit(
                     &plan,
+                    key,
                     expires_at,
                     &o.local,
                     proof.peer_chain,
                     &peer_node,
-                    "client",
+                    Some(o.dialed),
                 ) {
                     tracing::error!(error = %format!("{e:#}"), "writing a proof failed");
-                    self.failed(&plan, "client", &HandshakeError::Protocol(format!("{e:#}")));
+                    self.failed(
+                        &plan,
+                        key,
+                        "client",
+                        &HandshakeError::Protocol(format!("{e:#}")),
+                    );
                     return;
                 }
-                if let Some(a) = self.attempts.get_mut(&o.pair) {
+                if let Some(a) = self.attempts.get_mut(&key) {
                     a.delay = RETRY_FIRST;
                     a.next_try = Instant::now();
                 }
             }
-            Err(e) => self.failed(&plan, "client", &e),
+            Err(e) => self.failed(&plan, key, "client", &e),
         }
     }
 
@@ -685,32 +838,70 @@ impl Manager {
             .min(SystemTime::now() + self.settings.max_ttl)
     }
 
-    /// Writes the proof and records the handshake.
+    /// The latest expiry (CLOCK_BOOTTIME) of the proofs of `pair` this node holds.
+    fn pair_expiry(&self, pair: u64) -> Option<u64> {
+        self.proofs
+            .iter()
+            .filter(|(k, _)| k.0 == pair)
+            .map(|(_, p)| p.expires_boot)
+            .max()
+    }
+
+    /// Makes `TG_AUTH` admit `pair` until the latest expiry of its proofs (removed without
+    /// any). When that is earlier than what the kernel had, flows admitted under the old entry
+    /// carry its later expiry: every tracked flow is decided again, or they would outlive the
+    /// certificates the new entry ends with.
+    fn sync_pair(&mut self, pair: u64) -> Result<()> {
+        let want = self.pair_expiry(pair);
+        let had = self.written.get(&pair).copied();
+        if want == had {
+            return Ok(());
+        }
+        match want {
+            Some(expires_boot) => {
+                self.proof_map.write(pair, expires_boot)?;
+                self.written.insert(pair, expires_boot);
+            }
+            None => {
+                self.proof_map.remove(pair);
+                self.written.remove(&pair);
+            }
+        }
+        // (An entry that had expired already cut its flows by itself.)
+        let now = crate::datapath::boottime_ns();
+        if had.is_some_and(|h| h > now && want.is_none_or(|w| w < h)) {
+            self.redecide = Some("a proof ended or was renewed with an earlier expiry");
+        }
+        Ok(())
+    }
+
+    fn sync_logged(&mut self, pair: u64) {
+        if let Err(e) = self.sync_pair(pair) {
+            tracing::error!(error = %format!("{e:#}"), "writing a proof failed");
+        }
+    }
+
+    /// Keeps the proof of a handshake with a peer node, makes the kernel admit the pair by it
+    /// and records the handshake. `dialed`: where this node connected to, and which way (a
+    /// proof this node started, and renews).
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
         plan: &PairPlan,
+        key: ProofKey,
         expires_at: SystemTime,
         local: &Svid,
         peer_chain: Vec<CertificateDer<'static>>,
         peer_node: &str,
-        role: &'static str,
+        dialed: Option<(SocketAddr, bool)>,
     ) -> Result<()> {
-        let expires_boot = self.proof_map.write_until(plan.key, expires_at)?;
+        let role = if dialed.is_some() { "client" } else { "server" };
+        let expires_boot = boot_ns(expires_at);
         let peer_node: String = peer_node.chars().take(64).collect();
         let peer_node = peer_node.as_str();
-        if self
-            .proofs
-            .get(&plan.key)
-            .is_some_and(|old| expires_at < old.expires_at)
-        {
-            // Flows admitted under the old proof carry its later expiry: they must be decided
-            // again, or they would outlive the certificate the new proof ends with.
-            self.redecide = Some("a proof was renewed with an earlier expiry");
-        }
-        self.proofs.insert(
-            plan.key,
+        let before = self.proofs.insert(
+            key,
             Proof {
-                pair: plan.key,
                 expires_at,
                 expires_boot,
                 issued_at: SystemTime::now(),
@@ -719,9 +910,22 @@ impl Manager {
                 peer_chain,
                 peer_node: peer_node.to_owned(),
                 role,
+                dialed,
                 renew_now: false,
             },
         );
+        // A proof of this agent's own supersedes the one adopted from the pins.
+        let adopted = self.proofs.remove(&(plan.key, NO_PEER));
+        if let Err(e) = self.sync_pair(plan.key) {
+            self.proofs.remove(&key);
+            if let Some(p) = before {
+                self.proofs.insert(key, p);
+            }
+            if let Some(a) = adopted {
+                self.proofs.insert((plan.key, NO_PEER), a);
+            }
+            return Err(e);
+        }
         self.stats.count_handshake(role, "ok");
         tracing::info!(
             from = %plan.src.identity,
@@ -749,12 +953,12 @@ impl Manager {
         Ok(())
     }
 
-    fn failed(&mut self, plan: &PairPlan, role: &'static str, e: &HandshakeError) {
+    fn failed(&mut self, plan: &PairPlan, key: ProofKey, role: &'static str, e: &HandshakeError) {
         self.stats.count_handshake(role, e.result());
         let now = Instant::now();
         let attempt = self
             .attempts
-            .entry(plan.key)
+            .entry(key)
             .or_insert_with(|| Attempt::fresh(now));
         attempt.next_try = now + attempt.delay;
         attempt.delay = (attempt.delay * 2).min(RETRY_MAX);
@@ -821,18 +1025,9 @@ impl Manager {
                 g.client.id
             ));
         };
-        // Where the policy says which node hosts the client's identity, the handshake must come
-        // from there: a certificate copied elsewhere proves nothing for this pair.
-        if let Some(expected) = theirs_end.auth_address {
-            if canonical(g.peer_addr.ip()) != canonical(expected.ip()) {
-                return Err(format!(
-                    "{} is hosted at {} by the policy, but the handshake came from {}",
-                    theirs_end.identity,
-                    expected.ip(),
-                    g.peer_addr.ip()
-                ));
-            }
-        }
+        // The handshake must come from the node hosting the client's identity: a certificate
+        // copied elsewhere proves nothing for this pair.
+        self.check_origin(theirs_end, g.peer_addr.ip())?;
         let local = self
             .svids
             .get(ours)
@@ -854,11 +1049,12 @@ impl Manager {
         let expires_at = self.expiry(&local, g.client.not_after);
         self.admit(
             &plan,
+            (plan.key, canonical(g.peer_addr.ip())),
             expires_at,
             &local,
             g.client_chain.clone(),
             &g.request.node,
-            "server",
+            None,
         )
         .map_err(|e| format!("writing the proof failed: {e:#}"))?;
         Ok(expires_at)
@@ -867,53 +1063,88 @@ impl Manager {
     fn on_tick(&mut self) {
         let now = SystemTime::now();
         let now_boot = crate::datapath::boottime_ns();
-        let expired: Vec<u64> = self
+        let expired: Vec<ProofKey> = self
             .proofs
-            .values()
-            .filter(|p| p.expires_boot <= now_boot)
-            .map(|p| p.pair)
+            .iter()
+            .filter(|(_, p)| p.expires_boot <= now_boot)
+            .map(|(k, _)| *k)
             .collect();
-        for pair in expired {
+        for key in expired {
             // The kernel stopped admitting by it already; this forgets it.
             self.lapse(
-                pair,
+                key,
                 "expired",
                 "the proof reached its expiry without being renewed",
             );
         }
         let plan = self.plan.clone();
         for pair in &plan.pairs {
-            let due = match self.proofs.get(&pair.key) {
-                // Renewed by the side that started it (an adopted one by the source's node).
-                Some(p) => {
-                    (p.role == "client" || (p.role == "adopted" && p.local.is_some()))
-                        && (p.renew_now || now >= p.renew_at())
+            let dst_listeners = self.listeners(&pair.dst, None);
+            let src_listeners = self.listeners(&pair.src, None);
+            // Renewals, by the side that started the handshake, while its peer still hosts
+            // the other end. A peer node that no longer does is left out at renewal time.
+            let mut renew: Vec<(SocketAddr, bool)> = Vec::new();
+            let mut retire: Vec<ProofKey> = Vec::new();
+            for (key, p) in self.proofs.iter().filter(|(k, _)| k.0 == pair.key) {
+                let Some((to, forward)) = p.dialed else {
+                    continue;
+                };
+                if !(p.renew_now || now >= p.renew_at()) {
+                    continue;
                 }
-                // Ahead of need: this node hosts the source and knows where the destination is.
-                None => {
-                    self.svids.contains_key(&pair.src.spiffe_id) && pair.dst.auth_address.is_some()
+                let listed = if forward {
+                    &dst_listeners
+                } else {
+                    &src_listeners
+                };
+                if listed.contains(&to) {
+                    renew.push((to, forward));
+                } else {
+                    retire.push(*key);
                 }
-            };
-            if due {
-                self.start(pair, false);
+            }
+            for key in retire {
+                self.lapse(
+                    key,
+                    "peer_gone",
+                    "the peer's node no longer hosts the pair's identity",
+                );
+            }
+            for (to, forward) in renew {
+                self.start(pair, to, forward, false);
+            }
+            // Ahead of need: this node hosts the source, and knows where the destination is.
+            // A proof adopted from the pins stands in for all of them until its renewal time.
+            if !self.svids.contains_key(&pair.src.spiffe_id) {
+                continue;
+            }
+            let adopted_until = self.proofs.get(&(pair.key, NO_PEER)).map(|p| p.renew_at());
+            if adopted_until.is_some_and(|t| now < t) {
+                continue;
+            }
+            for to in dst_listeners {
+                if !self.proofs.contains_key(&(pair.key, canonical(to.ip()))) {
+                    self.start(pair, to, true, false);
+                }
             }
         }
         self.publish();
     }
 
-    /// Forgets a proof: out of `TG_AUTH` and the table, counted and recorded.
-    fn lapse(&mut self, pair: u64, reason: &'static str, why: &str) {
-        let Some(proof) = self.proofs.remove(&pair) else {
+    /// Forgets a proof: out of the table and, unless another peer's proof of the pair stands,
+    /// out of `TG_AUTH`; counted and recorded.
+    fn lapse(&mut self, key: ProofKey, reason: &'static str, why: &str) {
+        let Some(proof) = self.proofs.remove(&key) else {
             return;
         };
-        self.proof_map.remove(pair);
+        self.sync_logged(key.0);
         self.stats.count_lapse(reason);
         let (from, to) = self
             .plan
-            .by_key(pair)
+            .by_key(key.0)
             .map(|p| (p.src.identity.clone(), p.dst.identity.clone()))
             .unwrap_or_default();
-        tracing::info!(%from, %to, reason, why, "proof of authentication ended");
+        tracing::info!(%from, %to, reason, why, peer_node = %proof.peer_node, "proof of authentication ended");
         self.reporter.record(
             "auth_lapse",
             json!({
@@ -921,6 +1152,7 @@ impl Manager {
                 "detail": why,
                 "from": from,
                 "to": to,
+                "peer_node": proof.peer_node,
                 "expires": rfc3339(proof.expires_at),
             }),
             false,
@@ -931,9 +1163,9 @@ impl Manager {
     fn publish(&self) {
         let mut proofs: Vec<ProofStatus> = self
             .proofs
-            .values()
-            .filter_map(|p| {
-                let plan = self.plan.by_key(p.pair)?;
+            .iter()
+            .filter_map(|((pair, _), p)| {
+                let plan = self.plan.by_key(*pair)?;
                 Some(ProofStatus {
                     from_identity: plan.src.identity.clone(),
                     to_identity: plan.dst.identity.clone(),
@@ -946,12 +1178,15 @@ impl Manager {
             })
             .collect();
         proofs.sort_by(|a, b| {
-            (&a.from_identity, &a.to_identity).cmp(&(&b.from_identity, &b.to_identity))
+            (&a.from_identity, &a.to_identity, &a.peer_node).cmp(&(
+                &b.from_identity,
+                &b.to_identity,
+                &b.peer_node,
+            ))
         });
         self.stats.set_proofs(proofs);
     }
 }
-
 /// The auth listener: each connection is served on a task of its own, at most [`MAX_SERVED`]
 /// at once (a connection beyond them is closed at accept), each within the handshake deadline.
 async fn serve(

@@ -43,6 +43,8 @@ impl Sink for AuthSink {
             let _ = self.demand.try_send(manager::Demand {
                 from: record.from_identity.clone(),
                 to: record.to_identity.clone(),
+                src: Some(record.src),
+                dst: Some(record.dst),
             });
         }
     }

@@ -9,6 +9,12 @@ use tollgate_common::{map_names, AuthKey, AuthValue};
 
 use crate::{paths::PinLayout, policy::ClockReading};
 
+/// The wall-clock instant `until` on CLOCK_BOOTTIME, as proofs carry it (the wall clock may
+/// step; the boot clock does not).
+pub fn boot_ns(until: SystemTime) -> u64 {
+    ClockReading::now().boot_ns(until)
+}
+
 /// Handle on the pinned `TG_AUTH`.
 pub struct ProofMap {
     map: HashMap<MapData, AuthKey, AuthValue>,
@@ -33,13 +39,6 @@ impl ProofMap {
         self.map
             .insert(AuthKey { pair }, value, 0)
             .context("writing a proof to TG_AUTH")
-    }
-
-    /// Admits the pair until the wall-clock instant `until`.
-    pub fn write_until(&mut self, pair: u64, until: SystemTime) -> Result<u64> {
-        let boot = ClockReading::now().boot_ns(until);
-        self.write(pair, boot)?;
-        Ok(boot)
     }
 
     /// Withdraws the pair's proof (absent already is fine).

@@ -220,6 +220,32 @@ impl Membership {
             })
     }
 
+    /// Where the pods of each identity run: every pod that takes part, has a node address and
+    /// an address that resolves to a declared identity.
+    pub fn pod_nodes(&self) -> super::PodNodes {
+        let mut nodes = super::PodNodes::default();
+        for pod in self.pods.values().filter(|p| p.eligible) {
+            let Some(host) = pod.host_ip else { continue };
+            for ip in &pod.ips {
+                let Some(name) = self
+                    .assigned
+                    .get(ip)
+                    .and_then(|id| id.checked_sub(IDENTITY_FIRST_USER))
+                    .and_then(|i| self.names.get(i as usize))
+                else {
+                    continue;
+                };
+                nodes.by_address.insert(*ip, host);
+                nodes
+                    .by_identity
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(host);
+            }
+        }
+        nodes
+    }
+
     /// Applies events and returns how the dynamic entries change, in address order.
     pub fn apply(&mut self, events: Vec<ClusterEvent>) -> Vec<Change> {
         let mut touched: HashSet<IpAddr> = HashSet::new();
@@ -476,6 +502,7 @@ mod tests {
             service_account: "default".into(),
             node_name: Some("node-a".into()),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            host_ip: Some("10.200.0.1".parse().unwrap()),
             eligible: true,
         }
     }
@@ -511,6 +538,39 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn pod_nodes_follow_the_pods_of_each_identity() {
+        let mut m = membership();
+        let mut on_b = pod("shop", "web-2", &[("app", "web")], &["10.200.101.2"]);
+        on_b.host_ip = Some(ip("10.200.0.2"));
+        let mut unknown = pod("shop", "web-3", &[("app", "web")], &["10.200.101.3"]);
+        unknown.host_ip = None;
+        m.apply(vec![
+            ClusterEvent::Pod(pod("shop", "web-1", &[("app", "web")], &["10.200.1.2"])),
+            ClusterEvent::Pod(on_b),
+            ClusterEvent::Pod(unknown),
+            ClusterEvent::Pod(pod("shop", "db-1", &[("app", "db")], &["10.200.1.3"])),
+            // No identity: not a node of anything.
+            ClusterEvent::Pod(pod("shop", "x", &[("app", "x")], &["10.200.1.9"])),
+        ]);
+        let nodes = m.pod_nodes();
+        let web: Vec<IpAddr> = nodes.nodes_of("web").collect();
+        assert_eq!(web, [ip("10.200.0.1"), ip("10.200.0.2")]);
+        assert!(nodes.hosts("db", ip("10.200.0.1")));
+        assert!(!nodes.hosts("db", ip("10.200.0.2")));
+        assert_eq!(
+            nodes.by_address.get(&ip("10.200.101.2")),
+            Some(&ip("10.200.0.2"))
+        );
+        assert_eq!(nodes.by_address.get(&ip("10.200.1.9")), None);
+        assert_eq!(nodes.by_address.get(&ip("10.200.101.3")), None);
+        // A pod that finishes no longer counts its node.
+        let mut done = pod("shop", "db-1", &[("app", "db")], &["10.200.1.3"]);
+        done.eligible = false;
+        m.apply(vec![ClusterEvent::Pod(done)]);
+        assert_eq!(m.pod_nodes().nodes_of("db").count(), 0);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod routes;
 pub mod watch;
 
 use std::{
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -39,6 +40,9 @@ pub struct PodFacts {
     pub node_name: Option<String>,
     /// `status.podIPs`, parsed; addresses that do not parse are left out (and logged).
     pub ips: Vec<IpAddr>,
+    /// `status.hostIP`: the address of the pod's node, where its node's agent serves
+    /// handshakes (`None` until the kubelet reports it, or if it does not parse).
+    pub host_ip: Option<IpAddr>,
     /// Whether the pod takes part at all: not host-network, not finished (phase `Succeeded` or
     /// `Failed`). A `Pending` pod with addresses takes part: its init containers use the network.
     pub eligible: bool,
@@ -47,6 +51,34 @@ pub struct PodFacts {
 impl PodFacts {
     pub fn key(&self) -> PodKey {
         (self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// Where the pods of each identity run, by node address (`status.hostIP`): the agents a pair
+/// is authenticated with in Kubernetes mode. Published by the installer as pods come and go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodNodes {
+    /// Identity name → the addresses of the nodes running its pods.
+    pub by_identity: HashMap<String, BTreeSet<IpAddr>>,
+    /// Pod address → its node's address, for addresses that resolve to an identity.
+    pub by_address: HashMap<IpAddr, IpAddr>,
+}
+
+impl PodNodes {
+    /// The nodes running pods of `identity`.
+    pub fn nodes_of(&self, identity: &str) -> impl Iterator<Item = IpAddr> + '_ {
+        self.by_identity
+            .get(identity)
+            .into_iter()
+            .flatten()
+            .copied()
+    }
+
+    /// Whether a pod of `identity` runs on the node at `host`.
+    pub fn hosts(&self, identity: &str, host: IpAddr) -> bool {
+        self.by_identity
+            .get(identity)
+            .is_some_and(|nodes| nodes.contains(&host))
     }
 }
 

@@ -524,6 +524,15 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
             ),
         }
     }
+    let host_ip = status
+        .and_then(|s| s.host_ip.as_deref())
+        .and_then(|text| match text.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                tracing::warn!(pod = %pod_name(), address = text, "hostIP does not parse; left out");
+                None
+            }
+        });
     let finished = matches!(phase, "Succeeded" | "Failed");
     Some(PodFacts {
         labels: labels_of(&pod.metadata),
@@ -533,6 +542,7 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
         node_name: spec.and_then(|s| s.node_name.clone()),
         eligible: !host_network && !finished && !ips.is_empty(),
         ips,
+        host_ip,
         namespace,
         name,
     })
@@ -560,7 +570,7 @@ mod tests {
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "shop", "name": "web-1", "labels": {"app": "web"}},
             "spec": {"containers": [], "serviceAccountName": "web", "nodeName": "node-a"},
-            "status": {"phase": "Running", "podIP": "10.200.1.2",
+            "status": {"phase": "Running", "podIP": "10.200.1.2", "hostIP": "10.200.0.1",
                         "podIPs": [{"ip": "10.200.1.2"}, {"ip": "fd00:200::2"}, {"ip": "junk"},
                                    {"ip": "10.200.1.3"}, {"ip": "::ffff:10.200.1.4"}]}
         }))
@@ -570,6 +580,7 @@ mod tests {
         assert!(f.eligible);
         assert_eq!(f.service_account, "web");
         assert_eq!(f.node_name.as_deref(), Some("node-a"));
+        assert_eq!(f.host_ip, Some("10.200.0.1".parse().unwrap()));
         assert_eq!(f.labels.get("app").map(String::as_str), Some("web"));
         for (patch, eligible) in [
             (
