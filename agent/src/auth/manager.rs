@@ -35,6 +35,7 @@ use tokio::{
 
 use super::{
     handshake::{self, GrantRequest, HandshakeError},
+    peers::{canonical, Peers},
     plan::{AuthPlan, PairEnd, PairPlan},
     proofs::{boot_ns, ProofMap},
     stats::{AuthStats, Reporter},
@@ -611,51 +612,12 @@ impl Manager {
         })
     }
 
-    /// Where the agents hosting `end`'s identity serve handshakes: its `authAddress`; else, in
-    /// Kubernetes mode, every node running its pods (only the one running the pod at `addr`,
-    /// when that is known), on this agent's own port: a DaemonSet listens on one port on
-    /// every node.
     fn listeners(&self, end: &PairEnd, addr: Option<IpAddr>) -> Vec<SocketAddr> {
-        if let Some(a) = end.auth_address {
-            return vec![a];
-        }
-        let (Some(nodes), Some(port)) = (&self.nodes, self.settings.listen.map(|l| l.port()))
-        else {
-            return Vec::new();
-        };
-        if let Some(&host) = addr.and_then(|a| nodes.by_address.get(&canonical(a))) {
-            if nodes.hosts(&end.identity, host) {
-                return vec![SocketAddr::new(host, port)];
-            }
-        }
-        nodes
-            .nodes_of(&end.identity)
-            .map(|host| SocketAddr::new(host, port))
-            .collect()
+        Peers::new(self.nodes.as_deref(), self.settings.listen).listeners(end, addr)
     }
 
-    /// Whether a handshake for `end`'s identity may come from `peer`: the policy's
-    /// `authAddress` for it, else in Kubernetes mode a node running one of its pods. A
-    /// certificate copied to another host proves nothing for the pair.
     fn check_origin(&self, end: &PairEnd, peer: IpAddr) -> Result<(), String> {
-        let peer = canonical(peer);
-        if let Some(expected) = end.auth_address {
-            if peer != canonical(expected.ip()) {
-                return Err(format!(
-                    "{} is hosted at {} by the policy, but the handshake came from {peer}",
-                    end.identity,
-                    expected.ip()
-                ));
-            }
-            return Ok(());
-        }
-        match &self.nodes {
-            Some(nodes) if !nodes.hosts(&end.identity, peer) => Err(format!(
-                "no pod of {} runs on the node at {peer} (by the pods' status.hostIP)",
-                end.identity
-            )),
-            _ => Ok(()),
-        }
+        Peers::new(self.nodes.as_deref(), self.settings.listen).check_origin(end, peer)
     }
 
     /// The SVID of `id` this node holds, if it is valid now.
@@ -1297,16 +1259,6 @@ fn peer_block(ip: std::net::IpAddr) -> std::net::IpAddr {
             let s = v6.segments();
             std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
         }
-        v4 => v4,
-    }
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
         v4 => v4,
     }
 }

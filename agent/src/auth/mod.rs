@@ -3,7 +3,8 @@
 //! both write a proof to `TG_AUTH` that the kernel admits the pair's flows by, until the
 //! earliest certificate expiry (and `--auth-max-ttl`).
 //!
-//! - `plan`: which pairs the live policy needs proven, and where their peers listen;
+//! - `plan`: which pairs the live policy needs proven;
+//! - `peers`: where their peers listen, and where a handshake may come from;
 //! - `proofs`: the `TG_AUTH` map;
 //! - `protocol`: the one request and answer exchanged over the TLS stream;
 //! - `handshake`: both ends of one handshake;
@@ -15,6 +16,7 @@
 
 pub mod handshake;
 pub mod manager;
+pub mod peers;
 pub mod plan;
 pub mod proofs;
 pub mod protocol;
