@@ -210,9 +210,20 @@ fn base_renders_with_the_expected_objects() {
         "--state-dir",
         "--metrics-addr",
         "--audit-stdout",
+        "--svid-dir",
+        "--auth-addr",
+        "--trust-domain",
     ] {
         assert!(args.contains(&flag), "{flag} missing from {args:?}");
     }
+    // Peers are found by their pods' status.hostIP, on the port every agent listens on.
+    let at = args.iter().position(|a| *a == "--auth-addr").unwrap();
+    assert_eq!(args[at + 1], "$(HOST_IP):7443");
+    assert!(c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "auth" && p["containerPort"] == 7443));
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     let sc = &c["securityContext"];
@@ -229,9 +240,14 @@ fn base_renders_with_the_expected_objects() {
         .collect();
     assert_eq!(
         host_paths,
-        ["/run/tollgate", "/sys/fs/bpf", "/var/lib/tollgate"]
-            .into_iter()
-            .collect()
+        [
+            "/run/tollgate",
+            "/sys/fs/bpf",
+            "/var/lib/tollgate",
+            "/var/lib/tollgate-svids"
+        ]
+        .into_iter()
+        .collect()
     );
 }
 
@@ -715,6 +731,8 @@ impl CappedAgent {
         std::fs::create_dir_all(&work).unwrap();
         let policy = dir.join("policy.yaml");
         std::fs::write(&policy, CAP_POLICY).unwrap();
+        let svids = work.join("svids");
+        std::fs::create_dir_all(&svids).unwrap();
         let bpffs = support::test_pin_dir(&format!("manifests-caps-{index}"));
         // A killed earlier run may have left this exact directory.
         let _ = Command::new(BINARY)
@@ -748,6 +766,11 @@ impl CappedAgent {
             .arg("--state-dir")
             .arg(work.join("state"))
             .args(["--metrics-addr", "127.0.0.1:9464", "--audit-stdout"])
+            // The auth listener and SVID directory, as the DaemonSet has them (an empty
+            // directory: no SVIDs delivered yet).
+            .arg("--svid-dir")
+            .arg(&svids)
+            .args(["--auth-addr", "127.0.0.1:7443"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
