@@ -110,7 +110,7 @@ impl AuthMetrics {
             lapses: counter_vec(
                 r,
                 "tollgate_auth_lapses_total",
-                "Proofs of authentication that ended before renewal, by reason (expired, certificate_withdrawn, peer_untrusted, policy).",
+                "Proofs of authentication that ended before renewal, by reason (expired, certificate_withdrawn, peer_untrusted, policy, peer_gone).",
                 &["reason"],
             )?,
             proofs: gauge(
