@@ -891,6 +891,46 @@ fn kubernetes_mode_finds_peer_nodes_by_host_ip_and_spiffe_ids_by_service_account
     );
     env.present(cert, key, WEB_ID, Some(NODE_A_V4.parse().unwrap()))
         .expect("from web's node");
+
+    // Node A's agent restarts with a web -> db connection open. It keeps the pinned policy
+    // until it has merged the cluster's, and adopts the pinned proofs with it: the new
+    // generation finds them, so the connection carries on and no handshake is needed.
+    let (stream, _) = connect_timed(env.ns("web"), env.addr("db", false), Duration::from_secs(5));
+    let mut stream = stream.expect("web -> db before the restart (the echo server takes 8)");
+    assert!(roundtrip(&mut stream, b"before"));
+    let generation = env.status("a")["generation"].as_u64().unwrap();
+    let revoked = env.verdict("a", "deny_revoked");
+    let mut env = env;
+    let agent = env.agent_a.as_mut().unwrap();
+    agent.stop().unwrap();
+    let policy_path = env.dir.path().join("policy.yaml");
+    agent
+        .spawn(&env.nodes.a.node, "tg-*", &policy_path)
+        .expect("agent restarts");
+    assert!(
+        env.wait_for(|e| {
+            let st = e.status("a");
+            st["policy_name"] == "kubernetes" && st["generation"].as_u64() > Some(generation)
+        }),
+        "the restarted agent installed no merged policy; log A:\n{}",
+        env.agent("a").log_text()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        roundtrip(&mut stream, b"after the restart"),
+        "the connection was cut"
+    );
+    assert_eq!(env.verdict("a", "deny_revoked"), revoked);
+    let proofs = env.status("a")["auth"]["proofs"].clone();
+    assert!(
+        proofs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["role"] == "adopted"),
+        "{proofs:#}"
+    );
+    assert_eq!(env.handshakes("a", "client", "ok"), 0, "{proofs:#}");
 }
 
 /// Kubernetes mode on demand: node B has no SVID for db at first, so node A's handshakes

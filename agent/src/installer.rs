@@ -79,6 +79,9 @@ pub struct LivePolicy {
     pub digest: String,
     /// The identity pairs its rules require authenticated.
     pub auth: Arc<AuthPlan>,
+    /// Kubernetes mode before the first merged policy: the previous agent's pinned policy
+    /// enforces, and what it requires (its auth plan) is not known yet.
+    pub placeholder: bool,
 }
 
 impl From<Policy> for LivePolicy {
@@ -87,6 +90,7 @@ impl From<Policy> for LivePolicy {
         let auth = Arc::new(AuthPlan::of(&policy));
         Self {
             auth,
+            placeholder: false,
             name: policy.name,
             rules: policy.rules.len(),
             identities: policy.identities.len(),
@@ -107,6 +111,7 @@ impl LivePolicy {
             source_text: String::new(),
             digest: String::new(),
             auth: Arc::default(),
+            placeholder: true,
         }
     }
 }

@@ -187,6 +187,7 @@ pub async fn start(
         attempts: HashMap::new(),
         nodes: pod_nodes.as_ref().map(|rx| rx.borrow().clone()),
         pod_nodes,
+        adopted: false,
         outcomes: mpsc::channel(64),
         stats: stats.clone(),
         reporter: reporter.clone(),
@@ -198,7 +199,6 @@ pub async fn start(
     };
     manager.take_svids();
     manager.take_policy();
-    manager.adopt_pinned();
     if let Some(listener) = listener {
         tokio::spawn(serve(
             listener,
@@ -302,6 +302,8 @@ struct Manager {
     /// Kubernetes mode: where each identity's pods run (the receiver, and the latest value).
     pod_nodes: Option<watch::Receiver<Arc<PodNodes>>>,
     nodes: Option<Arc<PodNodes>>,
+    /// Whether the pinned proofs were adopted (with the first real policy).
+    adopted: bool,
     outcomes: (mpsc::Sender<Outcome>, mpsc::Receiver<Outcome>),
     stats: Arc<AuthStats>,
     reporter: Arc<Reporter>,
@@ -466,8 +468,23 @@ impl Manager {
 
     /// Takes the live policy's plan: proofs of pairs it no longer needs are withdrawn (their
     /// rules are gone, so no flow needs them).
+    ///
+    /// The proofs a previous agent pinned are adopted with the first real policy: a Kubernetes
+    /// agent keeps the pinned policy until it has merged the cluster's, and its plan is not
+    /// known before (adopting then would drop every pinned proof, and the first generation
+    /// would cut the established flows that rely on them).
     fn take_policy(&mut self) {
-        let plan = self.installed.borrow_and_update().policy.auth.clone();
+        let policy = self.installed.borrow_and_update().policy.clone();
+        if policy.placeholder {
+            return;
+        }
+        let plan = policy.auth.clone();
+        if !self.adopted {
+            self.adopted = true;
+            self.plan = plan;
+            self.adopt_pinned();
+            return;
+        }
         if Arc::ptr_eq(&plan, &self.plan) {
             return;
         }
