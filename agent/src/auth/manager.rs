@@ -1057,9 +1057,18 @@ impl Manager {
             );
         }
         let plan = self.plan.clone();
+        // Attempts with peers that are still dialled (pods move between nodes: the others are
+        // forgotten rather than kept for ever).
+        let mut dialled: std::collections::HashSet<ProofKey> = std::collections::HashSet::new();
         for pair in &plan.pairs {
             let dst_listeners = self.listeners(&pair.dst, None);
             let src_listeners = self.listeners(&pair.src, None);
+            dialled.extend(
+                dst_listeners
+                    .iter()
+                    .chain(&src_listeners)
+                    .map(|a| (pair.key, canonical(a.ip()))),
+            );
             // Renewals, by the side that started the handshake, while its peer still hosts
             // the other end. A peer node that no longer does is left out at renewal time.
             let mut renew: Vec<(SocketAddr, bool)> = Vec::new();
@@ -1107,6 +1116,12 @@ impl Manager {
                 }
             }
         }
+        self.attempts.retain(|key, a| {
+            a.in_flight
+                || key.1 == NO_PEER
+                || self.proofs.contains_key(key)
+                || dialled.contains(key)
+        });
         self.publish();
     }
 
@@ -1166,6 +1181,7 @@ impl Manager {
         self.stats.set_proofs(proofs);
     }
 }
+
 /// The auth listener: each connection is served on a task of its own, at most [`MAX_SERVED`]
 /// at once (a connection beyond them is closed at accept), each within the handshake deadline.
 async fn serve(
