@@ -107,10 +107,34 @@ pub struct Demand {
     pub dst: Option<IpAddr>,
 }
 
-/// Proofs are kept per pair and peer node (the address of the agent at the other end): the
-/// kernel admits the pair until the latest expiry among them (`Manager::sync_pair`). Handshake
-/// attempts are keyed the same way.
-type ProofKey = (u64, IpAddr);
+/// Which side of its handshake this node was, for a proof.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Side {
+    /// This node connected (and renews the proof).
+    Client,
+    /// The peer connected to this node's listener.
+    Server,
+    /// Written by a previous agent and found pinned.
+    Adopted,
+}
+
+impl Side {
+    fn role(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+            Side::Adopted => "adopted",
+        }
+    }
+}
+
+/// Proofs are kept per pair, peer node (the address of the agent at the other end) and side:
+/// the kernel admits the pair until the latest expiry among them (`Manager::sync_pair`). Two
+/// nodes that each dial the other hold a client and a server proof with each other, and one
+/// never replaces the other.
+type ProofKey = (u64, IpAddr, Side);
+/// Handshake attempts are kept per pair and peer node.
+type PeerKey = (u64, IpAddr);
 /// The peer of a proof adopted from the pins (which node it was with is not pinned), and the
 /// key of a pair's attempts that found no peer to try.
 const NO_PEER: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -231,6 +255,8 @@ struct Proof {
     peer_chain: Vec<CertificateDer<'static>>,
     peer_node: String,
     role: &'static str,
+    /// Whether the peer stood for the pair's destination (else its source).
+    peer_is_dst: bool,
     /// Where this node connected to, and whether it presented the source's SVID (forward):
     /// a proof this node started, and renews.
     dialed: Option<(SocketAddr, bool)>,
@@ -277,7 +303,7 @@ impl Attempt {
 
 /// What a client handshake came to.
 struct Outcome {
-    key: ProofKey,
+    key: PeerKey,
     /// Where it connected to, and which way.
     dialed: (SocketAddr, bool),
     local: Svid,
@@ -298,7 +324,7 @@ struct Manager {
     proofs: HashMap<ProofKey, Proof>,
     /// What `TG_AUTH` holds for each pair (CLOCK_BOOTTIME expiry).
     written: HashMap<u64, u64>,
-    attempts: HashMap<ProofKey, Attempt>,
+    attempts: HashMap<PeerKey, Attempt>,
     /// Kubernetes mode: where each identity's pods run (the receiver, and the latest value).
     pod_nodes: Option<watch::Receiver<Arc<PodNodes>>>,
     nodes: Option<Arc<PodNodes>>,
@@ -515,28 +541,33 @@ impl Manager {
     fn adopt_pinned(&mut self) {
         let now_boot = crate::datapath::boottime_ns();
         let now = SystemTime::now();
+        // Flows admitted under an entry that is removed or shortened here carry its expiry.
+        let mut cut = false;
         for (pair, expires_boot) in self.proof_map.entries() {
-            let Some(plan) = self.plan.by_key(pair) else {
-                self.proof_map.remove(pair);
-                continue;
-            };
             if expires_boot <= now_boot {
                 self.proof_map.remove(pair);
                 continue;
             }
+            let Some(plan) = self.plan.by_key(pair) else {
+                self.proof_map.remove(pair);
+                cut = true;
+                continue;
+            };
             let held = |id: &SpiffeId| self.svids.contains_key(id);
             if !held(&plan.src.spiffe_id) && !held(&plan.dst.spiffe_id) {
                 // This node holds neither end's certificate any more: nothing backs the proof.
                 self.proof_map.remove(pair);
+                cut = true;
                 continue;
             }
             // At most `--auth-max-ttl` of this agent, whatever an earlier one wrote.
             let left = Duration::from_nanos(expires_boot - now_boot).min(self.settings.max_ttl);
+            cut |= left < Duration::from_nanos(expires_boot - now_boot);
             let expires_boot = now_boot + left.as_nanos() as u64;
             let expires_at = now + left;
             let local = self.svids.get(&plan.src.spiffe_id).map(|s| s.id.clone());
             self.proofs.insert(
-                (pair, NO_PEER),
+                (pair, NO_PEER, Side::Adopted),
                 Proof {
                     expires_at,
                     expires_boot,
@@ -549,12 +580,16 @@ impl Manager {
                     local_leaf: None,
                     peer_chain: Vec::new(),
                     peer_node: String::new(),
-                    role: "adopted",
+                    role: Side::Adopted.role(),
+                    peer_is_dst: true,
                     dialed: None,
                     renew_now: false,
                 },
             );
             self.sync_logged(pair);
+        }
+        if cut {
+            self.redecide = Some("proofs a previous agent pinned were withdrawn or shortened");
         }
         self.publish();
     }
@@ -650,7 +685,7 @@ impl Manager {
     /// cuts the back-off short: its client retries in a second, and a peer that has come back
     /// should be tried by then. Demands are sampled per edge in the kernel, and handshakes
     /// start at most every `RETRY_FIRST` per key.
-    fn gate(&mut self, key: ProofKey, demanded: bool) -> bool {
+    fn gate(&mut self, key: PeerKey, demanded: bool) -> bool {
         let now = Instant::now();
         let attempt = self
             .attempts
@@ -784,7 +819,7 @@ impl Manager {
                 let peer_node = proof.answer.node.clone();
                 if let Err(e) = self.admit(
                     &plan,
-                    key,
+                    (key.1, o.dialed.1),
                     expires_at,
                     &o.local,
                     proof.peer_chain,
@@ -867,14 +902,20 @@ impl Manager {
     fn admit(
         &mut self,
         plan: &PairPlan,
-        key: ProofKey,
+        (peer, peer_is_dst): (IpAddr, bool),
         expires_at: SystemTime,
         local: &Svid,
         peer_chain: Vec<CertificateDer<'static>>,
         peer_node: &str,
         dialed: Option<(SocketAddr, bool)>,
     ) -> Result<()> {
-        let role = if dialed.is_some() { "client" } else { "server" };
+        let side = if dialed.is_some() {
+            Side::Client
+        } else {
+            Side::Server
+        };
+        let role = side.role();
+        let key = (plan.key, peer, side);
         let expires_boot = boot_ns(expires_at);
         let peer_node: String = peer_node.chars().take(64).collect();
         let peer_node = peer_node.as_str();
@@ -889,19 +930,20 @@ impl Manager {
                 peer_chain,
                 peer_node: peer_node.to_owned(),
                 role,
+                peer_is_dst,
                 dialed,
                 renew_now: false,
             },
         );
         // A proof of this agent's own supersedes the one adopted from the pins.
-        let adopted = self.proofs.remove(&(plan.key, NO_PEER));
+        let adopted = self.proofs.remove(&(plan.key, NO_PEER, Side::Adopted));
         if let Err(e) = self.sync_pair(plan.key) {
             self.proofs.remove(&key);
             if let Some(p) = before {
                 self.proofs.insert(key, p);
             }
             if let Some(a) = adopted {
-                self.proofs.insert((plan.key, NO_PEER), a);
+                self.proofs.insert((plan.key, NO_PEER, Side::Adopted), a);
             }
             return Err(e);
         }
@@ -932,7 +974,7 @@ impl Manager {
         Ok(())
     }
 
-    fn failed(&mut self, plan: &PairPlan, key: ProofKey, role: &'static str, e: &HandshakeError) {
+    fn failed(&mut self, plan: &PairPlan, key: PeerKey, role: &'static str, e: &HandshakeError) {
         self.stats.count_handshake(role, e.result());
         let now = Instant::now();
         let attempt = self
@@ -1028,7 +1070,7 @@ impl Manager {
         let expires_at = self.expiry(&local, g.client.not_after);
         self.admit(
             &plan,
-            (plan.key, canonical(g.peer_addr.ip())),
+            (canonical(g.peer_addr.ip()), g.client.id == dst),
             expires_at,
             &local,
             g.client_chain.clone(),
@@ -1059,8 +1101,10 @@ impl Manager {
         let plan = self.plan.clone();
         // Attempts with peers that are still dialled (pods move between nodes: the others are
         // forgotten rather than kept for ever).
-        let mut dialled: std::collections::HashSet<ProofKey> = std::collections::HashSet::new();
+        let mut dialled: std::collections::HashSet<PeerKey> = std::collections::HashSet::new();
+        let local = self.local_addr;
         for pair in &plan.pairs {
+            self.sync_logged(pair.key);
             let dst_listeners = self.listeners(&pair.dst, None);
             let src_listeners = self.listeners(&pair.src, None);
             dialled.extend(
@@ -1069,26 +1113,24 @@ impl Manager {
                     .chain(&src_listeners)
                     .map(|a| (pair.key, canonical(a.ip()))),
             );
-            // Renewals, by the side that started the handshake, while its peer still hosts
-            // the other end. A peer node that no longer does is left out at renewal time.
+            // A proof with a node that no longer hosts the peer's end (its pods moved away, or
+            // the policy moved its authAddress) ends now, whichever side started it; the
+            // others are renewed, by the side that started them, at two thirds of their life.
             let mut renew: Vec<(SocketAddr, bool)> = Vec::new();
             let mut retire: Vec<ProofKey> = Vec::new();
             for (key, p) in self.proofs.iter().filter(|(k, _)| k.0 == pair.key) {
-                let Some((to, forward)) = p.dialed else {
-                    continue;
-                };
-                if !(p.renew_now || now >= p.renew_at()) {
+                if key.2 == Side::Adopted {
                     continue;
                 }
-                let listed = if forward {
-                    &dst_listeners
-                } else {
-                    &src_listeners
-                };
-                if listed.contains(&to) {
-                    renew.push((to, forward));
-                } else {
+                let end = if p.peer_is_dst { &pair.dst } else { &pair.src };
+                if self.check_origin(end, key.1).is_err() {
                     retire.push(*key);
+                    continue;
+                }
+                if let Some((to, forward)) = p.dialed {
+                    if p.renew_now || now >= p.renew_at() {
+                        renew.push((to, forward));
+                    }
                 }
             }
             for key in retire {
@@ -1101,17 +1143,26 @@ impl Manager {
             for (to, forward) in renew {
                 self.start(pair, to, forward, false);
             }
-            // Ahead of need: this node hosts the source, and knows where the destination is.
-            // A proof adopted from the pins stands in for all of them until its renewal time.
-            if !self.svids.contains_key(&pair.src.spiffe_id) {
+            // Ahead of need: this node hosts the source (holds its SVID and, where that is
+            // known, runs its pods), and knows where the destination is. A proof adopted from
+            // the pins stands in for all of them until its renewal time.
+            if !self.svids.contains_key(&pair.src.spiffe_id)
+                || local.is_some_and(|ip| self.check_origin(&pair.src, ip).is_err())
+            {
                 continue;
             }
-            let adopted_until = self.proofs.get(&(pair.key, NO_PEER)).map(|p| p.renew_at());
+            let adopted_until = self
+                .proofs
+                .get(&(pair.key, NO_PEER, Side::Adopted))
+                .map(|p| p.renew_at());
             if adopted_until.is_some_and(|t| now < t) {
                 continue;
             }
             for to in dst_listeners {
-                if !self.proofs.contains_key(&(pair.key, canonical(to.ip()))) {
+                if !self
+                    .proofs
+                    .contains_key(&(pair.key, canonical(to.ip()), Side::Client))
+                {
                     self.start(pair, to, true, false);
                 }
             }
@@ -1119,8 +1170,8 @@ impl Manager {
         self.attempts.retain(|key, a| {
             a.in_flight
                 || key.1 == NO_PEER
-                || self.proofs.contains_key(key)
                 || dialled.contains(key)
+                || self.proofs.contains_key(&(key.0, key.1, Side::Client))
         });
         self.publish();
     }
@@ -1158,7 +1209,7 @@ impl Manager {
         let mut proofs: Vec<ProofStatus> = self
             .proofs
             .iter()
-            .filter_map(|((pair, _), p)| {
+            .filter_map(|((pair, _, _), p)| {
                 let plan = self.plan.by_key(*pair)?;
                 Some(ProofStatus {
                     from_identity: plan.src.identity.clone(),

@@ -247,8 +247,11 @@ fn document(pieces: &[Piece<'_>], audit: bool, trust_domain: Option<&TrustDomain
 
 /// Gives each identity at an end of an mtls rule that has no `spiffeId` the SPIFFE ID of its
 /// selector's one namespace and service account in `td`. Indexes do not move, so errors are
-/// still blamed on the right object; an identity it cannot name is left for validation to
-/// refuse ("has no spiffeId").
+/// still blamed on the right object. An identity it cannot name is left for validation to
+/// refuse ("has no spiffeId"), on the rule that needs it: so is one whose default would be
+/// another identity's ID (two selectors of one service account, or an explicit `spiffeId`),
+/// which a certificate could not tell apart. Blaming the duplicate on the identity instead
+/// would let any object with mtls rules push out an established object that declares it.
 fn default_spiffe_ids(identities: &mut [Value], rules: &[Value], td: &TrustDomain) {
     let ends: HashSet<&str> = rules
         .iter()
@@ -256,7 +259,12 @@ fn default_spiffe_ids(identities: &mut [Value], rules: &[Value], td: &TrustDomai
         .flat_map(|r| ["from", "to"].map(|k| r.get(k).and_then(Value::as_str)))
         .flatten()
         .collect();
-    for identity in identities.iter_mut() {
+    let explicit: HashSet<String> = identities
+        .iter()
+        .filter_map(|i| i.get("spiffeId")?.as_str().map(str::to_owned))
+        .collect();
+    let mut defaults: Vec<(usize, String)> = Vec::new();
+    for (at, identity) in identities.iter().enumerate() {
         let Value::Object(item) = identity else {
             continue;
         };
@@ -270,8 +278,16 @@ fn default_spiffe_ids(identities: &mut [Value], rules: &[Value], td: &TrustDomai
             continue;
         };
         let text = format!("spiffe://{}/ns/{namespace}/sa/{account}", td.as_str());
-        if SpiffeId::parse(&text).is_ok() {
-            item.insert("spiffeId".into(), Value::String(text));
+        if SpiffeId::parse(&text).is_ok() && !explicit.contains(&text) {
+            defaults.push((at, text));
+        }
+    }
+    for (at, text) in &defaults {
+        if defaults.iter().filter(|(_, t)| t == text).count() > 1 {
+            continue;
+        }
+        if let Value::Object(item) = &mut identities[*at] {
+            item.insert("spiffeId".into(), Value::String(text.clone()));
         }
     }
 }
@@ -591,6 +607,44 @@ mod tests {
                 merged.skipped[0]
                     .reason
                     .contains("\"web\" (from) has no spiffeId"),
+                "{:?}",
+                merged.skipped
+            );
+        }
+    }
+
+    #[test]
+    fn a_default_spiffe_id_two_identities_would_share_never_pushes_out_their_object() {
+        let td = TrustDomain::parse("cluster.test").unwrap();
+        // Established: two identities of one service account (fine without mtls), and one
+        // with an explicit ID equal to another's default.
+        let base = object(
+            "a-base",
+            json!({"identities": [
+                {"name": "web", "selector": {"namespace": "shop", "serviceAccount": "web",
+                                             "matchLabels": {"track": "stable"}}},
+                {"name": "canary", "selector": {"namespace": "shop", "serviceAccount": "web",
+                                                "matchLabels": {"track": "canary"}}},
+                {"name": "db", "selector": {"namespace": "shop", "serviceAccount": "db"}},
+                {"name": "db-copy", "spiffeId": "spiffe://cluster.test/ns/shop/sa/db",
+                 "cidrs": ["10.200.9.0/24"]}
+            ]}),
+        );
+        for rules in [
+            json!([{"name": "web-to-db", "from": "web", "to": "db-copy", "authentication": "mtls",
+                    "ports": [{"port": 1, "protocol": "TCP"}]},
+                   {"name": "canary-to-db", "from": "canary", "to": "db-copy",
+                    "authentication": "mtls", "ports": [{"port": 1, "protocol": "TCP"}]}]),
+            json!([{"name": "db-to-x", "from": "db", "to": "db-copy", "authentication": "mtls",
+                    "ports": [{"port": 2, "protocol": "TCP"}]}]),
+        ] {
+            let newcomer = object("b-rules", json!({ "rules": rules }));
+            let merged = merge(&[base.clone(), newcomer], &["a-base".to_owned()], Some(&td));
+            assert_eq!(merged.accepted, ["a-base"], "{rules}");
+            assert_eq!(merged.skipped.len(), 1);
+            assert_eq!(merged.skipped[0].name, "b-rules");
+            assert!(
+                merged.skipped[0].reason.contains("has no spiffeId"),
                 "{:?}",
                 merged.skipped
             );

@@ -527,7 +527,8 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
     let host_ip = status
         .and_then(|s| s.host_ip.as_deref())
         .and_then(|text| match text.parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
+            // As the node's agent connects from it: an IPv4 node as IPv4.
+            Ok(ip) => Some(ip.to_canonical()),
             Err(_) => {
                 tracing::warn!(pod = %pod_name(), address = text, "hostIP does not parse; left out");
                 None

@@ -829,7 +829,8 @@ impl Validator {
                         format!(
                             "identity {end:?} ({field}) has no spiffeId; mtls needs the SPIFFE ID \
                              its certificates carry (in Kubernetes mode with --trust-domain, a \
-                             selector with one namespace and serviceAccount gives it one)"
+                             selector with one namespace and serviceAccount gives it one, \
+                             unless another identity has or would get the same)"
                         ),
                     );
                 }
