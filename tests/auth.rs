@@ -935,7 +935,9 @@ fn kubernetes_mode_finds_peer_nodes_by_host_ip_and_spiffe_ids_by_service_account
 
 /// Kubernetes mode on demand: node B has no SVID for db at first, so node A's handshakes
 /// ahead of need fail and back off. Once it has one, the refused SYN tells node A which node
-/// runs the destination pod (by its address), and the SYN retry passes (IPv6 this time).
+/// runs the destination pod (by its address), and the SYN retry passes (IPv6 this time). When
+/// the API server moves db's pod to another node, the proof with node B ends and so does the
+/// connection; moved back, the pair is proven again.
 #[test]
 fn kubernetes_mode_authenticates_on_demand_with_the_destination_pods_node() {
     let env = AuthEnv::kubernetes("k8sdemand", |env| {
@@ -974,4 +976,40 @@ fn kubernetes_mode_authenticates_on_demand_with_the_destination_pods_node() {
     assert!(env.verdict("a", "deny_auth_required") <= 1);
     assert!(roundtrip(&mut stream, b"on demand"));
     assert!(env.has_proof("a", "web", "db") && env.has_proof("b", "web", "db"));
+
+    // The API server now reports db's pod on another node (10.200.0.9, no agent there): node
+    // A's proof with node B no longer stands for db and ends at once (`peer_gone`); with no
+    // other proof the pair is unproven, and the open connection stops.
+    let api = env.api.as_ref().unwrap();
+    let mut moved = api.get("Pod", Some("shop"), "db-1").expect("db-1");
+    moved["status"]["hostIP"] = json!("10.200.0.9");
+    api.apply(moved.clone()).unwrap();
+    assert!(
+        env.wait_for(|e| !e.has_proof("a", "web", "db")),
+        "node A still holds a proof with node B: {:#}",
+        env.status("a")["auth"]
+    );
+    let lapses = env.status("a")["auth"]["lapses"].clone();
+    assert!(
+        lapses
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l[0] == "peer_gone" && l[1].as_u64() >= Some(1)),
+        "{lapses:#}"
+    );
+    // New generations for withdrawn proofs come at most once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !roundtrip(&mut stream, b"after the move"),
+        "the connection outlived its proof"
+    );
+    drop(stream);
+    // Back on node B: proven again ahead of need, and a new connection passes.
+    moved["status"]["hostIP"] = json!(NODE_B_V4);
+    api.apply(moved).unwrap();
+    assert!(env.wait_for(|e| e.has_proof("a", "web", "db")));
+    let (stream, _) = connect_timed(env.ns("web"), env.addr("db", true), Duration::from_secs(5));
+    let mut stream = stream.expect("web -> db once db's node is known again");
+    assert!(roundtrip(&mut stream, b"back"));
 }
