@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod cache;
 pub mod source;
 pub mod spiffe;
 pub mod svid;
@@ -20,6 +21,6 @@ mod tests;
 pub use spiffe::{sni_name, SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{Svid, SvidError, TrustBundle, TrustBundles};
 pub use verify::{
-    client_config, expect, reason_of, server_config, verify_svid, SpiffeClientVerifier,
-    SpiffeServerVerifier, SvidResolver, Usage, VerifiedSvid, VerifyError,
+    client_config, expect, reason_of, server_config, verify_svid, verify_svid_uncached,
+    SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver, Usage, VerifiedSvid, VerifyError,
 };

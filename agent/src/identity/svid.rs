@@ -10,6 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
+use super::cache::ChainCache;
 use super::spiffe::{SpiffeId, TrustDomain};
 use super::verify::{check_svid_leaf, VerifyError};
 
@@ -207,11 +208,34 @@ impl TrustBundle {
     }
 }
 
-/// The trust bundles of every trust domain this agent accepts peers from.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The trust bundles of every trust domain this agent accepts peers from, and the chains
+/// verified against them (shared by clones: they have the same anchors).
+#[derive(Debug, Clone)]
 pub struct TrustBundles {
     by_domain: BTreeMap<TrustDomain, TrustBundle>,
+    chains: Arc<ChainCache>,
+    /// Whether `verify_svid` keeps accepted chains (always, but for the benchmark's
+    /// every-chain-new rows).
+    cache_chains: bool,
 }
+
+impl Default for TrustBundles {
+    fn default() -> Self {
+        TrustBundles {
+            by_domain: BTreeMap::new(),
+            chains: Arc::default(),
+            cache_chains: true,
+        }
+    }
+}
+
+impl PartialEq for TrustBundles {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_domain == other.by_domain
+    }
+}
+
+impl Eq for TrustBundles {}
 
 impl TrustBundles {
     /// No trust domain at all: every peer is refused.
@@ -222,6 +246,8 @@ impl TrustBundles {
     /// Adds a bundle, merging its roots (without duplicates) into any bundle already held for
     /// the same trust domain, since several SVID directories usually carry the same CA.
     pub fn add(&mut self, bundle: TrustBundle) {
+        // Other anchors: what was verified against the old ones is not carried over.
+        self.chains = Arc::default();
         match self.by_domain.get_mut(&bundle.trust_domain) {
             Some(held) => held.add_roots(bundle.roots),
             None => {
@@ -246,6 +272,24 @@ impl TrustBundles {
     /// Bundles in trust domain order.
     pub fn iter(&self) -> impl Iterator<Item = &TrustBundle> {
         self.by_domain.values()
+    }
+
+    /// The chains verified against these bundles.
+    pub fn chains(&self) -> &ChainCache {
+        &self.chains
+    }
+
+    /// The same bundles, with every chain validated in full each time (what a handshake
+    /// with a certificate never seen before costs; for benchmarks).
+    pub fn without_chain_cache(mut self) -> TrustBundles {
+        self.cache_chains = false;
+        self.chains = Arc::default();
+        self
+    }
+
+    /// Whether accepted chains are kept (see [`TrustBundles::without_chain_cache`]).
+    pub fn caches_chains(&self) -> bool {
+        self.cache_chains
     }
 
     /// Number of trust domains.

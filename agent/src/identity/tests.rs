@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::ca::{self, DevCa};
+use super::cache::ChainCache;
 use super::source::{follow, DirectorySource, FileNames, Loaded, SvidSource};
 use super::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 use super::svid::{provider, Svid, SvidError, TrustBundle, TrustBundles};
@@ -1248,4 +1249,91 @@ fn an_svid_that_does_not_chain_to_its_bundle_is_left_out() {
         "{:?}",
         loaded.problems
     );
+}
+
+// ---- the chain cache ----
+
+/// UnixTime `secs` from now.
+fn at(secs: i64) -> UnixTime {
+    UnixTime::since_unix_epoch(Duration::from_secs(
+        (now().as_secs() as i64 + secs).try_into().unwrap(),
+    ))
+}
+
+#[test]
+fn an_accepted_chain_is_answered_from_the_cache_while_every_certificate_is_valid() {
+    let ca = root();
+    let int = ca.intermediate("Tollgate intermediate", DAY).unwrap();
+    // The leaf lives an hour either side of now; the intermediate a day.
+    let chain = [signed(&int, &leaf_params(&[GOOD])), int.cert_der().clone()];
+    let bundles = bundles_of(&ca);
+    let first = verify_svid(&chain, &bundles, now(), Usage::ClientAuth).unwrap();
+    assert_eq!(bundles.chains().len(), 1);
+    let again = verify_svid(&chain, &bundles, now(), Usage::ClientAuth).unwrap();
+    assert_eq!(again, first);
+    assert_eq!(bundles.chains().len(), 1);
+    // Clones share the anchors, so they share what was verified against them.
+    assert_eq!(bundles.clone().chains().len(), 1);
+    // Past the leaf's expiry (or before its start) the cache does not answer: the full
+    // validation runs and names the reason.
+    for (secs, expired) in [(2 * 3600, true), (-2 * 3600, false)] {
+        let err = verify_svid(&chain, &bundles, at(secs), Usage::ClientAuth).unwrap_err();
+        assert!(
+            matches!(
+                (&err, expired),
+                (VerifyError::Expired { .. }, true) | (VerifyError::NotYetValid { .. }, false)
+            ),
+            "{err:?}"
+        );
+    }
+    // Checked for the other usage, the chain is validated again (and refused: the EKU test
+    // above shows a server-only leaf refused as a client, and the key holds the usage).
+    assert_ne!(
+        ChainCache::key(&chain, Usage::ClientAuth),
+        ChainCache::key(&chain, Usage::ServerAuth)
+    );
+    // Refusals are not kept.
+    let forger = root();
+    let forged = [signed(&forger, &leaf_params(&[GOOD]))];
+    assert!(verify_svid(&forged, &bundles, now(), Usage::ClientAuth).is_err());
+    assert_eq!(bundles.chains().len(), 1);
+}
+
+#[test]
+fn other_anchors_never_reuse_what_the_old_ones_accepted() {
+    let ca = root();
+    let chain = [signed(&ca, &leaf_params(&[GOOD]))];
+    let trusted = bundles_of(&ca);
+    verify_svid(&chain, &trusted, now(), Usage::ClientAuth).unwrap();
+    // The SVID directories now carry another CA only: a new value, an empty cache.
+    let other = bundles_of(&root());
+    assert!(other.chains().is_empty());
+    let err = verify_svid(&chain, &other, now(), Usage::ClientAuth).unwrap_err();
+    assert_eq!(err.code(), "untrusted_signature", "{err:?}");
+    // Adding a bundle to a set starts its cache again.
+    let mut grown = trusted.clone();
+    grown.add(TrustBundle::from_der(td(), vec![root().cert_der().clone()]).unwrap());
+    assert!(grown.chains().is_empty());
+    assert_eq!(trusted.chains().len(), 1);
+    // Without the cache, nothing is kept.
+    let cold = bundles_of(&ca).without_chain_cache();
+    verify_svid(&chain, &cold, now(), Usage::ClientAuth).unwrap();
+    assert!(cold.chains().is_empty());
+}
+
+#[test]
+fn a_full_cache_starts_again_rather_than_grow() {
+    let cache = ChainCache::default();
+    let accepted = || super::cache::Accepted {
+        id: id(GOOD),
+        leaf_not_after: SystemTime::now(),
+        valid_from: 0,
+        valid_until: i64::MAX,
+    };
+    for n in 0..=super::cache::CAPACITY as u32 {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&n.to_be_bytes());
+        cache.put(key, accepted());
+    }
+    assert_eq!(cache.len(), 1);
 }

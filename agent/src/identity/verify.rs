@@ -24,6 +24,7 @@ use rustls::{
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
+use super::cache::{Accepted, ChainCache};
 use super::spiffe::{sni_name, SpiffeId, SpiffeIdError};
 use super::svid::{provider, Svid, TrustBundles};
 
@@ -207,8 +208,44 @@ pub(crate) struct LeafFacts {
 }
 
 /// Verifies a peer's chain (leaf first, then the intermediates it presented) as an X.509 SVID
-/// against the bundle of the leaf's trust domain.
+/// against the bundle of the leaf's trust domain. A chain these bundles accepted before is
+/// answered from their cache (see [`super::cache`]) while every certificate of it is valid.
 pub fn verify_svid(
+    chain: &[CertificateDer<'_>],
+    bundles: &TrustBundles,
+    now: UnixTime,
+    usage: Usage,
+) -> Result<VerifiedSvid, VerifyError> {
+    if !bundles.caches_chains() {
+        return verify_svid_uncached(chain, bundles, now, usage);
+    }
+    let key = ChainCache::key(chain, usage);
+    if let Some(hit) = bundles.chains().get(&key, now) {
+        return Ok(hit);
+    }
+    let verified = verify_svid_uncached(chain, bundles, now, usage)?;
+    // Accepted: every certificate parsed, so the validity window can be read.
+    let mut valid_from = i64::MIN;
+    let mut valid_until = i64::MAX;
+    for cert in chain {
+        let validity = parse(cert)?.validity().clone();
+        valid_from = valid_from.max(validity.not_before.timestamp());
+        valid_until = valid_until.min(validity.not_after.timestamp());
+    }
+    bundles.chains().put(
+        key,
+        Accepted {
+            id: verified.id.clone(),
+            leaf_not_after: verified.not_after,
+            valid_from,
+            valid_until,
+        },
+    );
+    Ok(verified)
+}
+
+/// [`verify_svid`] without the cache: the whole path validation and the SVID rules.
+pub fn verify_svid_uncached(
     chain: &[CertificateDer<'_>],
     bundles: &TrustBundles,
     now: UnixTime,
