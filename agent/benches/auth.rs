@@ -19,8 +19,8 @@
 //!   and ratios between setups taken within a round. The VM is shared and drifts by tens of
 //!   percent over a minute; interleaving keeps the comparisons fair. Steal time (/proc/stat)
 //!   over the rounds is printed with them.
-//! - Handshakes, tollgate: a TCP listener on 127.0.0.1 served as the agent serves it (accept,
-//!   at most `MAX_SERVED` at once and `MAX_SERVED_PER_PEER` per address,
+//! - Handshakes, tollgate: a TCP listener on 127.0.0.1 served by the agent's own listener loop
+//!   (`manager::serve`: at most `MAX_SERVED` at once and `MAX_SERVED_PER_PEER` per address,
 //!   `handshake::serve_connection` per connection) on a tokio current_thread runtime in its own
 //!   OS thread pinned to CPU 0; the auth manager is stood in for by a task on that runtime
 //!   answering every `GrantRequest` with now + 10 min. Clients: `handshake::initiate_from`
@@ -56,27 +56,28 @@
 //!   the first handshake that saw the new server certificate.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io::Read as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc as std_mpsc, Arc, Mutex, RwLock,
+        mpsc as std_mpsc, Arc, RwLock,
     },
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
 };
 
 use rustls::{pki_types::UnixTime, SignatureScheme};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use tokio_rustls::TlsAcceptor;
 use tollgate_agent::{
     auth::{
         handshake::{self, GrantRequest},
-        manager::{HANDSHAKE_DEADLINE, MAX_SERVED, MAX_SERVED_PER_PEER, SVID_POLL},
+        manager::{self, HANDSHAKE_DEADLINE, MAX_SERVED, SVID_POLL},
+        stats::{AuthStats, Reporter},
     },
     identity::{
         ca::{DevCa, IssuedSvid},
@@ -516,18 +517,21 @@ enum Probe {
     Stop,
 }
 
-/// The auth listener as `manager::serve` runs it, with a stand-in for the manager.
+/// The agent's auth listener (`manager::serve`) with a stand-in for the manager that grants
+/// every request and counts it in `served`; what fails before a grant is counted by the
+/// listener in `stats`.
 ///
-/// `revalidate`: the stand-in manager also runs `verify_svid` on the client's chain before it
-/// answers, on the same thread: the second path validation `serve_connection` did until it read
-/// the verifier's result instead (`accepted_chain`), to measure what that was worth.
+/// `revalidate`: the stand-in manager also runs `verify_svid_uncached` on the client's chain
+/// before it answers, on the same thread: the second path validation `serve_connection` did
+/// until it read the verifier's result instead (`accepted_chain`), to measure what that was
+/// worth.
 async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: TlsAcceptor,
     bundles: SharedBundles,
     revalidate: Arc<AtomicBool>,
     served: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
+    stats: Arc<AuthStats>,
 ) {
     let (grants, mut asked) = mpsc::channel::<GrantRequest>(MAX_SERVED);
     tokio::spawn(async move {
@@ -542,77 +546,30 @@ async fn serve(
                 );
                 assert!(checked.is_ok(), "the bench's client SVID verifies");
             }
-            let _ = g.reply.send(Ok(SystemTime::now() + PROOF_TTL));
-        }
-    });
-    let permits = Arc::new(Semaphore::new(MAX_SERVED));
-    let per_peer: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            failed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let Some(slot) = PeerSlot::take(&per_peer, peer.ip()) else {
-            failed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let (acceptor, grants) = (acceptor.clone(), grants.clone());
-        let (served, failed) = (served.clone(), failed.clone());
-        tokio::spawn(async move {
-            let result = handshake::serve_connection(
-                stream,
-                peer,
-                acceptor,
-                grants,
-                "bench-server".to_owned(),
-                HANDSHAKE_DEADLINE,
-            )
-            .await;
-            drop(permit);
-            drop(slot);
-            match result {
-                Ok(_) => served.fetch_add(1, Ordering::Relaxed),
-                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-            };
-        });
-    }
-}
-
-/// One of an address's `MAX_SERVED_PER_PEER` connections, as the listener counts them.
-struct PeerSlot {
-    table: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    peer: IpAddr,
-}
-
-impl PeerSlot {
-    fn take(table: &Arc<Mutex<HashMap<IpAddr, usize>>>, peer: IpAddr) -> Option<PeerSlot> {
-        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(peer).or_default();
-        if *n >= MAX_SERVED_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot {
-            table: Arc::clone(table),
-            peer,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                t.remove(&self.peer);
+            if g.reply.send(Ok(SystemTime::now() + PROOF_TTL)).is_ok() {
+                served.fetch_add(1, Ordering::Relaxed);
             }
         }
-    }
+    });
+    manager::serve(
+        listener,
+        acceptor,
+        grants,
+        "bench-server".to_owned(),
+        stats,
+        Arc::new(Reporter::new(None)),
+    )
+    .await;
+}
+
+/// Server handshakes the listener counted as failed (busy, TLS, timeouts).
+fn failed_handshakes(stats: &AuthStats) -> u64 {
+    stats
+        .handshakes()
+        .into_iter()
+        .filter(|((role, result), _)| *role == "server" && *result != "ok")
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// A server thread; stopped and joined on drop.
@@ -651,14 +608,15 @@ impl ServerThread {
                 current_thread_runtime().block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    let (served, failed) = (Arc::default(), Arc::default());
+                    let served = Arc::default();
+                    let stats = Arc::new(AuthStats::new(None, "bench".to_owned()));
                     let server = tokio::spawn(serve(
                         listener,
                         acceptor,
                         bundles,
                         revalidate,
                         Arc::clone(&served),
-                        Arc::clone(&failed),
+                        Arc::clone(&stats),
                     ));
                     while let Some(p) = probes.recv().await {
                         match p {
@@ -666,7 +624,7 @@ impl ServerThread {
                                 let _ = reply.send(Snap {
                                     cpu: thread_cpu(),
                                     served: served.load(Ordering::Relaxed),
-                                    failed: failed.load(Ordering::Relaxed),
+                                    failed: failed_handshakes(&stats),
                                 });
                             }
                             Probe::Stop => break,

@@ -1235,7 +1235,8 @@ impl Manager {
 
 /// The auth listener: each connection is served on a task of its own, at most [`MAX_SERVED`]
 /// at once (a connection beyond them is closed at accept), each within the handshake deadline.
-async fn serve(
+/// Public for the handshake benchmark, which runs it with a stand-in for the manager.
+pub async fn serve(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     grants: mpsc::Sender<GrantRequest>,
