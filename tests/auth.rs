@@ -124,6 +124,24 @@ impl AuthEnv {
             .expect_err("a forged certificate was accepted")
     }
 
+    /// web's real certificate presented to node B's listener from 10.200.0.4, an address
+    /// added to node A for it that is not web's node address: the client's error.
+    fn present_web_from_elsewhere(&self) -> HandshakeError {
+        tollgate_testbed::netns::ip(&[
+            "-n",
+            self.nodes.a.node.name(),
+            "addr",
+            "add",
+            "10.200.0.4/24",
+            "dev",
+            UPLINK,
+        ])
+        .unwrap();
+        let (cert, key) = self.web.clone();
+        self.present(cert, key, WEB_ID, Some("10.200.0.4".parse().unwrap()))
+            .expect_err("a copied certificate proved the pair from elsewhere")
+    }
+
     /// A client on node A's side (from address `from`, if given) presents the SVID `cert`,
     /// `key` of `id` to node B's auth listener and asks for `id → db` proven.
     fn present(
@@ -278,7 +296,12 @@ impl AuthEnv {
 
     /// Waits (bounded) until `f` holds; false if it never did.
     fn wait_for(&self, what: impl Fn(&Self) -> bool) -> bool {
-        let deadline = Instant::now() + SETTLE;
+        self.wait_up_to(SETTLE, what)
+    }
+
+    /// Waits up to `timeout` until `f` holds; false if it never did.
+    fn wait_up_to(&self, timeout: Duration, what: impl Fn(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if what(self) {
                 return true;
@@ -775,30 +798,13 @@ fn hostile_clients_on_the_auth_listener_do_not_stop_handshakes() {
 fn a_valid_certificate_presented_from_another_address_is_refused() {
     let env = AuthEnv::authenticated("elsewhere", 4);
     // web's real SVID, copied to another address than its node's (authAddress 10.200.0.1).
-    tollgate_testbed::netns::ip(&[
-        "-n",
-        env.nodes.a.node.name(),
-        "addr",
-        "add",
-        "10.200.0.4/24",
-        "dev",
-        UPLINK,
-    ])
-    .unwrap();
-    let (cert, key) = env.web.clone();
-    let err = env
-        .present(
-            cert.clone(),
-            key.clone(),
-            WEB_ID,
-            Some("10.200.0.4".parse().unwrap()),
-        )
-        .expect_err("a copied certificate proved the pair from elsewhere");
+    let err = env.present_web_from_elsewhere();
     assert!(
         matches!(&err, HandshakeError::Refused(why) if why.contains("came from 10.200.0.4")),
         "{err}"
     );
     // From its node's address, the same certificate is accepted.
+    let (cert, key) = env.web.clone();
     env.present(cert, key, WEB_ID, Some(NODE_A_V4.parse().unwrap()))
         .expect("from web's node");
 }
@@ -812,14 +818,9 @@ fn a_valid_certificate_presented_from_another_address_is_refused() {
 fn kubernetes_mode_finds_peer_nodes_by_host_ip_and_spiffe_ids_by_service_account() {
     let env = AuthEnv::kubernetes("k8s", |_| {});
     // Pods and the policy first come over the watch: a little longer than a file.
-    let deadline = Instant::now() + 2 * SETTLE;
-    while Instant::now() < deadline
-        && !(env.has_proof("a", "web", "db") && env.has_proof("b", "web", "db"))
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
     assert!(
-        env.has_proof("a", "web", "db") && env.has_proof("b", "web", "db"),
+        env.wait_up_to(2 * SETTLE, |e| e.has_proof("a", "web", "db")
+            && e.has_proof("b", "web", "db")),
         "web -> db was not pre-authenticated; node A: {:#?}\nlog A:\n{}\nlog B:\n{}",
         env.status("a")["auth"],
         env.agent("a").log_text(),
@@ -865,30 +866,13 @@ fn kubernetes_mode_finds_peer_nodes_by_host_ip_and_spiffe_ids_by_service_account
 
     // web's real certificate, presented from an address of node A that no pod names as its
     // host, is refused; from the node's hostIP it is accepted.
-    tollgate_testbed::netns::ip(&[
-        "-n",
-        env.nodes.a.node.name(),
-        "addr",
-        "add",
-        "10.200.0.4/24",
-        "dev",
-        UPLINK,
-    ])
-    .unwrap();
-    let (cert, key) = env.web.clone();
-    let err = env
-        .present(
-            cert.clone(),
-            key.clone(),
-            WEB_ID,
-            Some("10.200.0.4".parse().unwrap()),
-        )
-        .expect_err("a copied certificate proved the pair from a node without web pods");
+    let err = env.present_web_from_elsewhere();
     assert!(
         matches!(&err, HandshakeError::Refused(why)
             if why.contains("no pod of web runs on the node at 10.200.0.4")),
         "{err}"
     );
+    let (cert, key) = env.web.clone();
     env.present(cert, key, WEB_ID, Some(NODE_A_V4.parse().unwrap()))
         .expect("from web's node");
 
