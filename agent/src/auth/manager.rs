@@ -254,7 +254,6 @@ struct Proof {
     /// The peer's chain, checked again when the bundle changes (empty: adopted).
     peer_chain: Vec<CertificateDer<'static>>,
     peer_node: String,
-    role: &'static str,
     /// Whether the peer stood for the pair's destination (else its source).
     peer_is_dst: bool,
     /// Where this node connected to, and whether it presented the source's SVID (forward):
@@ -469,7 +468,7 @@ impl Manager {
                 }
             }
             if !proof.peer_chain.is_empty() {
-                let usage = if proof.role == "client" {
+                let usage = if key.2 == Side::Client {
                     Usage::ServerAuth
                 } else {
                     Usage::ClientAuth
@@ -580,7 +579,6 @@ impl Manager {
                     local_leaf: None,
                     peer_chain: Vec::new(),
                     peer_node: String::new(),
-                    role: Side::Adopted.role(),
                     peer_is_dst: true,
                     dialed: None,
                     renew_now: false,
@@ -929,7 +927,6 @@ impl Manager {
                 local_leaf: Some(local.chain[0].clone()),
                 peer_chain,
                 peer_node: peer_node.to_owned(),
-                role,
                 peer_is_dst,
                 dialed,
                 renew_now: false,
@@ -1209,7 +1206,7 @@ impl Manager {
         let mut proofs: Vec<ProofStatus> = self
             .proofs
             .iter()
-            .filter_map(|((pair, _, _), p)| {
+            .filter_map(|((pair, _, side), p)| {
                 let plan = self.plan.by_key(*pair)?;
                 Some(ProofStatus {
                     from_identity: plan.src.identity.clone(),
@@ -1217,7 +1214,7 @@ impl Manager {
                     from_spiffe_id: plan.src.spiffe_id.to_string(),
                     to_spiffe_id: plan.dst.spiffe_id.to_string(),
                     expires: rfc3339(p.expires_at),
-                    role: p.role.to_owned(),
+                    role: side.role().to_owned(),
                     peer_node: p.peer_node.clone(),
                 })
             })
